@@ -1,0 +1,152 @@
+"""Typed configs: one dataclass per stage is the single source of truth; YAML recipes and CLI flags only fill it.
+
+``from_dict`` rejects unknown keys with a hint, converts YAML scalars to the field types, and runs the dataclass's
+``__post_init__`` checks. ``add_flags``/``flags_to_dict`` derive ``--field value`` flags from the fields, so a new
+field is a new flag with no CLI code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from launch.errors import DistillError, unknown_name
+
+T = TypeVar("T")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Per-field help parsed from the class docstring's ``Attributes:``-style lines (``name: text``)."""
+    docs: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        s = line.strip()
+        head, sep, rest = s.partition(":")
+        if sep and head in names:
+            current = head
+            docs[head] = rest.strip()
+        elif current and s:
+            docs[current] += " " + s
+        else:
+            current = None
+    return docs
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, name)
+            except DistillError as e:
+                errors.append(str(e))
+        raise DistillError(errors[0] if errors else f"bad value for {name}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise DistillError(f"config '{name}' must be a list, got {value!r}.")
+        return [_convert(v, args[0] if args else Any, name) for v in value]
+    if origin is tuple:
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(_convert(v, a, name) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) or {}
+        if not isinstance(value, dict):
+            raise DistillError(f"config '{name}' must be a mapping, got {value!r}.")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise DistillError(f"config '{name}' must be true or false, got {value!r}.")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise DistillError(f"config '{name}' must be {tp.__name__}, got {value!r}.") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict | None) -> T:
+    """Build ``cls`` from a mapping; unknown keys and wrong types are one-line errors."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise unknown_name(f"{cls.__name__} option", key, list(fields))
+    kwargs = {k: _convert(v, hints[k], k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise DistillError(f"{cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise DistillError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DistillError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{path} must hold a mapping of options.")
+    return data
+
+
+def fingerprint(cfg: Any, ignore: tuple[str, ...] = ()) -> str:
+    """Hash of the options that change the result (``ignore`` lists those that do not, e.g. log frequency)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--name`` flag per field (``_`` and ``-`` both accepted); values are parsed by :func:`from_dict`."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] if "_" not in f.name else [flag, "--" + f.name]
+        parser.add_argument(*names, dest=f"cfg_{f.name}", default=None, metavar="V", help=docs.get(f.name, ""))
+
+
+def flags_to_dict(ns: argparse.Namespace, cls: type) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f"cfg_{f.name}", None)
+        if v is not None:
+            out[f.name] = yaml.safe_load(v) if isinstance(v, str) and v[:1] in "{[" else v
+    return out
+
+
+def write_config(folder: str | Path, cfg: Any) -> None:
+    from launch.io import write_text
+
+    write_text(Path(folder) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

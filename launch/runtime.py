@@ -1,0 +1,103 @@
+"""The accelerate runtime: one Accelerator per process, rank facts as plain values, logging on the main process.
+
+The same entry points run as a plain command on one CPU and under ``accelerate launch`` on many GPUs; a CPU host
+launched with several processes uses gloo (``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from launch.errors import DistillError
+
+log = logging.getLogger("distillset")
+
+
+@dataclass
+class Runtime:
+    accelerator: object
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wait(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def gather_object(self, obj):
+        """Objects from every rank, in rank order (a list of length ``world``)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+_RUNTIME: Runtime | None = None
+
+
+def get_runtime(mixed_precision: str = "no") -> Runtime:
+    """The process's runtime (created once). Fails clearly when a launcher started processes that do not see
+    each other (e.g. torchrun on a CPU host without gloo): every one of them would believe it is rank 0."""
+    global _RUNTIME
+    if _RUNTIME is not None:
+        return _RUNTIME
+    from accelerate import Accelerator
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != expected:
+        raise DistillError(f"WORLD_SIZE={expected} but accelerate sees {acc.num_processes} process(es); on a CPU "
+                           "host launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`.")
+    _RUNTIME = Runtime(acc, acc.process_index, acc.num_processes, acc.device)
+    setup_logging(_RUNTIME.is_main)
+    return _RUNTIME
+
+
+def setup_logging(is_main: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", enabled: bool = True, initial: int = 0):
+    """tqdm on the local main process only (and only when stderr is a terminal or DISTILLSET_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    show = enabled and (os.environ.get("DISTILLSET_PROGRESS") == "1" or
+                        (os.environ.get("DISTILLSET_PROGRESS") != "0" and os.isatty(2)))
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 where the hardware runs it fast (CUDA with bf16 support, CPUs with AMX/AVX512-BF16)."""
+    if setting in ("no", "none", "fp32", "false"):
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if setting != "auto":
+        raise DistillError(f"unknown autocast setting '{setting}'; use auto, bf16, fp16 or none.")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags

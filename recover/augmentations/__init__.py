@@ -1,0 +1,1 @@
+"""Built-in augmentations; every module here is imported by :mod:`recover.builtins`."""

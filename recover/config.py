@@ -1,0 +1,86 @@
+"""The recover stage's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launch.errors import DistillError
+
+
+@dataclass
+class RecoverConfig:
+    """Synthesise a distilled set: parametrization x objective x augmentation, optimised per work unit.
+
+    Attributes:
+        out: output folder (manifest.json, images/shard-*.tar, latents/, config.yaml, grid.png).
+        data: data source spec (real images for init-from-real and for objectives that need real data).
+        teachers: teacher specs (a squeeze folder, local-dir:PATH, tv:ARCH=PATH, timm:ARCH=PATH); used in turn.
+        method: objective name (see `distillset methods`).
+        options: the objective's options (e.g. r_bn).
+        parametrization: how images are parametrised (pixel, or a generative latent set).
+        param_options: the parametrization's options (e.g. init: real).
+        augmentation: differentiable augmentation name.
+        aug_options: the augmentation's options (e.g. milestone, schedule).
+        ipc: images per class.
+        iterations: optimisation steps per work unit.
+        lr: learning rate of the synthetic tensors.
+        optimizer: adam (SRe2L, betas below) or sgd (matching methods; momentum below).
+        betas: Adam betas.
+        momentum: SGD momentum.
+        schedule: learning-rate schedule: cosine or constant.
+        classes_per_unit: classes optimised together in one work unit (0 = all); units are the grain of sharding
+            across processes and of resume.
+        ipc_per_unit: image indices per unit (0 = all ipc); ipc_per_unit x classes_per_unit images form a batch.
+        seed: base seed; every image and unit derives its own seed from it.
+        image_size: synthetic image size (default: the teacher's, else the data's).
+        autocast: auto (bf16 where the hardware is fast at it), bf16, fp16 or none.
+        channels_last: use channels-last memory format for teachers and images.
+        compile: torch.compile the teachers (GPU; slow to start).
+        checkpoint_every: save the unit's optimiser state every N steps so a killed run resumes mid-unit (0 = off).
+        log_every: log losses every N steps (also where NaN is checked).
+        max_classes: use only the first N classes (0 = all), for debugging.
+    """
+
+    out: str = "output/recover"
+    data: str = ""
+    teachers: list[str] = field(default_factory=list)
+    method: str = "sre2l"
+    options: dict = field(default_factory=dict)
+    parametrization: str = "pixel"
+    param_options: dict = field(default_factory=dict)
+    augmentation: str = "curriculum_crop"
+    aug_options: dict = field(default_factory=dict)
+    ipc: int = 10
+    iterations: int = 1000
+    lr: float = 0.25
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.5, 0.9)
+    momentum: float = 0.5
+    schedule: str = "cosine"
+    classes_per_unit: int = 10
+    ipc_per_unit: int = 0
+    seed: int = 0
+    image_size: int = 0
+    autocast: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = 0
+    log_every: int = 50
+    max_classes: int = 0
+
+    def __post_init__(self):
+        if self.ipc < 1:
+            raise DistillError(f"ipc must be >= 1, got {self.ipc}.")
+        if self.iterations < 0:
+            raise DistillError(f"iterations must be >= 0, got {self.iterations}.")
+        if self.optimizer not in ("adam", "sgd"):
+            raise DistillError(f"unknown optimizer '{self.optimizer}'; use adam or sgd.")
+        if self.schedule not in ("cosine", "constant"):
+            raise DistillError(f"unknown schedule '{self.schedule}'; use cosine or constant.")
+        if self.classes_per_unit < 0 or self.ipc_per_unit < 0:
+            raise DistillError("classes_per_unit and ipc_per_unit must be >= 0 (0 = all).")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+
+
+# options that do not change the result: a re-run with other values continues the same run
+NON_SEMANTIC = ("out", "log_every", "checkpoint_every", "compile")

@@ -1,0 +1,356 @@
+"""The one synthesis loop: work units, sharding across processes, optimisation, checkpoint/resume, writing.
+
+A *unit* is a block of classes x a block of image indices; it is optimised as one batch with its own generator
+seeded from (seed, unit bounds) and every image's initial value seeded from (seed, class, index). Units are split
+across processes as contiguous class ranges, so the result is the same whatever the number of processes. A finished
+unit is written atomically as one webdataset shard of lossless PNGs; a re-run skips finished units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from launch.config import fingerprint, to_dict, write_config
+from launch.data import ImageSet, Source, write_shard
+from launch.distilled import load_distilled, sample_key, save_grid, shard_path
+from launch.errors import DistillError
+from launch.io import read_json, save_tensors, write_json
+from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
+from recover import base
+from recover.config import NON_SEMANTIC, RecoverConfig
+from recover.params import mix_seed
+from recover.real import RealData
+
+log = logging.getLogger("distillset.recover")
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    c0: int
+    c1: int
+    i0: int
+    i1: int
+
+    def classes_and_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = torch.arange(self.c0, self.c1).repeat_interleave(self.i1 - self.i0)
+        idx = torch.arange(self.i0, self.i1).repeat(self.c1 - self.c0)
+        return cls, idx
+
+
+def plan_units(num_classes: int, ipc: int, classes_per_unit: int, ipc_per_unit: int) -> list[Unit]:
+    """Units in class-major order (a pure function of the config, never of the number of processes)."""
+    cpu = classes_per_unit or num_classes
+    ipu = ipc_per_unit or ipc
+    units = []
+    for c0 in range(0, num_classes, cpu):
+        for i0 in range(0, ipc, ipu):
+            units.append(Unit(len(units), c0, min(c0 + cpu, num_classes), i0, min(i0 + ipu, ipc)))
+    return units
+
+
+def units_for_rank(n_units: int, rank: int, world: int) -> range:
+    """Contiguous, balanced block of unit indices for ``rank`` (sizes differ by at most one)."""
+    base_, extra = divmod(n_units, world)
+    start = rank * base_ + min(rank, extra)
+    return range(start, start + base_ + (1 if rank < extra else 0))
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "timm", "accelerate", "diffusers", "distillset"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Engine:
+    """Holds what is shared by all units of a run (teachers, real data, plugins) and optimises units."""
+
+    def __init__(self, cfg: RecoverConfig, rt: Runtime):
+        from squeeze.checkpoint import load_teacher
+
+        self.cfg, self.rt, self.device = cfg, rt, rt.device
+        self.objective_cls = base.get("objective", cfg.method)
+        self.param_cls = base.get("parametrization", cfg.parametrization)
+        aug_cls = base.get("augmentation", cfg.augmentation)
+        self.augment = aug_cls(**cfg.aug_options)
+        self.objective = self.objective_cls(**cfg.options)
+        oc = self.objective_cls
+        if oc.needs_teacher and not cfg.teachers:
+            raise DistillError(f"method '{cfg.method}' needs a teacher; pass --teachers PATH (a `distillset squeeze` "
+                               "output folder).")
+        self.teachers = [load_teacher(t, device=self.device) for t in cfg.teachers]
+        self._check_teachers()
+        self.source = Source(cfg.data) if cfg.data else None
+        needs_real = oc.needs_real or cfg.param_options.get("init") == "real"
+        if needs_real and self.source is None:
+            raise DistillError(f"method '{cfg.method}' (or init from real) needs real data; pass --data SPEC.")
+        info = self.source.info() if self.source else None
+        if self.teachers:
+            tc = self.teachers[0].config
+            self.class_names = tc.class_names or (info["class_names"] if info else [str(i) for i in
+                                                                                    range(tc.num_classes)])
+            self.num_classes = tc.num_classes
+            self.image_shape = (tc.in_chans, tc.img_size, tc.img_size)
+            self.mean, self.std = tc.mean, tc.std
+        elif info:
+            self.class_names = info["class_names"]
+            self.num_classes = len(self.class_names)
+            self.image_shape = tuple(info["image_shape"])
+            self.mean, self.std = [0.5] * self.image_shape[0], [0.5] * self.image_shape[0]
+        else:
+            raise DistillError("recover needs a teacher or a data source to know the classes and image size.")
+        if info and info["class_names"] and len(info["class_names"]) != self.num_classes:
+            raise DistillError(f"the teacher predicts {self.num_classes} classes but the data has "
+                               f"{len(info['class_names'])}; use a teacher trained on this data.")
+        if cfg.image_size:
+            self.image_shape = (self.image_shape[0], cfg.image_size, cfg.image_size)
+        if cfg.max_classes:
+            self.num_classes = min(self.num_classes, cfg.max_classes)
+        self.real = None
+        if needs_real:
+            train = self.source.load("train")
+            if train.image_shape != self.image_shape:
+                from launch.data import resize_uint8
+
+                if train.image_shape[0] != self.image_shape[0]:
+                    raise DistillError(f"data images have {train.image_shape[0]} channels but the teacher takes "
+                                       f"{self.image_shape[0]}.")
+                train = ImageSet(resize_uint8(train.images, self.image_shape[-1]), train.labels, train.class_names)
+            keep = train.labels < self.num_classes
+            train = train.subset(torch.nonzero(keep).flatten())
+            train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
+            self.real = RealData(train, self.device)
+        self.autocast = autocast_dtype(cfg.autocast, self.device)
+        for t in self.teachers:
+            if cfg.channels_last:
+                t.model.to(memory_format=torch.channels_last)
+                t.channels_last = True
+            if cfg.compile:
+                t.model = torch.compile(t.model)
+
+    def _check_teachers(self) -> None:
+        if not self.teachers:
+            return
+        ref = self.teachers[0].config
+        for t in self.teachers[1:]:
+            c = t.config
+            if c.num_classes != ref.num_classes:
+                raise DistillError(f"teachers disagree on the number of classes ({ref.arch}: {ref.num_classes}, "
+                                   f"{c.arch}: {c.num_classes}); all teachers must be trained on the same classes.")
+            if c.img_size != ref.img_size or c.in_chans != ref.in_chans:
+                raise DistillError(f"teachers disagree on the input ({ref.arch}: {ref.in_chans}x{ref.img_size}px, "
+                                   f"{c.arch}: {c.in_chans}x{c.img_size}px); use teachers of one resolution.")
+        if self.objective_cls.needs_bn:
+            for t in self.teachers:
+                if not t.has_bn:
+                    raise DistillError(f"teacher {t.config.arch} ({t.path}) has no BatchNorm layer, so "
+                                       f"'{self.cfg.method}' has no statistics to match; use a BatchNorm backbone "
+                                       "(convnet_bn, resnet18_cifar, timm/torchvision ResNets).")
+
+    # ------------------------------------------------------------------------------------------------------ units
+
+    def context(self, unit: Unit) -> base.Context:
+        cls, _ = unit.classes_and_indices()
+        g = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 1, unit.c0, unit.c1, unit.i0, unit.i1))
+        return base.Context(device=self.device, classes=cls.to(self.device), num_classes=self.num_classes,
+                            image_shape=self.image_shape, generator=g, total_steps=self.cfg.iterations,
+                            rank=self.rt.rank, world=self.rt.world, unit=unit.index, teachers=self.teachers,
+                            real=self.real, augment=self.augment, autocast_dtype=self.autocast,
+                            options={"mean": self.mean, "std": self.std, "ipc": self.cfg.ipc,
+                                     "channels_last": self.cfg.channels_last})
+
+    def optimise(self, unit: Unit, state_path: Path | None = None) -> tuple[base.Parametrization, dict]:
+        """Run one unit to completion (resuming from ``state_path`` when it holds a checkpoint)."""
+        cfg = self.cfg
+        ctx = self.context(unit)
+        cls, idx = unit.classes_and_indices()
+        syn = self.param_cls(cls.to(self.device), idx, self.image_shape, cfg.seed, ctx,
+                             **cfg.param_options).to(self.device)
+        if self.objective_cls.selects:
+            return syn, {}
+        self.objective.setup(ctx)
+        groups = [{"params": [p for p in syn.parameters() if p.requires_grad], "lr": cfg.lr}]
+        for g in self.objective.extra_parameters():
+            groups.append(g if isinstance(g, dict) else {"params": [g], "lr": cfg.lr})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        opt = (torch.optim.Adam(groups, betas=cfg.betas) if cfg.optimizer == "adam"
+               else torch.optim.SGD(groups, momentum=cfg.momentum))
+        start = 0
+        if state_path is not None and state_path.exists():
+            start = self._restore(state_path, syn, opt, ctx)
+        logs: dict = {}
+        good = None
+        bar = progress(total=cfg.iterations, initial=start, desc=f"unit {unit.index}", enabled=self.rt.is_main)
+        t0 = time.perf_counter()
+        for step in range(start, cfg.iterations):
+            ctx.step = step
+            scale = 0.5 * (1 + math.cos(math.pi * step / cfg.iterations)) if cfg.schedule == "cosine" else 1.0
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            loss = self.objective.loss(syn, ctx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            syn.project_()
+            bar.update(1)
+            last = step == cfg.iterations - 1
+            if (step + 1) % cfg.log_every == 0 or last:
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._nan(unit, step, good, state_path)
+                logs = {"loss": value, **self.objective.logs()}
+                good = (step, {k: v.detach().clone() for k, v in syn.state_dict().items()})
+                bar.set_postfix(loss=f"{value:.4g}")
+                log.debug("unit %d step %d %s", unit.index, step + 1, logs)
+            if state_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
+                self._save_state(state_path, syn, opt, ctx, step + 1)
+        bar.close()
+        self.objective.teardown()
+        logs["seconds"] = time.perf_counter() - t0
+        return syn, logs
+
+    def _nan(self, unit: Unit, step: int, good, state_path: Path | None):
+        where = ""
+        if good is not None and state_path is not None:
+            save_tensors(state_path.with_suffix(".last_good.safetensors"), good[1], {"step": str(good[0] + 1)})
+            where = f"; the last good images (step {good[0] + 1}) are in {state_path.with_suffix('.last_good.safetensors')}"
+        raise DistillError(f"the loss became NaN/inf by step {step + 1} of unit {unit.index}{where}; lower --lr "
+                           "or the objective's weights and run again (finished units are kept).")
+
+    def _save_state(self, path: Path, syn, opt, ctx: base.Context, step: int) -> None:
+        from squeeze.checkpoint import save_atomic_state
+
+        extra = [p for g in opt.param_groups[1:] for p in g["params"]]
+        save_atomic_state(path, {"step": step, "syn": syn.state_dict(), "opt": opt.state_dict(),
+                                 "extra": [p.detach().cpu() for p in extra], "rng": ctx.generator.get_state(),
+                                 "objective_state": getattr(self.objective, "checkpoint_state", lambda: {})()})
+
+    def _restore(self, path: Path, syn, opt, ctx: base.Context) -> int:
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise DistillError(f"unit checkpoint {path} is corrupt ({e}); delete it to restart that unit.") from None
+        syn.load_state_dict(st["syn"])
+        opt.load_state_dict(st["opt"])
+        extra = [p for g in opt.param_groups[1:] for p in g["params"]]
+        with torch.no_grad():
+            for p, v in zip(extra, st["extra"]):
+                p.copy_(v)
+        ctx.generator.set_state(st["rng"].cpu())
+        if hasattr(self.objective, "load_checkpoint_state"):
+            self.objective.load_checkpoint_state(st.get("objective_state", {}))
+        log.info("resumed unit %d at step %d", ctx.unit, st["step"])
+        return int(st["step"])
+
+    def select(self, unit: Unit) -> torch.Tensor:
+        """Coreset methods: uint8 images chosen from the real data (no optimisation)."""
+        ctx = self.context(unit)
+        self.objective.setup(ctx)
+        picked = []
+        for k, c in enumerate(range(unit.c0, unit.c1)):
+            sub = base.Context(**{**ctx.__dict__, "classes": torch.full((unit.i1 - unit.i0,), c, device=self.device)})
+            idx = self.objective.select(sub, unit.i1 - unit.i0)
+            picked.append(self.real.images[idx.to(self.real.images.device)].cpu())
+        self.objective.teardown()
+        return torch.cat(picked)
+
+
+def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: Runtime) -> dict:
+    fp = fingerprint(cfg, NON_SEMANTIC)
+    path = out / "manifest.json"
+    if path.exists():
+        old = read_json(path)
+        if old.get("fingerprint") != fp:
+            raise DistillError(f"{out} holds a different run (method {old.get('method')}, fingerprint "
+                               f"{old.get('fingerprint')} vs {fp}); choose another --out or delete that folder.")
+        return old
+    if out.exists() and any(p for p in out.iterdir() if p.name != "config.yaml"):
+        raise DistillError(f"{out} is not empty and holds no distillset manifest; choose another --out.")
+    manifest = {
+        "format": "distillset/1", "status": "running", "fingerprint": fp, "method": cfg.method,
+        "parametrization": cfg.parametrization, "augmentation": cfg.augmentation, "config": to_dict(cfg),
+        "teachers": [t.describe() for t in engine.teachers], "ipc": cfg.ipc, "num_classes": engine.num_classes,
+        "class_names": engine.class_names[: engine.num_classes], "image_shape": list(engine.image_shape),
+        "seeds": {"base": cfg.seed, "image": "mix_seed(seed, class, index)",
+                  "unit": "mix_seed(seed, 1, c0, c1, i0, i1)"},
+        "data": cfg.data, "versions": _versions(), "mean": engine.mean, "std": engine.std,
+    }
+    if rt.is_main:
+        write_json(path, manifest)
+        write_config(out, cfg)
+    return manifest
+
+
+def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
+    """Run (or resume) a recover job; returns the final manifest."""
+    rt = rt or get_runtime()
+    out = Path(cfg.out)
+    engine = Engine(cfg, rt)
+    if engine.objective_cls.joint_classes and cfg.classes_per_unit not in (0, engine.num_classes):
+        cfg = dataclasses.replace(cfg, classes_per_unit=0)
+        engine.cfg = cfg
+    manifest = _check_or_write_manifest(out, cfg, engine, rt)
+    rt.wait()
+    units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
+    mine = units_for_rank(len(units), rt.rank, rt.world)
+    t0 = time.perf_counter()
+    done = skipped = 0
+    stats = []
+    for u in (units[i] for i in mine):
+        path = shard_path(out, u.index)
+        if path.exists():
+            skipped += 1
+            continue
+        state_path = out / "state" / f"unit-{u.index:06d}.pt"
+        if engine.objective_cls.selects:
+            images, logs = engine.select(u), {}
+        else:
+            syn, logs = engine.optimise(u, state_path)
+            images = syn.images_uint8()
+            extra = syn.state()
+            if extra:
+                save_tensors(out / "latents" / f"unit-{u.index:06d}.safetensors", extra,
+                             {"parametrization": cfg.parametrization})
+            params = getattr(engine.objective, "final_state", lambda: {})()
+            if params:
+                save_tensors(out / "params" / f"unit-{u.index:06d}.safetensors", params, {"method": cfg.method})
+        cls, idx = u.classes_and_indices()
+        write_shard(path, [(sample_key(c, i), images[k], c, {"class": c, "index": i, "unit": u.index})
+                           for k, (c, i) in enumerate(zip(cls.tolist(), idx.tolist()))])
+        if state_path.exists():
+            state_path.unlink()
+        done += 1
+        stats.append({"unit": u.index, **logs})
+        log.info("unit %d/%d (classes %d-%d) done: %s", u.index + 1, len(units), u.c0, u.c1 - 1,
+                 {k: round(v, 4) for k, v in logs.items()})
+    elapsed = time.perf_counter() - t0
+    all_stats = rt.gather_object({"rank": rt.rank, "done": done, "skipped": skipped, "seconds": elapsed,
+                                  "units": stats})
+    rt.wait()
+    if rt.is_main:
+        missing = [u.index for u in units if not shard_path(out, u.index).exists()]
+        if missing:
+            raise DistillError(f"units {missing[:5]} were not written; re-run the same command to finish them.")
+        images, _ = load_distilled(out, require_complete=False)
+        save_grid(out / "grid.png", images)
+        prev = manifest.get("runs", [])
+        manifest.update(status="complete", num_images=len(images),
+                        runs=prev + [{"ranks": all_stats, "world": rt.world}])
+        write_json(out / "manifest.json", manifest)
+    rt.wait()
+    return read_json(out / "manifest.json")

@@ -1,0 +1,194 @@
+"""Backbones on disk: our checkpoints (``model.safetensors`` + ``config.json``), timm ``local-dir:`` folders and
+torchvision state dicts, all loaded offline into a :class:`Teacher` that takes ``[0, 1]`` images.
+
+Specs accepted by :func:`load_teacher`:
+    ``PATH``                       a folder written by ``distillset squeeze`` (config.json has ``arch``).
+    ``local-dir:PATH``             a timm folder (config.json + model.safetensors), read by timm offline.
+    ``tv:ARCH=PATH``               a torchvision state dict (``.pth``/``.safetensors``) for ``torchvision.models.ARCH``.
+    ``timm:ARCH=PATH``             a timm state dict for ``timm.create_model(ARCH)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launch.errors import DistillError
+from launch.io import atomic_path, file_sha256, load_tensors, save_tensors, write_json
+from squeeze.models import IMAGENET_MEAN, IMAGENET_STD, create_model, has_batchnorm
+
+
+@dataclass
+class BackboneConfig:
+    """What ``config.json`` beside ``model.safetensors`` records (enough to rebuild and normalise the model)."""
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+    model_kwargs: dict = field(default_factory=dict)
+    source: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+class Teacher(nn.Module):
+    """A trained model that takes ``[0, 1]`` images and normalises them itself.
+
+    ``model`` is the raw network (hooks for BN statistics go there); ``config`` describes it; ``sha256`` identifies
+    the weights in manifests.
+    """
+
+    def __init__(self, model: nn.Module, config: BackboneConfig, sha256: str = "", path: str = ""):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.sha256 = sha256
+        self.path = path
+        c = config.in_chans
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+
+    @property
+    def has_bn(self) -> bool:
+        return has_batchnorm(self.model)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    channels_last: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def describe(self) -> dict:
+        return {"arch": self.config.arch, "path": self.path, "sha256": self.sha256, "num_classes":
+                self.config.num_classes, "img_size": self.config.img_size}
+
+
+def save_backbone(folder: str | Path, model: nn.Module, config: BackboneConfig, extra: dict | None = None) -> None:
+    """Write ``model.safetensors`` then ``config.json`` atomically (config last: its presence marks completion)."""
+    folder = Path(folder)
+    state = {k: v for k, v in model.state_dict().items()}
+    save_tensors(folder / "model.safetensors", state, {"arch": config.arch})
+    write_json(folder / "config.json", {**asdict(config), **(extra or {})})
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise DistillError(f"checkpoint {path} does not exist; check the path.")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DistillError(f"cannot read checkpoint {path} ({e}); it is corrupt or not a PyTorch state dict.") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise DistillError(f"{path} does not hold a state dict.")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise DistillError(f"{where}: tensor '{k}' has shape {tuple(v.shape)} in the checkpoint but "
+                               f"{tuple(own[k].shape)} in the model; the head size (num_classes) or architecture "
+                               "does not match the checkpoint.")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise DistillError(f"{where}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); check the architecture name.")
+
+
+def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.device = "cpu") -> Teacher:
+    """Load a trained backbone from local files (never from the network), in eval mode, gradients off."""
+    spec = str(spec)
+    if spec.startswith("local-dir:"):
+        teacher = _load_timm_local_dir(Path(spec.removeprefix("local-dir:")), num_classes)
+    elif spec.startswith(("tv:", "timm:")) and "=" in spec:
+        name, _, path = spec.partition("=")
+        teacher = _load_external(name, Path(path), num_classes)
+    else:
+        teacher = _load_own(Path(spec))
+    if num_classes is not None and teacher.config.num_classes != num_classes:
+        raise DistillError(f"teacher {spec} predicts {teacher.config.num_classes} classes but the data has "
+                           f"{num_classes}; use a teacher trained on this data.")
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def _load_own(folder: Path) -> Teacher:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise DistillError(f"{folder} is not a distillset checkpoint (no config.json); train one with "
+                           "`distillset squeeze` or use local-dir:/tv:ARCH=/timm:ARCH= specs.")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        cfg = BackboneConfig(**{k: raw[k] for k in BackboneConfig.__dataclass_fields__ if k in raw})
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise DistillError(f"{cfg_path} is corrupt ({e}); re-run `distillset squeeze`.") from None
+    model = create_model(cfg.arch, cfg.num_classes, cfg.in_chans, cfg.img_size, **cfg.model_kwargs)
+    weights = folder / "model.safetensors"
+    _load_strict(model, load_tensors(weights), str(weights))
+    return Teacher(model, cfg, file_sha256(weights), str(folder))
+
+
+def _load_external(name: str, path: Path, num_classes: int | None) -> Teacher:
+    sd = _read_state_dict(path)
+    head = [v for k, v in sd.items() if k.endswith(("fc.weight", "classifier.weight", "head.weight",
+                                                         "head.fc.weight", "classifier.1.weight"))]
+    n = num_classes or (int(head[-1].shape[0]) if head else 1000)
+    model = create_model(name, n, 3, 224)
+    _load_strict(model, sd, str(path))
+    cfg = BackboneConfig(name, n, 3, 224, list(IMAGENET_MEAN), list(IMAGENET_STD), source=str(path))
+    if name.startswith("timm:"):
+        import timm.data
+
+        d = timm.data.resolve_model_data_config(model)
+        cfg.mean, cfg.std, cfg.img_size = list(d["mean"]), list(d["std"]), int(d["input_size"][-1])
+    return Teacher(model, cfg, file_sha256(path), str(path))
+
+
+def _load_timm_local_dir(folder: Path, num_classes: int | None) -> Teacher:
+    import timm
+    import timm.data
+
+    if not (folder / "config.json").exists():
+        raise DistillError(f"{folder} is not a timm model folder (config.json + model.safetensors).")
+    kw = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True, **kw)
+    except Exception as e:
+        raise DistillError(f"timm could not load {folder} ({e}); check config.json and the weights file.") from None
+    d = timm.data.resolve_model_data_config(model)
+    weights = next((p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.exists()), None)
+    cfg = BackboneConfig(f"local-dir:{folder}", model.num_classes, d["input_size"][0], d["input_size"][-1],
+                         list(d["mean"]), list(d["std"]), source=str(folder))
+    if num_classes is not None and weights is not None:  # timm silently skips a mismatched head: check it ourselves
+        sd = _read_state_dict(weights)
+        head = model.get_classifier()
+        w = sd.get(next((k for k in sd if k.endswith("weight") and sd[k].ndim == 2 and
+                         sd[k].shape[1] == getattr(head, "in_features", -1)), ""), None)
+        if w is not None and w.shape[0] != num_classes:
+            raise DistillError(f"{folder}: the checkpoint head has {w.shape[0]} classes but {num_classes} were asked "
+                               "for; use a checkpoint trained on this data.")
+    return Teacher(model, cfg, file_sha256(weights) if weights else "", str(folder))
+
+
+def save_atomic_state(path: Path, obj: dict) -> None:
+    """Pickle-free training state (tensors via torch.save of a plain dict) written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -1,0 +1,223 @@
+"""``distillset squeeze``: train a backbone on a source, with accelerate, resumable, saved as safetensors."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from launch.config import fingerprint, to_dict, write_config
+from launch.data import ImageSet, Source, resize_uint8
+from launch.errors import DistillError
+from launch.io import read_json
+from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
+from recover.augmentations.crop import affine_crop
+from squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
+from squeeze.models import create_model, model_entry
+
+log = logging.getLogger("distillset.squeeze")
+
+
+@dataclass
+class SqueezeConfig:
+    """Train a backbone (the teacher of recover/relabel, or a reference model).
+
+    Attributes:
+        out: output folder (model.safetensors, config.json, metrics.json, config.yaml).
+        data: data source spec.
+        arch: registry model name (convnet_bn, resnet18_cifar, timm:NAME, tv:NAME; see `distillset models`).
+        model_kwargs: extra keyword arguments of the architecture (e.g. width, depth).
+        epochs: training epochs.
+        batch_size: per-process batch size.
+        lr: peak learning rate (cosine decay, linear warm-up for one epoch).
+        optimizer: sgd (momentum 0.9, nesterov) or adamw.
+        weight_decay: weight decay.
+        label_smoothing: cross-entropy label smoothing.
+        augment: random shift (1/8 of the size, reflected) + horizontal flip during training.
+        flip: horizontal flips (turn off for digits, where a flipped 2 is not a 2).
+        image_size: resize images to this size (0 = keep).
+        seed: seed of initialisation, shuffling and augmentation.
+        autocast: auto (bf16 where fast), bf16, fp16 or none.
+        max_train: use only the first N training images (0 = all), for debugging.
+        steps_per_epoch: for streamed sources without a sample count (0 = from _info.json).
+        workers: dataloader workers for streamed sources.
+    """
+
+    out: str = "output/squeeze"
+    data: str = "digits"
+    arch: str = "convnet_bn"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool = True
+    flip: bool = True
+    image_size: int = 0
+    seed: int = 0
+    autocast: str = "auto"
+    max_train: int = 0
+    steps_per_epoch: int = 0
+    workers: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise DistillError("epochs and batch_size must be >= 1.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise DistillError(f"unknown optimizer '{self.optimizer}'; use sgd or adamw.")
+
+
+NON_SEMANTIC = ("out", "workers")
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    x = images.float().div(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+def train_augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random shift by up to 1/8 of the size (reflect padding) + horizontal flip, batched and on-device."""
+    n = x.shape[0]
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.25  # 1/8 of the size in [-1, 1] units
+    fl = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    one = torch.ones(n)
+    return affine_crop(x, shift[:, 0].to(x.device), shift[:, 1].to(x.device), one.to(x.device), one.to(x.device),
+                       fl.to(x.device))
+
+
+def make_optimizer(params, name: str, lr: float, wd: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | None = None, batch: int = 512) -> float:
+    """Top-1 accuracy of ``model`` (raw, normalised input) on ``images``, split across ranks and summed."""
+    model.eval()
+    rank, world = (rt.rank, rt.world) if rt else (0, 1)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    correct = torch.zeros((), device=device)
+    idx = torch.arange(rank, len(images), world)
+    for i in range(0, len(idx), batch):
+        j = idx[i:i + batch]
+        x = (images.images[j].to(device).float() / 255 - m) / s
+        correct += (model(x).argmax(1).cpu() == images.labels[j]).sum().to(device)
+    if rt is not None and rt.world > 1:
+        correct = rt.accelerator.reduce(correct, reduction="sum")
+    return float(correct) / len(images)
+
+
+def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
+    """Train (or resume) a backbone; returns its metrics. The folder is complete once config.json exists."""
+    rt = rt or get_runtime()
+    out = Path(cfg.out)
+    fp = fingerprint(cfg, NON_SEMANTIC)
+    if (out / "config.json").exists():
+        done = read_json(out / "config.json")
+        if done.get("fingerprint") != fp:
+            raise DistillError(f"{out} holds a backbone trained with another config; choose another --out or delete "
+                               "that folder.")
+        log.info("%s is already trained (test top-1 %.4f); nothing to do", out, done["metrics"].get("test_top1", 0))
+        return done["metrics"]
+    entry = model_entry(cfg.arch)
+    source = Source(cfg.data, cfg.image_size or None)
+    if source.is_stream:
+        from squeeze.stream import train_stream
+
+        return train_stream(cfg, rt, source, fp)
+    train, test = source.load("train"), source.load("test")
+    if cfg.max_train:
+        train = train.subset(torch.arange(min(cfg.max_train, len(train))))
+    train.require_classes(1, "training")
+    size = train.image_shape[-1]
+    if cfg.image_size and size != cfg.image_size:
+        train = ImageSet(resize_uint8(train.images, cfg.image_size), train.labels, train.class_names)
+        test = ImageSet(resize_uint8(test.images, cfg.image_size), test.labels, test.class_names)
+        size = cfg.image_size
+    mean, std = channel_stats(train.images)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.arch, train.num_classes, train.image_shape[0], size, **cfg.model_kwargs)
+    bcfg = BackboneConfig(cfg.arch, train.num_classes, train.image_shape[0], size, mean, std, train.class_names,
+                          cfg.model_kwargs, cfg.data)
+    metrics = fit(model, train, cfg, rt, mean, std, out, fp)
+    metrics["test_top1"] = evaluate_model(model, test, mean, std, rt.device, rt)
+    metrics["has_bn"] = entry.has_bn
+    bcfg.metrics = metrics
+    if rt.is_main:
+        save_backbone(out, rt.accelerator.unwrap_model(model), bcfg, {"fingerprint": fp, "squeeze": to_dict(cfg)})
+        write_config(out, cfg)
+        log.info("squeeze: %s test top-1 %.4f in %.1fs", cfg.arch, metrics["test_top1"], metrics["seconds"])
+    rt.wait()
+    return metrics
+
+
+def fit(model, train: ImageSet, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str) -> dict:
+    """Epochs over an in-memory split; each rank takes an equal slice of every epoch's permutation."""
+    device = rt.device
+    model = model.to(device)
+    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    model, opt = rt.accelerator.prepare(model, opt)
+    amp = autocast_dtype(cfg.autocast, device)
+    images = train.images.to(device)
+    labels = train.labels.to(device)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    per_rank = len(train) // rt.world
+    steps = max(1, math.ceil(per_rank / cfg.batch_size))
+    total = steps * cfg.epochs
+    ckpt = out / "checkpoint" / "last.pt"
+    start_epoch = 0
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location=device, weights_only=True)
+        if st.get("fingerprint") == fp:
+            rt.accelerator.unwrap_model(model).load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            start_epoch = st["epoch"]
+            log.info("resuming %s at epoch %d", out, start_epoch)
+    t0 = time.perf_counter()
+    loss_val = float("nan")
+    bar = progress(total=total, initial=start_epoch * steps, desc="squeeze", enabled=rt.is_main)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        perm = torch.randperm(len(train), generator=g)[rt.rank * per_rank:(rt.rank + 1) * per_rank].to(device)
+        for k in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_at(epoch * steps + k, total, min(steps, total // 10 or 1))
+            j = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            x = (images[j].float() / 255 - m) / s
+            if cfg.augment:
+                x = train_augment(x, g, cfg.flip)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels[j], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            rt.accelerator.backward(loss)
+            opt.step()
+            bar.update(1)
+        loss_val = float(loss.detach())
+        if not math.isfinite(loss_val):
+            raise DistillError(f"training loss became NaN at epoch {epoch}; lower --lr.")
+        if rt.is_main:
+            save_atomic_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "opt": opt.state_dict(),
+                                     "model": rt.accelerator.unwrap_model(model).state_dict()})
+    bar.close()
+    rt.wait()
+    model.eval()
+    return {"train_loss": loss_val, "seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
+            "train_images": len(train)}
