@@ -16,7 +16,7 @@ from launch.data import ImageSet, Source, resize_uint8
 from launch.errors import DistillError
 from launch.io import read_json
 from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
-from recover.augmentations.crop import affine_crop
+from squeeze.augment import affine_crop
 from squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
 from squeeze.models import create_model, model_entry
 
