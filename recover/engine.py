@@ -220,6 +220,8 @@ class Engine:
             if state_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
                 self._save_state(state_path, syn, opt, ctx, step + 1)
         bar.close()
+        if hasattr(self.objective, "finalize"):  # e.g. swap in an EMA of the images before they are written
+            self.objective.finalize(syn)
         self.objective.teardown()
         logs["seconds"] = time.perf_counter() - t0
         return syn, logs

@@ -130,7 +130,7 @@ def buffer_files(path: str | Path) -> list[Path]:
     files = sorted(path.glob(BUFFER_GLOB), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
     if not files:
         raise DistillError(f"{path} holds no {BUFFER_GLOB}; record experts first with `distillset squeeze "
-                           "trajectories --out {path}`.")
+                           f"trajectories --out {path}`.")
     return files
 
 
