@@ -1,0 +1,157 @@
+"""Helpers shared by the matching objectives (DC, DSA, DM, CAFE, DataDAM): normalisation, per-class positions of the
+synthetic images, the Siamese augmentation choice, ConvNet block features, and the DC-style network schedule that
+maps outer/inner loops onto the engine's one-loss-per-step loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launch.errors import DistillError
+from recover.base import Context, get
+
+AUG_CHOICES = ("none", "dsa", "diffaugment", "engine")
+
+# DC's (outer_loop, inner_loop) per images-per-class (Zhao et al. 2021, Table/README): 1 -> (1, 1), 10 -> (10, 50),
+# 50 -> (50, 10); other ipc values take the nearest entry at or below.
+DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+
+
+def dc_loops(ipc: int) -> tuple[int, int]:
+    keys = [k for k in sorted(DC_LOOPS) if k <= max(1, ipc)]
+    return DC_LOOPS[keys[-1]]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` with the engine's reference mean/std, applied to real and synthetic images alike."""
+
+    def __init__(self, ctx: Context):
+        super().__init__()
+        c = ctx.image_shape[0]
+        self.register_buffer("mean", torch.tensor(ctx.options.get("mean", [0.5] * c)).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(ctx.options.get("std", [0.5] * c)).view(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+
+
+def class_positions(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``[(class, positions of its synthetic images)]`` in class order."""
+    return [(int(c), torch.nonzero(labels == c).flatten()) for c in torch.unique(labels).tolist()]
+
+
+class SiameseAugmenter:
+    """The augmentation a matching objective applies to both batches of a comparison with one parameter draw."""
+
+    def __init__(self, choice: str, options: dict | None = None):
+        if choice not in AUG_CHOICES:
+            raise DistillError(f"unknown matching augmentation '{choice}'; use one of {', '.join(AUG_CHOICES)} "
+                               "('engine' uses the recipe's augmentation).")
+        self.choice, self.options = choice, dict(options or {})
+        self._aug = None
+
+    def resolve(self, ctx: Context):
+        if self.choice == "none":
+            return None
+        if self.choice == "engine":
+            return ctx.augment
+        if self._aug is None:
+            self._aug = get("augmentation", self.choice)(**{"siamese": True, **self.options})
+        return self._aug
+
+    def pair(self, real: torch.Tensor, syn: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment ``real`` and ``syn`` with the same draw (broadcast to both batch sizes)."""
+        aug = self.resolve(ctx)
+        if aug is None:
+            return real, syn
+        params = aug.sample(1, ctx)
+        return aug.apply(real, params, ctx), aug.apply(syn, params, ctx)
+
+    def single(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        aug = self.resolve(ctx)
+        if aug is None:
+            return x
+        return aug.apply(x, aug.sample(1, ctx), ctx)
+
+
+def block_features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Output of every [conv -> norm -> ReLU -> pool] block of a ConvNet (the last one is the embedding map)."""
+    feats = getattr(net, "features", None)
+    if not isinstance(feats, nn.Sequential):
+        raise DistillError("layer-wise matching (CAFE, DataDAM) needs a ConvNet-family network (convnet*).")
+    out, h, mods = [], x, list(feats)
+    for i, m in enumerate(mods):
+        h = m(h)
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.AvgPool2d) or (isinstance(m, nn.ReLU) and not isinstance(nxt, nn.AvgPool2d)):
+            out.append(h)
+    return out
+
+
+def train_network(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
+                  norm: Normalize, ctx: Context, augmenter: SiameseAugmenter | None = None, batch: int = 256) -> None:
+    """``steps`` epochs of SGD on the (detached) synthetic set, as DC's inner loop (one batch per epoch when small)."""
+    net.train()
+    n = x.shape[0]
+    for _ in range(steps):
+        order = torch.randperm(n, generator=ctx.generator).to(x.device)
+        for s in range(0, n, batch):
+            idx = order[s:s + batch]
+            xb = x[idx]
+            if augmenter is not None:
+                xb = augmenter.single(xb, ctx)
+            loss = F.cross_entropy(net(norm(xb)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+class NetSchedule:
+    """DC's bi-level structure on the engine's loop: one engine step = one outer iteration.
+
+    A network is drawn every ``outer_loop`` steps; between two outer steps on the same network it is trained
+    ``inner_loop`` epochs on the current synthetic images (after the engine's image update, as DC does). The network
+    lives in ``ctx.state`` (per unit) and is saved in unit checkpoints through :meth:`checkpoint_state`.
+    """
+
+    def __init__(self, source, outer_loop: int, inner_loop: int, lr_net: float, augmenter: SiameseAugmenter | None,
+                 batch_train: int = 256):
+        self.source, self.outer_loop, self.inner_loop = source, outer_loop, inner_loop
+        self.lr_net, self.augmenter, self.batch_train = lr_net, augmenter, batch_train
+        self._state: dict | None = None
+
+    def loops(self, ctx: Context) -> tuple[int, int]:
+        d = dc_loops(int(ctx.options.get("ipc", 1)))
+        return self.outer_loop or d[0], self.inner_loop or d[1]
+
+    def network(self, syn, ctx: Context, norm: Normalize) -> nn.Module:
+        st = ctx.state
+        self._state = st
+        outer, inner = self.loops(ctx)
+        if st.get("net") is None or st["k"] >= outer:
+            st["net"] = self.source.sample(ctx)
+            st["k"] = 0
+        elif st["k"] > 0 and inner > 0:
+            with torch.no_grad():
+                x = syn.render().detach().float()
+            for p in st["net"].parameters():
+                p.requires_grad_(True)
+            opt = torch.optim.SGD(st["net"].parameters(), lr=self.lr_net)
+            train_network(st["net"], x, syn.labels, inner, opt, norm, ctx, self.augmenter, self.batch_train)
+        st["k"] += 1
+        return st["net"]
+
+    def checkpoint_state(self) -> dict:
+        st = self._state or {}
+        if st.get("net") is None:
+            return {}
+        return {"k": torch.tensor(st["k"]), **{f"net.{k}": v.detach().cpu() for k, v in st["net"].state_dict().items()}}
+
+    def load_checkpoint_state(self, state: dict, ctx: Context) -> None:
+        if not state:
+            return
+        net = self.source.build(ctx)  # restoring must not draw from the (already restored) generator
+        net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        ctx.state.update(net=net, k=int(state["k"]))

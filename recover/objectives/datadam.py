@@ -1,0 +1,81 @@
+"""DataDAM: dataset distillation with attention matching (Sajedi et al. 2023).
+
+For every class, a randomly initialised ConvNet's blocks give feature maps of a real batch and of the synthetic
+images (same DSA draw). Each block's spatial attention map is ``sum_channels |f|^p`` (p = 4), flattened and
+L2-normalised per image; the spatial attention matching (SAM) loss is the squared distance between the mean real and
+mean synthetic maps, summed over the blocks before the last. The last block's embedding is matched by a linear-kernel
+MMD (squared distance of the means), weighted by ``lambda_mmd``. No inner loop, classes independent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from launch.errors import DistillError
+from recover.base import Context, Objective, Parametrization, register_objective
+from recover.objectives._matching import Normalize, SiameseAugmenter, block_features, class_positions
+from recover.objectives.model_aug import NetSource
+
+
+def attention_map(f: torch.Tensor, power: float = 4.0) -> torch.Tensor:
+    """``(N, C, H, W)`` features -> ``(N, H*W)`` L2-normalised spatial attention ``sum_c |f_c|^power``."""
+    a = f.abs().pow(power).sum(1).flatten(1)
+    return F.normalize(a, dim=1)
+
+
+@register_objective("datadam")
+class AttentionMatching(Objective):
+    """DataDAM: per-class spatial attention matching on every block + MMD on the last embedding, random networks.
+
+    Options:
+        batch_real: real images per class per step (256).
+        power: exponent of the attention map (4).
+        lambda_mmd: weight of the last-layer MMD term (0.01).
+        aug: Siamese augmentation: dsa (default), diffaugment, none, or engine.
+        arch, width, model_pool, perturb, pool_epochs, pool_lr: networks (see ``dm``).
+    """
+
+    needs_real = True
+    joint_classes = False
+
+    def __init__(self, batch_real: int = 256, power: float = 4.0, lambda_mmd: float = 0.01, aug: str = "dsa",
+                 aug_options: dict | None = None, arch: str = "convnet", width: int = 128,
+                 model_pool: int | str = 0, perturb: float = 0.0, pool_epochs: float = 2.0, pool_lr: float = 0.01):
+        if batch_real < 1 or power <= 0 or lambda_mmd < 0:
+            raise DistillError("datadam needs batch_real >= 1, power > 0 and lambda_mmd >= 0.")
+        self.batch_real, self.power, self.lambda_mmd = batch_real, power, lambda_mmd
+        self.augmenter = SiameseAugmenter(aug, aug_options)
+        self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
+        self._logs: dict[str, float] = {}
+
+    def setup(self, ctx: Context) -> None:
+        self.norm = Normalize(ctx).to(ctx.device)
+
+    def terms(self, syn: Parametrization, ctx: Context, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SAM, MMD) summed over the classes of the unit under ``net``."""
+        sam = mmd = None
+        for c, pos in class_positions(syn.labels):
+            real = ctx.real.sample(c, self.batch_real, ctx.generator)
+            real, x_syn = self.augmenter.pair(real, syn.render(pos), ctx)
+            with ctx.autocast():
+                with torch.no_grad():
+                    fr = [f.float() for f in block_features(net, self.norm(real))]
+                fs = [f.float() for f in block_features(net, self.norm(x_syn))]
+            s = sum(((attention_map(a, self.power).mean(0) - attention_map(b, self.power).mean(0)) ** 2).sum()
+                    for a, b in zip(fr[:-1], fs[:-1])) + fs[-1].new_zeros(())
+            m = ((fr[-1].flatten(1).mean(0) - fs[-1].flatten(1).mean(0)) ** 2).sum()
+            sam = s if sam is None else sam + s
+            mmd = m if mmd is None else mmd + m
+        return sam, mmd
+
+    def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
+        net = self.source.sample(ctx)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        sam, mmd = self.terms(syn, ctx, net)
+        self._logs = {"sam": float(sam.detach()), "mmd": float(mmd.detach())}
+        return sam + self.lambda_mmd * mmd
+
+    def logs(self) -> dict[str, float]:
+        return dict(self._logs)
