@@ -13,4 +13,5 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("relabel.evaluate:EvaluateConfig", "relabel.evaluate:run", "train students, report top-1"),
     "export": ("launch.export:ExportConfig", "launch.export:run", "export a distilled set"),
     "shards": ("launch.shards:ShardsConfig", "launch.shards:run", "write a source as webdataset shards"),
+    "prior train": ("generative.train:PriorTrainConfig", "generative.train:run", "train a small generative prior"),
 }
