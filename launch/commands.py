@@ -7,6 +7,7 @@ from __future__ import annotations
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "squeeze": ("squeeze.train:SqueezeConfig", "squeeze.train:run", "train a backbone on a source"),
+    "squeeze stats": ("squeeze.statistics:StatsConfig", "squeeze.statistics:run", "real-data feature statistics"),
     "squeeze trajectories": ("squeeze.trajectories:TrajectoryConfig", "squeeze.trajectories:run", "MTT experts"),
     "recover": ("recover.config:RecoverConfig", "recover.engine:run", "synthesise a distilled set"),
     "relabel": ("relabel.softlabels:RelabelConfig", "relabel.softlabels:run", "store FKD-style soft labels"),
