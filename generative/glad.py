@@ -45,8 +45,8 @@ class _AdaIN(nn.Module):
     def __init__(self, channels: int, w_dim: int):
         super().__init__()
         self.affine = nn.Linear(w_dim, 2 * channels)
-        nn.init.zeros_(self.affine.weight)
-        with torch.no_grad():
+        with torch.no_grad():  # start near the identity style (scale 1, bias 0) but not at it, so w gets gradients
+            self.affine.weight.mul_(0.25)
             self.affine.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,7 @@ def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, device) 
         z = prior.encode(x)["z_T"]
         ae_mse = float(F.mse_loss(prior.decode(z), x))
         ld3m_mse = float(F.mse_loss(prior.render({"z_T": z}, prior.conditioning(y)), x))
-    return prior, {"ae_loss": float(loss) if cfg.unet_steps else 0.0, "test_ae_mse": ae_mse,
+    return prior, {"unet_loss": float(loss.detach()) if cfg.unet_steps else 0.0, "test_ae_mse": ae_mse,
                    "test_ld3m_render_mse": ld3m_mse, "scaling_factor": sf}
 
 
@@ -304,5 +304,5 @@ def _train_glad(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, device) 
     x = test.images[:32].float().div(255).to(device)
     y = test.labels[:32].to(device)
     rec = prior.render(prior.encode(x, y))
-    return prior, {"d_loss": float(d_loss), "g_loss": float(g_loss),
+    return prior, {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()),
                    "test_inversion_mse": float(F.mse_loss(rec, x))}
