@@ -27,3 +27,46 @@ def make_syn(ctx: Context, ipc: int = 2, init: str = "noise") -> PixelSet:
     cls = torch.arange(10).repeat_interleave(ipc)
     idx = torch.arange(ipc).repeat(10)
     return PixelSet(cls, idx, (1, 8, 8), 0, ctx, init=init)
+
+
+_CACHE: dict = {}
+
+
+def shared_experts(tmp_path_factory) -> str:
+    """Record the tiny digits experts once per test session; returns their folder."""
+    if "experts" not in _CACHE:
+        from launch.runtime import get_runtime
+        from squeeze.trajectories import run
+
+        out = tmp_path_factory.mktemp("shared_experts")
+        run(expert_config(out), get_runtime())
+        _CACHE["experts"] = str(out)
+    return _CACHE["experts"]
+
+
+class SavedTensorMeter:
+    """Peak bytes of tensors held by autograd graphs (saved for backward) while the context is active."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        import torch
+
+        meter = self
+
+        class Held:
+            def __init__(self, t):
+                self.t, self.n = t, t.numel() * t.element_size()
+                meter.live += self.n
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self):
+                meter.live -= self.n
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
