@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from launch.errors import DistillError
 from recover.base import Context, Objective, Parametrization, register_objective
-from recover.objectives._matching import Normalize, NetSchedule, SiameseAugmenter, class_positions
+from recover.objectives._matching import NetSchedule, Normalize, SiameseAugmenter, class_positions
 from recover.objectives.model_aug import NetSource
 
 

@@ -63,7 +63,7 @@ def train_early(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoc
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     n = images.shape[0]
     dev = next(net.parameters()).device
-    steps = max(1, int(round(epochs * n / batch)))
+    steps = max(1, round(epochs * n / batch))
     net.train()
     order = torch.randperm(n, generator=g)
     pos = 0
