@@ -156,7 +156,7 @@ def test_moments_pairwise_merge_is_exact():
 
 
 def test_resume_after_interruption_gives_the_same_statistics(teacher_dir, tmp_path, monkeypatch):
-    base = dict(teacher=teacher_dir, data=CIFAR, batch_size=50, patch_grid=2, checkpoint_every=2)
+    base = {"teacher": teacher_dir, "data": CIFAR, "batch_size": 50, "patch_grid": 2, "checkpoint_every": 2}
     full = run(StatsConfig(**base, out=str(tmp_path / "full.safetensors")), CPU)
     calls = {"n": 0}
     original = FeatureStats.add

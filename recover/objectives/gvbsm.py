@@ -36,7 +36,7 @@ class ConvStatHook:
         self.patch = None
         if f"patch/{layer}/mean" in stats.tensors:
             self.patch = tuple(t.to(device) for t in stats.get("patch", layer))
-            self.grid = int(round(self.patch[0].shape[0] ** 0.5))
+            self.grid = round(self.patch[0].shape[0] ** 0.5)
         self.cls = None
         if class_stats:
             if f"class/{layer}/mean" not in stats.tensors:
