@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_same_params_same_transform_different_params_differ(images):
         assert torch.allclose(real[:3], syn, atol=1e-6)
     # different draws give different transforms (a few draws can be no-ops, e.g. flip=False, so count)
     differ = sum(not torch.allclose(aug.apply(images, p, ctx), aug.apply(images, q, ctx), atol=1e-5)
-                 for p, q in zip(draws[:-1], draws[1:]))
+                 for p, q in itertools.pairwise(draws))
     assert differ >= 30
 
 
