@@ -61,7 +61,7 @@ def test_herding_mean_closer_than_random_and_kcenter_covers_better(real):
         # k-center: the largest distance from any image to its nearest chosen one (covering radius) is smaller
         selk = [pos[int(i)] for i in kc.select(class_ctx(real, c, 5), 5)]
 
-        def radius(idx):
+        def radius(idx, f=f):
             return float(torch.cdist(f, f[idx]).min(1).values.max())
 
         rand_r = [radius(torch.randperm(len(f), generator=g)[:5]) for _ in range(20)]
