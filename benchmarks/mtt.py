@@ -36,7 +36,7 @@ DATA = "npz:/work/shared/data/cifar10.npz"
 
 def options(method: str, ipc: int, a) -> dict:
     o = {"buffer": str(a.work / "experts"), "expert_epochs": 2, "syn_steps": a.syn_steps,
-         "max_start_epoch": a.expert_epochs - 2, "batch_syn": 0 if ipc <= 10 else 100, "lr_teacher": 0.01,
+         "max_start_epoch": a.expert_epochs - 2, "batch_syn": min(a.batch_syn, 10 * ipc), "lr_teacher": 0.01,
          "lr_lr": 1e-7 if ipc == 1 else 1e-5}
     if method == "tesla":
         o["tesla"] = True
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--ipcs", default="1,10")
     p.add_argument("--iterations", default="80,30")
     p.add_argument("--syn-steps", type=int, default=10)
+    p.add_argument("--batch-syn", type=int, default=100)
     p.add_argument("--lr-img", type=float, default=250.0)
     p.add_argument("--methods", default="mtt")
     p.add_argument("--students", type=int, default=3)
@@ -112,7 +113,8 @@ def main() -> None:
              f"Experts: {a.experts} x ConvNet-3 (width {a.width}, instance norm) x {a.expert_epochs} epochs, SGD lr "
              f"0.01, no momentum, DSA, on the first {a.max_train} CIFAR-10 training images "
              f"(expert test top-1 {ex.get('test_top1_mean') or 0:.3f}; {t_experts:.0f} s).",
-             f"Distillation: expert_epochs 2, syn_steps {a.syn_steps}, max_start_epoch {a.expert_epochs - 2}, "
+             f"Distillation: expert_epochs 2, syn_steps {a.syn_steps}, batch_syn <= {a.batch_syn}, max_start_epoch "
+             f"{a.expert_epochs - 2}, "
              f"pixel lr {a.lr_img} (SGD momentum 0.5), init from real, DSA.",
              f"Evaluation: {a.students} fresh ConvNet-3 (width {a.width}) students, {a.student_epochs} epochs, SGD "
              "momentum 0.9, wd 5e-4, lr = learned lr (0.01 for random real), x0.1 at half, DSA; top-1 on the first "
