@@ -90,3 +90,22 @@ def test_teacher_sets_must_agree_on_classes_and_resolution(tmp_path, teachers):
     small = make_teacher(tmp_path / "px16", width=8, img_size=16)
     with pytest.raises(DistillError, match="one resolution"):
         _engine(tmp_path, [ten, small])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_moments_value_and_gradient_equal_var_mean(layout):
+    from recover.objectives.bn_inversion import channel_moments
+
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 3).contiguous(memory_format=layout).requires_grad_(True)
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    mean, var = channel_moments(x, torch.ones(3))
+    v_ref, m_ref = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close((mean, var), (m_ref, v_ref))
+    g = torch.autograd.grad((mean.sin() + w * var).sum(), x)[0]
+    g_ref = torch.autograd.grad((m_ref.sin() + w * v_ref).sum(), x)[0]
+    torch.testing.assert_close(g, g_ref)
+    xb = x.detach().to(torch.bfloat16).requires_grad_(True)  # bf16 input: fp32 statistics, bf16 gradient
+    mb, vb = channel_moments(xb)
+    assert mb.dtype == torch.float32 and torch.allclose(mb.double(), m_ref, atol=0.05)
+    (mb.sum() + vb.sum()).backward()
+    assert xb.grad.dtype == torch.bfloat16

@@ -18,6 +18,51 @@ from launch.errors import DistillError
 from recover.base import Context, Objective, Parametrization, register_objective
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and population variance over every dim but 1, in fp32, with a closed-form backward.
+
+    Autograd through ``torch.var_mean`` costs several full-size temporaries; here the forward is two reductions of
+    ``x - shift`` (a per-channel shift near the mean keeps E[d^2] - E[d]^2 accurate) and the backward is one fused
+    ``a + b * x`` per element. A channels-last 4-D input is reduced as the (N*H*W, C) matrix it already is.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor):
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view, no copy
+            d = (flat.float() if low else flat) - shift
+            mean_d, sq = d.mean(0), d.square().mean(0)
+        else:
+            dims = [0] + list(range(2, x.ndim))
+            view = [1, -1] + [1] * (x.ndim - 2)
+            d = (x.float() if low else x) - shift.view(view)
+            mean_d, sq = d.mean(dims), d.square().mean(dims)
+        var = (sq - mean_d.square()).clamp_min(0)
+        mean = mean_d + shift
+        ctx.save_for_backward(x, mean)
+        ctx.count = x.numel() // x.shape[1]
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor):
+        x, mean = ctx.saved_tensors
+        scale = grad_var * (2.0 / ctx.count)
+        bias = grad_mean / ctx.count - scale * mean
+        view = [1, -1] + [1] * (x.ndim - 2)
+        return torch.addcmul(bias.to(x.dtype).view(view), x, scale.to(x.dtype).view(view)), None
+
+
+def channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 per-channel ``(mean, var)`` of ``x`` (N, C, ...) over all dims but 1 (population variance).
+
+    ``shift`` (C,), e.g. the running mean, only improves accuracy; the result does not depend on it.
+    """
+    if shift is None:
+        shift = x.detach()[:1].float().mean(dim=[0] + list(range(2, x.ndim)))
+    return _ChannelMoments.apply(x, shift.detach().float())
+
+
 class BNStatHook:
     """Forward hook on one BatchNorm layer: distance of the batch statistics of its input to the running ones."""
 
@@ -28,10 +73,8 @@ class BNStatHook:
         self.handle = module.register_forward_hook(self.hook)
 
     def hook(self, module, inputs, output):
-        x = inputs[0].float()  # statistics in fp32 even under bf16 autocast
-        dims = [0] + list(range(2, x.ndim))
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         rm, rv = module.running_mean.float(), module.running_var.float()
+        mean, var = channel_moments(inputs[0], rm)  # fp32 statistics even under bf16 autocast
         self.value = (torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv)) * self.scale
 
     def remove(self):

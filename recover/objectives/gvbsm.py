@@ -22,7 +22,7 @@ from torch import nn
 
 from launch.errors import DistillError
 from recover.base import Context, Parametrization, register_objective
-from recover.objectives.bn_inversion import BNInversion
+from recover.objectives.bn_inversion import BNInversion, channel_moments
 from squeeze.statistics import TeacherStats, default_stats_path, load_statistics
 
 
@@ -54,7 +54,7 @@ class ConvStatHook:
         if self.cls is not None and self.labels is not None:
             self.value = self._class_distance(y) * scale
         else:
-            var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+            mean, var = channel_moments(output, self.mean)
             self.value = (torch.linalg.vector_norm(mean - self.mean) + torch.linalg.vector_norm(var - self.var)) * scale
         self.patch_value = None
         if self.patch is not None:
