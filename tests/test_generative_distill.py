@@ -10,6 +10,7 @@ import torch
 from generative.latent_set import GLaDSet, LD3MSet, render_saved
 from generative.train import PriorTrainConfig
 from generative.train import run as train_prior
+from launch.config import from_dict, load_yaml
 from launch.data import ImageSet, Source
 from launch.distilled import load_distilled
 from recover.base import Context
@@ -58,12 +59,15 @@ def _dm_gap(images: torch.Tensor, labels: torch.Tensor, real: ImageSet) -> float
 def test_dm_over_latents_lowers_gap_and_saves_latents(setup, kind):
     root, data, priors = setup
     out = root / f"run_{kind}"
-    opts = {"prior": priors[kind], "chunk": 1, "init": "real" if kind == "ld3m" else "noise"}
+    # the shipped recipe's recover section, shrunk to a debug size
+    sec = dict(load_yaml(f"recipes/{kind}_tiny10.yaml")["recover"])
+    opts = {**sec["param_options"], "prior": priors[kind], "chunk": 1}
     if kind == "ld3m":
         opts["steps"] = 2
-    cfg = RecoverConfig(out=str(out), data=data, image_size=16, method="dm", parametrization=kind, param_options=opts,
-                        options={"batch_real": 16, "width": 16, "aug": "none"}, augmentation="none", ipc=2,
-                        iterations=12 if kind == "ld3m" else 25, lr=0.1, log_every=5, channels_last=False, autocast="none")
+    sec.update(out=str(out), data=data, image_size=16, param_options=opts, ipc=2, lr=0.1, log_every=5,
+               iterations=12 if kind == "ld3m" else 25, options={"batch_real": 16, "width": 16, "aug": "none"},
+               checkpoint_every=0, channels_last=False, autocast="none")
+    cfg = from_dict(RecoverConfig, sec)
     man = recover(cfg)
     assert man["status"] == "complete" and man["num_images"] == 2 * CLASSES
     assert (out / "latents" / "unit-000000.safetensors").exists()
@@ -87,3 +91,17 @@ def test_dm_over_latents_lowers_gap_and_saves_latents(setup, kind):
     again, again_labels = render_saved(out)
     assert torch.equal(again_labels, labels)
     assert (again.int() - images.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("name", ["ld3m", "glad"])
+def test_recipes_resolve_and_chain_the_prior(name):
+    """The shipped recipes build their configs, and recover reads the prior that prior_train writes."""
+    from launch.config import load_yaml
+    from launch.recipe import resolve
+
+    recipe = load_yaml(f"recipes/{name}_tiny10.yaml")
+    plan = dict(resolve(recipe, recipe["out"]))
+    assert plan["prior_train"].kind == name
+    assert plan["recover"].parametrization == name
+    assert plan["recover"].param_options["prior"] == plan["prior_train"].out
+    assert plan["recover"].data == plan["prior_train"].data
