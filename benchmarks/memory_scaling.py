@@ -1,0 +1,100 @@
+"""Peak memory of `squeeze stats` (streamed) and `relabel` at two dataset sizes 10x apart (1,000 classes).
+
+Each measurement runs in a fresh subprocess and reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the
+stage, so imports and the model are counted the same way at both sizes.
+
+    OMP_NUM_THREADS=1 python benchmarks/memory_scaling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+from launch.runtime import Runtime
+rt = Runtime(None, 0, 1, torch.device("cpu"))
+stage, data, teacher, folder = sys.argv[1:5]
+if stage == "stats":
+    from squeeze.statistics import StatsConfig, run
+    res = run(StatsConfig(teacher=teacher, data=data, out=folder + "/stats.safetensors", batch_size=256,
+                          class_conditional=True, checkpoint_every=0), rt)
+else:
+    from relabel.softlabels import RelabelConfig, run
+    res = run(RelabelConfig(distilled=folder, teachers=[teacher], epochs=20, topk=10, epochs_per_file=5,
+                            batch_size=256, autocast="none"), rt)
+print(json.dumps({{"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **res}}))
+"""
+
+
+def as_distilled(shards: Path, folder: Path, teacher: str) -> None:
+    """A distilled-set folder (manifest + image shards) holding the synthetic training images, for relabel."""
+    import shutil
+
+    from launch.io import read_json, write_json
+
+    info = read_json(shards / "_info.json")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for k, f in enumerate(sorted(shards.glob("train-*.tar"))):
+        shutil.copy(f, folder / "images" / f"shard-{k:06d}.tar")
+    write_json(folder / "manifest.json", {"format": "distillset/1", "status": "complete", "method": "copy",
+                                          "class_names": info["class_names"], "ipc": 1,
+                                          "teachers": [{"path": teacher}], "image_shape": info["image_shape"]})
+
+
+def main() -> None:
+    from benchmarks.make_synthetic_1k import make_synthetic
+    from tests.test_scale_stats import make_teacher
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", default="/tmp/distillset_mem")
+    p.add_argument("--sizes", default="2,20", help="images per class of the two runs")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory_scaling.md"))
+    a = p.parse_args()
+    root = Path(a.root)
+    t0 = time.time()
+    teacher = None
+    rows = []
+    for per in (int(s) for s in a.sizes.split(",")):
+        shards = root / f"shards_{per}"
+        if not (shards / "_info.json").exists():
+            make_synthetic(shards, 1000, per_class=per, test_per_class=1, size=16, shard_size=1000)
+        if teacher is None:
+            teacher = make_teacher(root / "teacher", "convnet3_bn", num_classes=1000, img_size=16, width=32)
+        folder = root / f"distilled_{per}"
+        if not (folder / "manifest.json").exists():
+            as_distilled(shards, folder, teacher)
+        for stage in ("stats", "relabel"):
+            if stage == "relabel" and (folder / "labels").exists():
+                import shutil
+
+                shutil.rmtree(folder / "labels")
+            out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), stage, f"wds:{shards}",
+                                  teacher, str(folder)], capture_output=True, text=True, check=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"stage": stage, "images": 1000 * per, **res})
+            print(rows[-1], flush=True)
+    lines = ["# Peak memory vs dataset size", "",
+             f"Command: `OMP_NUM_THREADS=1 python benchmarks/memory_scaling.py --sizes {a.sizes}` "
+             f"(wall time {time.time() - t0:.0f} s). 1,000 synthetic classes, 16 px, ConvNet-3 BN (width 32) teacher; "
+             "stats: batch 256, class-conditional + 4x4 patch statistics, streamed from wds shards; relabel: 20 "
+             "epochs, top-10, 5 epochs per file. Peak RSS of a fresh process per run (includes torch itself).", "",
+             "| stage | images | peak RSS (MB) | seconds |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['images']} | {r['maxrss_mb']:.0f} | {r['seconds']:.1f} |")
+    lines.append("")
+    Path(a.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
