@@ -20,16 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.data import ImageSet, Source  # noqa: E402
-from launch.distilled import load_distilled  # noqa: E402
-from launch.runtime import get_runtime  # noqa: E402
-from recover.config import RecoverConfig  # noqa: E402
-from recover.engine import run as recover_run  # noqa: E402
-from relabel.evaluate import learned_params, random_subset  # noqa: E402
-from relabel.student import StudentSpec, train_student  # noqa: E402
-from squeeze.train import channel_stats  # noqa: E402
-from squeeze.trajectories import TrajectoryConfig  # noqa: E402
-from squeeze.trajectories import run as record  # noqa: E402
+from launch.data import ImageSet, Source
+from launch.distilled import load_distilled
+from launch.runtime import get_runtime
+from recover.config import RecoverConfig
+from recover.engine import run as recover_run
+from relabel.evaluate import learned_params, random_subset
+from relabel.student import StudentSpec, train_student
+from squeeze.train import channel_stats
+from squeeze.trajectories import TrajectoryConfig
+from squeeze.trajectories import run as record
 
 DATA = "npz:/work/shared/data/cifar10.npz"
 
@@ -110,15 +110,15 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     total = time.perf_counter() - t_all
     lines = ["# MTT family on the CIFAR-10 subset (CPU budget)", "",
-             f"Experts: {a.experts} x ConvNet-3 (width {a.width}, instance norm) x {a.expert_epochs} epochs, SGD lr "
+             (f"Experts: {a.experts} x ConvNet-3 (width {a.width}, instance norm) x {a.expert_epochs} epochs, SGD lr "
              f"0.01, no momentum, DSA, on the first {a.max_train} CIFAR-10 training images "
-             f"(expert test top-1 {ex.get('test_top1_mean') or 0:.3f}; {t_experts:.0f} s).",
-             f"Distillation: expert_epochs 2, syn_steps {a.syn_steps}, batch_syn <= {a.batch_syn}, max_start_epoch "
+             f"(expert test top-1 {ex.get('test_top1_mean') or 0:.3f}; {t_experts:.0f} s)."),
+             (f"Distillation: expert_epochs 2, syn_steps {a.syn_steps}, batch_syn <= {a.batch_syn}, max_start_epoch "
              f"{a.expert_epochs - 2}, "
-             f"pixel lr {a.lr_img} (SGD momentum 0.5), init from real, DSA.",
-             f"Evaluation: {a.students} fresh ConvNet-3 (width {a.width}) students, {a.student_epochs} epochs, SGD "
-             "momentum 0.9, wd 5e-4, lr = learned lr (0.01 for random real), x0.1 at half, DSA; top-1 on the first "
-             f"{a.test_n} random test images, mean +- std.", "",
+             f"pixel lr {a.lr_img} (SGD momentum 0.5), init from real, DSA."),
+             (f"Evaluation: {a.students} fresh ConvNet-3 (width {a.width}) students, {a.student_epochs} epochs, SGD "
+             "momentum 0.9, wd 5e-4, lr = learned lr (0.01 for random real), x0.1 at half, DSA; top-1 on "
+             f"{a.test_n} random test images, mean +- std."), "",
              "| method | IPC | iterations | distil s | learned lr | top-1 (%) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         t = torch.tensor(r["accs"]) * 100
@@ -126,9 +126,9 @@ def main() -> None:
                      f"{t.mean():.1f} +- {t.std() if len(t) > 1 else 0:.1f} |")
     lines += ["", f"Total wall time {total:.0f} s on a shared 2-core CPU.", "",
               "Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mtt.py " + " ".join(sys.argv[1:]) + "`", "",
-              "This is a CPU-budget run (tiny experts, tens of iterations instead of 5,000), far from the published "
+              ("This is a CPU-budget run (tiny experts, tens of iterations instead of 5,000), far from the published "
               "setting (100 experts x 50 epochs, ZCA, 5,000 iterations, ConvNet-3 width 128: MTT 46.2 / 65.4 at "
-              "IPC 1 / 10); compare each method only with the random-real row of the same IPC."]
+              "IPC 1 / 10); compare each method only with the random-real row of the same IPC.")]
     a.result.parent.mkdir(parents=True, exist_ok=True)
     a.result.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -6,7 +6,7 @@ tensors, counted with ``torch.autograd.graph.saved_tensors_hooks``) and (b) the 
 resident memory (``ru_maxrss``) during the loss + backward. Memory does not depend on the parameter values, so the
 expert buffer is a random walk from a fresh initialisation. Writes ``benchmarks/results/mtt_memory.md``.
 
-    .venv/bin/python benchmarks/mtt_memory.py [--width 128] [--steps 10,20,40]
+    .venv/bin/python benchmarks/mtt_memory.py [--width 64] [--steps 10,20,40]
 """
 
 from __future__ import annotations
@@ -55,15 +55,21 @@ def measure(buffer: str, tesla: bool, steps: int) -> dict:
     obj = get("objective", "mtt")(buffer=buffer, tesla=tesla, syn_steps=steps, expert_epochs=2, max_start_epoch=2)
     obj.setup(ctx)
     state = {"live": 0, "peak": 0}
+    refs: dict[int, int] = {}
 
-    class Held:
+    class Held:  # counts each storage once however many graph nodes save it
         def __init__(self, t):
-            self.t, self.n = t, t.numel() * t.element_size()
-            state["live"] += self.n
-            state["peak"] = max(state["peak"], state["live"])
+            self.t, self.key = t, t.untyped_storage().data_ptr()
+            refs[self.key] = refs.get(self.key, 0) + 1
+            if refs[self.key] == 1:
+                state["live"] += t.untyped_storage().nbytes()
+                state["peak"] = max(state["peak"], state["live"])
 
         def __del__(self):
-            state["live"] -= self.n
+            refs[self.key] -= 1
+            if refs[self.key] == 0:
+                del refs[self.key]
+                state["live"] -= self.t.untyped_storage().nbytes()
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -78,7 +84,7 @@ def measure(buffer: str, tesla: bool, steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--steps", default="10,20,40")
     p.add_argument("--child", nargs=3, metavar=("BUFFER", "TESLA", "STEPS"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "mtt_memory.md")
@@ -96,18 +102,18 @@ def main() -> None:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
     lines = ["# MTT peak memory: unrolled vs TESLA", "",
-             f"One loss + backward; ConvNet-3 width {a.width} (instance norm, {rows[0]['params']:,} parameters), "
+             (f"One loss + backward; ConvNet-3 width {a.width} (instance norm, {rows[0]['params']:,} parameters), "
              "3x32x32 images, 10 classes x IPC 2 (batch_syn 20), no augmentation, CPU float32. `graph MB` = peak "
-             "bytes of tensors autograd saved for backward; `RSS growth MB` = growth of the process's peak resident "
-             "memory during the call (fresh process per row).", "",
+             "bytes of the distinct storages autograd saved for backward; `RSS growth MB` = growth of the process's "
+             "peak resident memory during the call (fresh process per row)."), "",
              "| syn_steps N | method | graph MB | RSS growth MB | seconds | loss |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['steps']} | {'TESLA (adjoint)' if r['tesla'] else 'unrolled'} | {r['saved_mb']:.1f} | "
                      f"{r['rss_growth_mb']:.1f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
-    lines += ["", "The two methods give the same loss and (see tests/test_trajectory_mtt.py) the same gradient. "
+    lines += ["", ("The two methods give the same loss and (see tests/test_trajectory_mtt.py) the same gradient. "
               "TESLA keeps the N parameter vectors (4 bytes x parameters x N, small beside the activations) and one "
-              "step's graph at a time; the unrolled gradient keeps all N steps' graphs.", "",
+              "step's graph at a time; the unrolled gradient keeps all N steps' graphs."), "",
               "Command: `.venv/bin/python benchmarks/mtt_memory.py " + " ".join(sys.argv[1:]) + "`"]
     a.result.parent.mkdir(parents=True, exist_ok=True)
     a.result.write_text("\n".join(lines) + "\n")

@@ -106,7 +106,7 @@ def _buffer_meta(path: Path) -> dict:
     try:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types for corrupt headers)
         raise DistillError(f"{path} is not a readable safetensors file ({e}); delete it and re-run `distillset "
                            "squeeze trajectories` to record it again.") from None
     if "arch" not in raw:
@@ -291,7 +291,7 @@ def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, devi
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             if cfg.sam_rho > 0:
-                _sam_grads(model, lambda: F.cross_entropy(model(x), y), cfg.sam_rho)
+                _sam_grads(model, lambda x=x, y=y: F.cross_entropy(model(x), y), cfg.sam_rho)
             opt.step()
             bar.update(1)
         if not math.isfinite(float(loss.detach())):

@@ -39,8 +39,8 @@ def test_trajectories_are_recorded_every_epoch(experts):
     # the experts learned: clearly above chance (10 %) on the held-out digits
     assert summary["test_top1_mean"] > 0.3
     # the recorded final parameters reproduce the expert's accuracy through the flat-parameter model
-    from squeeze.trajectories import FlatModel
     from launch.data import Source
+    from squeeze.trajectories import FlatModel
 
     test = Source("digits").load("test")
     x = (test.images.float() / 255 - torch.tensor(buf.meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(

@@ -38,9 +38,9 @@ def grads(method: str, tesla: bool, buffer: str, **opts):
 
 
 @pytest.mark.parametrize("method,opts", [
-    ("mtt", dict(syn_steps=5, expert_epochs=2, max_start_epoch=3, batch_syn=8)),
-    ("mtt", dict(syn_steps=4, expert_epochs=2, max_start_epoch=3, intermediate=True, loss_clip=0.5)),
-    ("datm", dict(syn_steps=4, expert_epochs=2, max_start_epoch=3, current_max_start_epoch=2, batch_syn=12)),
+    ("mtt", {"syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 3, "batch_syn": 8}),
+    ("mtt", {"syn_steps": 4, "expert_epochs": 2, "max_start_epoch": 3, "intermediate": True, "loss_clip": 0.5}),
+    ("datm", {"syn_steps": 4, "expert_epochs": 2, "max_start_epoch": 3, "current_max_start_epoch": 2, "batch_syn": 12}),
 ])
 def test_tesla_gradient_equals_unrolled_gradient(buffer, method, opts):
     a = grads(method, False, buffer, **opts)

@@ -8,8 +8,8 @@ from recover.base import Context, get
 from recover.params import PixelSet
 from squeeze.trajectories import TrajectoryConfig
 
-EXPERT_KW = dict(data="digits", arch="convnet", model_kwargs={"width": 8}, num_experts=2, epochs=6, batch_size=64,
-                 lr=0.05, augment="none")
+EXPERT_KW = {"data": "digits", "arch": "convnet", "model_kwargs": {"width": 8}, "num_experts": 2, "epochs": 6,
+             "batch_size": 64, "lr": 0.05, "augment": "none"}
 
 
 def expert_config(out) -> TrajectoryConfig:
@@ -55,14 +55,21 @@ class SavedTensorMeter:
 
         meter = self
 
-        class Held:
+        refs: dict[int, int] = {}
+
+        class Held:  # each storage counted once however many graph nodes save it
             def __init__(self, t):
-                self.t, self.n = t, t.numel() * t.element_size()
-                meter.live += self.n
-                meter.peak = max(meter.peak, meter.live)
+                self.t, self.key = t, t.untyped_storage().data_ptr()
+                refs[self.key] = refs.get(self.key, 0) + 1
+                if refs[self.key] == 1:
+                    meter.live += t.untyped_storage().nbytes()
+                    meter.peak = max(meter.peak, meter.live)
 
             def __del__(self):
-                meter.live -= self.n
+                refs[self.key] -= 1
+                if refs[self.key] == 0:
+                    del refs[self.key]
+                    meter.live -= self.t.untyped_storage().nbytes()
 
         self._ctx = torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t)
         self._ctx.__enter__()
