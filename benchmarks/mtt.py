@@ -5,7 +5,7 @@ Stages (each resumable, so a re-run continues): record experts (``squeeze trajec
 ``relabel.student.train_student``, matching protocol: SGD momentum 0.9, wd 5e-4, lr = the learned lr, x0.1 at half,
 DSA) beside random real images of the same size under the same protocol. Writes ``benchmarks/results/mtt.md``.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mtt.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtt.py
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
                                 options=options(method, ipc, a), param_options={"init": "real"},
                                 augmentation="dsa", ipc=ipc, iterations=iters, lr=a.lr_img, optimizer="sgd",
                                 momentum=0.5, schedule="constant", classes_per_unit=0, log_every=10,
-                                channels_last=False, autocast="none")
+                                checkpoint_every=10, channels_last=False, autocast="none")
             manifest = recover_run(cfg, rt)
             t_distil = time.perf_counter() - t0
             images, _ = load_distilled(out)
@@ -119,13 +119,14 @@ def main() -> None:
              (f"Evaluation: {a.students} fresh ConvNet-3 (width {a.width}) students, {a.student_epochs} epochs, SGD "
              "momentum 0.9, wd 5e-4, lr = learned lr (0.01 for random real), x0.1 at half, DSA; top-1 on "
              f"{a.test_n} random test images, mean +- std."), "",
-             "| method | IPC | iterations | distil s | learned lr | top-1 (%) |", "| --- | --- | --- | --- | --- | --- |"]
+             "| method | IPC | iterations | distil s | learned lr | top-1 (%) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         t = torch.tensor(r["accs"]) * 100
         lines.append(f"| {r['method']} | {r['ipc']} | {r['iters']} | {r['distil_s']:.0f} | {r['lr']:.4g} | "
                      f"{t.mean():.1f} +- {t.std() if len(t) > 1 else 0:.1f} |")
     lines += ["", f"Total wall time {total:.0f} s on a shared 2-core CPU.", "",
-              "Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mtt.py " + " ".join(sys.argv[1:]) + "`", "",
+              "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtt.py " + " ".join(sys.argv[1:]) + "`", "",
               ("This is a CPU-budget run (tiny experts, tens of iterations instead of 5,000), far from the published "
               "setting (100 experts x 50 epochs, ZCA, 5,000 iterations, ConvNet-3 width 128: MTT 46.2 / 65.4 at "
               "IPC 1 / 10); compare each method only with the random-real row of the same IPC.")]
