@@ -141,9 +141,8 @@ def _stack(arrays: list[np.ndarray], where: str) -> np.ndarray:
     return np.stack(arrays)
 
 
-def _folder(root: Path, split: str, image_size: int | None) -> ImageSet:
-    from PIL import Image
-
+def folder_files(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and ``(file, label)`` pairs of an ImageFolder split, without decoding anything."""
     if not root.is_dir():
         raise DistillError(f"folder {root} does not exist; give an ImageFolder tree (root/train/<class>/*.png).")
     sub = {"train": ["train"], "test": ["test", "val"]}[split]
@@ -155,20 +154,29 @@ def _folder(root: Path, split: str, image_size: int | None) -> ImageSet:
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
         raise DistillError(f"{base} holds no class folders; expected {base}/<class>/<image>.")
-    xs, ys = [], []
+    items = []
     for c, name in enumerate(classes):
         files = sorted(f for f in (base / name).iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
         if not files:
             raise DistillError(f"class folder {base / name} is empty; remove it or add images.")
-        for f in files:
-            try:
-                with Image.open(f) as img:
-                    xs.append(_pil_to_uint8(img, None, image_size))
-            except Exception as e:
-                raise DistillError(f"cannot read image {f} ({e}); remove or replace it.") from None
-            ys.append(c)
-    x = _stack(xs, str(base))
-    return ImageSet(torch.from_numpy(x), torch.tensor(ys), classes)
+        items += [(f, c) for f in files]
+    return classes, items
+
+
+def read_image_file(path: Path, image_size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return _pil_to_uint8(img, None, image_size)
+    except Exception as e:
+        raise DistillError(f"cannot read image {path} ({e}); remove or replace it.") from None
+
+
+def _folder(root: Path, split: str, image_size: int | None) -> ImageSet:
+    classes, items = folder_files(root, split)
+    x = _stack([read_image_file(f, image_size) for f, _ in items], str(root))
+    return ImageSet(torch.from_numpy(x), torch.tensor([c for _, c in items]), classes)
 
 
 def _hf(path: Path, split: str) -> ImageSet:
@@ -237,6 +245,9 @@ class Source:
         """Class names and image shape without loading a stream source."""
         if self.shards is not None:
             return {"class_names": self.shards.class_names, "image_shape": self.shards.image_shape}
+        if self.kind == "folder":
+            classes, items = folder_files(Path(self.arg), "train")
+            return {"class_names": classes, "image_shape": tuple(read_image_file(items[0][0], self.image_size).shape)}
         s = self.load("train")
         return {"class_names": s.class_names, "image_shape": s.image_shape}
 
@@ -245,9 +256,14 @@ class Source:
         if self.shards is not None:
             yield from self.shards.iterate(split, rank, world)
             return
-        s = self.load(split)
         wi = torch.utils.data.get_worker_info()
         reader, readers = (rank, world) if wi is None else (rank * wi.num_workers + wi.id, world * wi.num_workers)
+        if self.kind == "folder":  # decode lazily: an ImageNet folder does not fit in memory
+            _, items = folder_files(Path(self.arg), split)
+            for f, c in items[reader::readers]:
+                yield torch.from_numpy(read_image_file(f, self.image_size)), c
+            return
+        s = self.load(split)
         for i in range(reader, len(s), readers):
             yield s.images[i], int(s.labels[i])
 
@@ -297,12 +313,17 @@ def read_tar_samples(url: str) -> Iterator[dict]:
                 key, _, ext = base.partition(".")
                 key = os.path.join(os.path.dirname(member.name), key)
                 data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise EOFError(f"member {member.name} has {len(data)} of {member.size} bytes")
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
                     last_key = key
                 current[ext.lower()] = data
+            # a tar cut at a member boundary reads "cleanly": require the end-of-archive blocks
+            if os.path.getsize(url) < tar.offset + 1024:
+                raise EOFError("end-of-archive marker missing")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DistillError(f"shard {url} is corrupt or truncated after sample '{last_key}' ({e}); "
                            "re-create it with `distillset shards`.") from None
@@ -359,12 +380,13 @@ class WdsShards:
         if split not in splits and split == "test" and "validation" in splits:
             split = "validation"
         if self.pattern is not None and split == "train":
-            pattern = self.pattern
+            names = expand_pattern(self.pattern)
         elif split in splits:
-            pattern = splits[split]["filenames"]
+            files = splits[split]["filenames"]  # timm's format: a list of file names (a brace pattern also works)
+            names = expand_pattern(files) if isinstance(files, str) else list(files)
         else:
             raise DistillError(f"shards in {self.folder} have no '{split}' split (have {sorted(splits)}).")
-        urls = [str(self.folder / u) for u in expand_pattern(pattern)]
+        urls = [str(self.folder / u) for u in names]
         missing = [u for u in urls if not os.path.exists(u)]
         if missing:
             raise DistillError(f"shard {missing[0]} is missing ({len(missing)} of {len(urls)}); check the pattern.")

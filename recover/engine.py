@@ -229,8 +229,9 @@ class Engine:
     def _nan(self, unit: Unit, step: int, good, state_path: Path | None):
         where = ""
         if good is not None and state_path is not None:
-            save_tensors(state_path.with_suffix(".last_good.safetensors"), good[1], {"step": str(good[0] + 1)})
-            where = f"; the last good images (step {good[0] + 1}) are in {state_path.with_suffix('.last_good.safetensors')}"
+            keep = state_path.with_suffix(".last_good.safetensors")
+            save_tensors(keep, good[1], {"step": str(good[0] + 1)})
+            where = f"; the last good synthetic set (step {good[0] + 1}) is saved in {keep}"
         raise DistillError(f"the loss became NaN/inf by step {step + 1} of unit {unit.index}{where}; lower --lr "
                            "or the objective's weights and run again (finished units are kept).")
 

@@ -1,0 +1,128 @@
+"""``distillset``: a thin CLI over each stage's ``run(cfg)``.
+
+    distillset <command> [--config FILE.yaml] [--field value ...]   one stage (flags override the YAML)
+    distillset run RECIPE.yaml [--stages a,b] [--out DIR]            chain the stages of a recipe
+    distillset methods | models                                      list plugins / backbones
+
+Errors users can fix are printed as one line (``error: ...``) with exit code 2; no finished output is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from launch.commands import COMMANDS
+from launch.errors import DistillError
+
+
+def _load(target: str):
+    mod, _, attr = target.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    from launch.config import add_flags
+
+    cfg_path, _, help_ = COMMANDS[name]
+    cls = _load(cfg_path)
+    p = argparse.ArgumentParser(prog=f"distillset {name}", description=(cls.__doc__ or help_).split("\n")[0])
+    p.add_argument("--config", help="YAML file of options (a recipe section or a saved config.yaml)")
+    p.add_argument("--section", help="read this section of the YAML (default: the command name, if present)")
+    add_flags(p, cls)
+    return p
+
+
+def build_config(name: str, argv: list[str]):
+    """Parse ``argv`` for command ``name`` into its config dataclass (YAML first, flags override)."""
+    from launch.config import flags_to_dict, from_dict, load_yaml
+
+    cfg_path, _, _ = COMMANDS[name]
+    cls = _load(cfg_path)
+    ns = _command_parser(name).parse_args(argv)
+    data: dict = {}
+    if ns.config:
+        data = load_yaml(ns.config)
+        section = ns.section or name.replace(" ", "_")
+        if section in data and isinstance(data[section], dict):
+            data = data[section]
+        elif ns.section:
+            raise DistillError(f"{ns.config} has no section '{ns.section}'.")
+    data.update(flags_to_dict(ns, cls))
+    return from_dict(cls, data)
+
+
+def run_command(name: str, argv: list[str]):
+    cfg = build_config(name, argv)
+    return _load(COMMANDS[name][1])(cfg)
+
+
+def list_methods() -> str:
+    from recover import base
+
+    lines = []
+    for kind in ("objective", "parametrization", "augmentation"):
+        lines.append(f"{kind}s:")
+        for name, cls in sorted(base.registry(kind).items()):
+            doc = (cls.__doc__ or "").strip().split("\n")[0]
+            lines.append(f"  {name:<18} {doc}")
+    return "\n".join(lines)
+
+
+def list_models() -> str:
+    from squeeze.models import _MODELS
+
+    lines = [f"  {n:<18} {'BN ' if e.has_bn else '   '} {e.description}" for n, e in sorted(_MODELS.items())]
+    lines += ["  timm:<name>        any timm architecture", "  tv:<name>          any torchvision architecture"]
+    return "models (BN = has BatchNorm):\n" + "\n".join(lines)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS) + 2
+    cmds = "\n".join(f"  {n:<{width}} {h}" for n, (_, _, h) in COMMANDS.items())
+    return (f"usage: distillset <command> [--config FILE] [--option value ...]\n\ncommands:\n{cmds}\n"
+            f"  {'run':<{width}} chain the stages of a recipe: distillset run RECIPE.yaml\n"
+            f"  {'methods':<{width}} list objectives, parametrizations and augmentations\n"
+            f"  {'models':<{width}} list backbones\n\n`distillset <command> --help` lists a command's options.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    try:
+        if argv[0] == "methods":
+            print(list_methods())
+        elif argv[0] == "models":
+            print(list_models())
+        elif argv[0] == "run":
+            from launch.recipe import run_recipe
+
+            p = argparse.ArgumentParser(prog="distillset run")
+            p.add_argument("recipe")
+            p.add_argument("--stages", default="", help="comma-separated subset of stages to run")
+            p.add_argument("--out", default="", help="output root (default: the recipe's out)")
+            p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                           help="override one recipe value, e.g. --set recover.iterations=100")
+            ns = p.parse_args(argv[1:])
+            run_recipe(ns.recipe, [s for s in ns.stages.split(",") if s], ns.out or None, ns.set)
+        else:
+            name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
+            if name not in COMMANDS:
+                from launch.errors import unknown_name
+
+                raise unknown_name("command", argv[0], list(COMMANDS) + ["run", "methods", "models"])
+            run_command(name, argv[len(name.split()):])
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to continue.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

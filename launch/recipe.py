@@ -1,0 +1,133 @@
+"""``distillset run RECIPE.yaml``: chain the stages of a recipe, each with its own resolved config and folder.
+
+A recipe is a mapping with an ``out`` root and one section per stage, in this order when present:
+``squeeze``, ``squeeze_stats``, ``squeeze_trajectories``, ``prior_train``, ``recover``, ``relabel``, ``evaluate``,
+``export``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
+earlier stages: ``out`` -> ``<out>/<stage>``, ``data`` -> the squeeze data, ``teachers`` -> the squeeze folder,
+``distilled`` -> the recover folder. Every stage resumes, so re-running a recipe continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from launch.commands import COMMANDS
+from launch.config import from_dict, load_yaml
+from launch.errors import DistillError
+
+log = logging.getLogger("distillset.run")
+
+ORDER = ["squeeze", "squeeze_stats", "squeeze_trajectories", "prior_train", "recover", "relabel", "evaluate",
+         "export"]
+
+
+def _command(section: str) -> str:
+    name = section.replace("_", " ")
+    if name not in COMMANDS:
+        raise DistillError(f"recipe section '{section}' is not a stage; use {', '.join(ORDER)}.")
+    return name
+
+
+def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
+    """The ordered (section, config) pairs of a recipe with chained defaults filled in."""
+    from launch.cli import _load
+
+    unknown = [k for k in recipe if k not in ORDER and k not in ("name", "out", "description")]
+    if unknown:
+        raise DistillError(f"recipe has unknown section '{unknown[0]}'; sections are {', '.join(ORDER)}.")
+    out = []
+    chain: dict = {}
+    for section in ORDER:
+        if section not in recipe:
+            continue
+        cls = _load(COMMANDS[_command(section)][0])
+        data = dict(recipe[section] or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if "out" in fields and not data.get("out"):
+            data["out"] = str(Path(out_root) / section)
+        if "data" in fields and not data.get("data") and "data" in chain:
+            data["data"] = chain["data"]
+        if "teachers" in fields and not data.get("teachers") and "teachers" in chain:
+            data["teachers"] = chain["teachers"]
+        if "distilled" in fields and not data.get("distilled") and "distilled" in chain:
+            data["distilled"] = chain["distilled"]
+        cfg = from_dict(cls, data)
+        if section == "squeeze":
+            chain["teachers"] = [cfg.out]
+            chain["data"] = cfg.data
+        if section == "recover":
+            chain["distilled"] = cfg.out
+        out.append((section, cfg))
+    return out
+
+
+def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise DistillError(f"--set expects STAGE.FIELD=VALUE, got '{item}'.")
+        recipe.setdefault(section, {})[field] = yaml.safe_load(value)
+    return recipe
+
+
+def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,
+               overrides: list[str] | None = None) -> dict:
+    from launch.cli import _load
+    from launch.io import write_text
+
+    recipe = apply_overrides(load_yaml(path), overrides or [])
+    root = out_root or recipe.get("out") or f"output/{Path(path).stem}"
+    plan = resolve(recipe, root)
+    if stages:
+        bad = [s for s in stages if s not in dict(plan)]
+        if bad:
+            raise DistillError(f"stage '{bad[0]}' is not in {path}; it has {', '.join(s for s, _ in plan)}.")
+    results: dict = {}
+    timings: dict = {}
+    t_all = time.perf_counter()
+    for section, cfg in plan:
+        if stages and section not in stages:
+            continue
+        log.info("== %s ==", section)
+        t0 = time.perf_counter()
+        results[section] = _load(COMMANDS[_command(section)][1])(cfg)
+        timings[section] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    from launch.runtime import get_runtime
+
+    if get_runtime().is_main and "evaluate" in results:
+        table = summary_table(results, timings)
+        print(table)
+        write_text(Path(root) / "summary.md", table + "\n")
+    return {"results": results, "seconds": timings}
+
+
+def summary_table(results: dict, timings: dict) -> str:
+    """The demo's table: full-data accuracy, random real vs distilled (hard/soft), label bytes, wall time."""
+    m = results["evaluate"]
+    ipc = m["ipc"]
+    rows = [("full data (teacher)", m.get("full_data_top1"), None)]
+    by = {(s["set"], s["labels"]): s for s in m["summary"] if s["arch"] == m["summary"][0]["arch"]}
+    for name in ("random", "distilled"):
+        for mode in ("hard", "soft"):
+            s = by.get((name, mode))
+            if s is not None:
+                label = f"{'random real' if name == 'random' else 'distilled'} IPC {ipc}, {mode} labels"
+                rows.append((label, s["mean"], s["std"]))
+    lines = ["| setting | top-1 (%) |", "| --- | --- |"]
+    for label, mean, std in rows:
+        if mean is None:
+            continue
+        lines.append(f"| {label} | {100 * mean:.2f}" + (f" +- {100 * std:.2f} |" if std is not None else " |"))
+    if m.get("soft_label_bytes_per_image") is not None:
+        lines.append(f"| soft-label bytes per image ({m['epochs']} epochs) | {m['soft_label_bytes_per_image']:.0f} |")
+    lines.append(f"| wall time (s) | {timings['total']:.1f} |")
+    stage_times = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total")
+    return "\n".join(lines) + f"\n\nstages: {stage_times}; students: {m['summary'][0]['n']} seeds x {m['epochs']} " \
+                              f"epochs, protocol {m['protocol']}"

@@ -1,0 +1,278 @@
+"""FKD-style soft labels: for every student epoch and image, a random crop (+ flip) and the teacher's soft label.
+
+Storage (``labels/soft-XXXXXX.safetensors``, one file per block of epochs, written atomically, resumable):
+    ``values``  (E, N, k) float16: the teacher (ensemble) probabilities at ``temperature``, top-k per crop;
+    ``indices`` (E, N, k) int16 (uint8 when there are <= 256 classes): their classes.
+With ``topk = 0`` the full distribution is stored (values only). The crops are *not* stored: they are a pure function
+of ``(crop_seed, epoch, image index)`` (:func:`epoch_crops`), recomputed identically by the student, which saves the
+crop bytes FKD stores per sample. Missing probability mass (1 - sum of top-k) is spread uniformly over the other
+classes when the distribution is rebuilt (:func:`dense_targets`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launch.data import ImageSet
+from launch.errors import DistillError
+from launch.io import load_tensors, save_tensors, write_json
+from launch.runtime import autocast_dtype, get_runtime, progress
+from squeeze.augment import affine_crop, sample_crops
+
+log = logging.getLogger("distillset.relabel")
+
+
+@dataclass
+class RelabelConfig:
+    """Store soft labels for a distilled set.
+
+    Attributes:
+        distilled: the distilled-set folder (labels are written to its labels/ subfolder).
+        teachers: teacher specs (default: the teachers recorded in the distilled set's manifest); several = ensemble
+            (probabilities averaged).
+        epochs: student epochs to cover (one crop + label per image per epoch).
+        topk: classes kept per crop (0 = the full distribution).
+        temperature: softmax temperature of the stored probabilities (the KD temperature of the student).
+        min_scale: lower bound of the RandomResizedCrop area.
+        flip: random horizontal flips.
+        crop_seed: seed of the crops (stored in the metadata; the student recomputes the same crops).
+        epochs_per_file: epochs per safetensors file (the grain of resume).
+        batch_size: teacher batch size.
+        autocast: auto (bf16 where fast), bf16, fp16 or none.
+        quantize: how stored probabilities are encoded: fp16, or uint8 (each crop's values scaled by their maximum,
+            one fp16 scale per crop; see benchmarks/results/softlabels.md).
+    """
+
+    distilled: str = "output/recover"
+    teachers: list[str] = field(default_factory=list)
+    epochs: int = 300
+    topk: int = 10
+    temperature: float = 4.0
+    min_scale: float = 0.08
+    flip: bool = True
+    crop_seed: int = 0
+    epochs_per_file: int = 50
+    batch_size: int = 512
+    autocast: str = "auto"
+    quantize: str = "fp16"
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.epochs_per_file < 1:
+            raise DistillError("epochs and epochs_per_file must be >= 1.")
+        if self.topk < 0:
+            raise DistillError(f"topk must be >= 0 (0 = full distribution), got {self.topk}.")
+        if not 0 < self.min_scale <= 1:
+            raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
+        if self.quantize not in ("fp16", "uint8"):
+            raise DistillError(f"unknown quantize '{self.quantize}'; use fp16 or uint8.")
+
+
+def epoch_crops(n: int, crop_seed: int, epoch: int, min_scale: float, flip: bool) -> dict[str, torch.Tensor]:
+    """The crops of epoch ``epoch`` for ``n`` images: identical in relabel and in student training."""
+    from recover.params import mix_seed
+
+    g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
+    return sample_crops(n, g, (min_scale, 1.0), flip=flip)
+
+
+def apply_crops(x: torch.Tensor, crops: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply (a subset ``index`` of) an epoch's crops to the batch ``x``."""
+    p = {k: (v if index is None else v[index]).to(x.device) for k, v in crops.items()}
+    return affine_crop(x, p["cx"].to(x.dtype), p["cy"].to(x.dtype), p["w"].to(x.dtype), p["h"].to(x.dtype), p["flip"])
+
+
+@torch.no_grad()
+def ensemble_probs(teachers, x: torch.Tensor, temperature: float, amp) -> torch.Tensor:
+    probs = None
+    for t in teachers:
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            logits = t(x)
+        p = torch.softmax(logits.float() / temperature, dim=1)
+        probs = p if probs is None else probs + p
+    return probs / len(teachers)
+
+
+def compress(probs: torch.Tensor, topk: int, quantize: str = "fp16") -> dict[str, torch.Tensor]:
+    """Top-k values (fp16) and indices (uint8/int16) of ``probs`` (N, C); full fp16 values when ``topk`` is 0.
+
+    ``quantize="uint8"`` stores ``round(255 * v / max(v))`` per crop and the maxima as ``scale`` (N,) fp16.
+    """
+    c = probs.shape[1]
+    if topk == 0 or topk >= c:
+        out = {"values": probs}
+    else:
+        v, i = probs.topk(topk, dim=1)
+        out = {"values": v, "indices": i.to(torch.uint8 if c <= 256 else torch.int16)}
+    if quantize == "uint8":
+        scale = out["values"].amax(1).clamp_min(1e-12)
+        out["values"] = (out["values"] / scale[:, None] * 255).round().to(torch.uint8)
+        out["scale"] = scale.half()
+    else:
+        out["values"] = out["values"].half()
+    return out
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored values as float probabilities (undoing the uint8 per-crop scaling when ``scale`` is given)."""
+    if scale is None:
+        return values.float()
+    return values.float() * (scale.float() / 255)[..., None]
+
+
+def dense_targets(values: torch.Tensor, indices: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """Rebuild (N, C) float distributions; the mass outside the top-k is spread uniformly over the other classes."""
+    values = values.float()
+    if indices is None:
+        return values / values.sum(1, keepdim=True)
+    k = values.shape[1]
+    rest = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(1, num_classes - k)
+    out = rest.expand(-1, num_classes).clone()
+    out.scatter_(1, indices.long(), values)
+    return out
+
+
+@dataclass
+class SoftLabels:
+    """Soft labels of one image set over epochs; ``targets(epoch, index)`` gives dense distributions."""
+
+    values: torch.Tensor  # (E, N, k)
+    indices: torch.Tensor | None  # (E, N, k)
+    meta: dict
+    scale: torch.Tensor | None = None  # (E, N) fp16 when values are uint8-quantised
+
+    @property
+    def epochs(self) -> int:
+        return int(self.values.shape[0])
+
+    def targets(self, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        e = epoch % self.epochs
+        ind = None if self.indices is None else self.indices[e, index]
+        scale = None if self.scale is None else self.scale[e, index]
+        return dense_targets(dequantize(self.values[e, index], scale), ind, int(self.meta["num_classes"]))
+
+    def bytes_per_image(self) -> float:
+        n = self.values.shape[1]
+        total = self.values.numel() * self.values.element_size()
+        if self.indices is not None:
+            total += self.indices.numel() * self.indices.element_size()
+        if self.scale is not None:
+            total += self.scale.numel() * self.scale.element_size()
+        return total / n
+
+
+def generate(images: ImageSet, teachers, cfg: RelabelConfig, device, epochs: range | None = None,
+             show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """Soft labels of ``images`` for ``epochs`` (default all): tensors ``values`` (E, N, k) and maybe ``indices``."""
+    amp = autocast_dtype(cfg.autocast, device)
+    epochs = epochs if epochs is not None else range(cfg.epochs)
+    n = len(images)
+    x_all = images.images.to(device)
+    vals, inds, scales = [], [], []
+    for e in progress(epochs, desc="relabel", enabled=show_progress):
+        crops = epoch_crops(n, cfg.crop_seed, e, cfg.min_scale, cfg.flip)
+        ev, ei, es = [], [], []
+        for s in range(0, n, cfg.batch_size):
+            j = torch.arange(s, min(n, s + cfg.batch_size))
+            x = apply_crops(x_all[j.to(device)].float() / 255, crops, j)
+            c = compress(ensemble_probs(teachers, x, cfg.temperature, amp), cfg.topk, cfg.quantize)
+            ev.append(c["values"].cpu())
+            if "indices" in c:
+                ei.append(c["indices"].cpu())
+            if "scale" in c:
+                es.append(c["scale"].cpu())
+        vals.append(torch.cat(ev))
+        if ei:
+            inds.append(torch.cat(ei))
+        if es:
+            scales.append(torch.cat(es))
+    out = {"values": torch.stack(vals)}
+    if inds:
+        out["indices"] = torch.stack(inds)
+    if scales:
+        out["scale"] = torch.stack(scales)
+    return out
+
+
+def label_meta(cfg: RelabelConfig, teachers, num_classes: int, n: int) -> dict:
+    return {"num_classes": num_classes, "num_images": n, "topk": cfg.topk, "temperature": cfg.temperature,
+            "min_scale": cfg.min_scale, "flip": cfg.flip, "crop_seed": cfg.crop_seed, "epochs": cfg.epochs,
+            "teachers": [t.describe() for t in teachers],
+            **({"quantize": cfg.quantize} if cfg.quantize != "fp16" else {})}  # absent = fp16 (older label folders)
+
+
+def load_soft_labels(folder: str | Path) -> SoftLabels:
+    """Read ``labels/`` of a distilled set (all epoch files, concatenated)."""
+    from launch.io import read_json
+
+    folder = Path(folder) / "labels"
+    meta_path = folder / "labels.json"
+    if not meta_path.exists():
+        raise DistillError(f"{folder.parent} has no soft labels; run `distillset relabel --distilled {folder.parent}`.")
+    return read_label_files(folder, read_json(meta_path))
+
+
+def read_label_files(folder: Path, meta: dict) -> SoftLabels:
+    files = [folder / f"soft-{i:06d}.safetensors" for i in range(meta["files"])]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise DistillError(f"soft-label file {missing[0]} is missing; re-run the same relabel command to finish.")
+    parts = [load_tensors(f) for f in files]
+    values = torch.cat([p["values"] for p in parts])
+    indices = torch.cat([p["indices"] for p in parts]) if "indices" in parts[0] else None
+    scale = torch.cat([p["scale"] for p in parts]) if "scale" in parts[0] else None
+    return SoftLabels(values, indices, meta, scale)
+
+
+def run(cfg: RelabelConfig, rt=None) -> dict:
+    """Relabel a distilled set; epoch blocks are split across processes and skipped when already written."""
+    from launch.distilled import load_distilled
+    from squeeze.checkpoint import load_teacher
+
+    rt = rt or get_runtime()
+    images, manifest = load_distilled(cfg.distilled)
+    specs = cfg.teachers or [t["path"] for t in manifest.get("teachers", [])]
+    if not specs:
+        raise DistillError(f"no teacher to relabel {cfg.distilled} with; pass --teachers PATH.")
+    teachers = [load_teacher(s, images.num_classes, rt.device) for s in specs]
+    folder = Path(cfg.distilled) / "labels"
+    meta = label_meta(cfg, teachers, images.num_classes, len(images))
+    blocks = [range(s, min(cfg.epochs, s + cfg.epochs_per_file)) for s in range(0, cfg.epochs, cfg.epochs_per_file)]
+    meta["files"] = len(blocks)
+    meta_path = folder / "labels.json"
+    if meta_path.exists():
+        from launch.io import read_json
+
+        old = read_json(meta_path)
+        if {k: v for k, v in old.items() if k != "bytes_per_image"} != json_roundtrip(meta):
+            raise DistillError(f"{folder} holds soft labels made with other settings; delete it to relabel.")
+    elif rt.is_main:
+        write_json(meta_path, meta)  # first: a killed run resumes only with the same settings
+    rt.wait()
+    t0 = time.perf_counter()
+    for b, epochs in enumerate(blocks):
+        path = folder / f"soft-{b:06d}.safetensors"
+        if b % rt.world != rt.rank or path.exists():
+            continue
+        tensors = generate(images, teachers, cfg, rt.device, epochs, show_progress=rt.is_main)
+        save_tensors(path, tensors, {"epochs": f"{epochs.start}-{epochs.stop}"})
+    rt.wait()
+    labels = read_label_files(folder, meta)
+    result = {"bytes_per_image": labels.bytes_per_image(), "seconds": time.perf_counter() - t0,
+              "images": len(images), "epochs": cfg.epochs, "topk": cfg.topk}
+    if rt.is_main:
+        write_json(meta_path, {**meta, "bytes_per_image": result["bytes_per_image"]})
+        log.info("relabel: %d images x %d epochs, %.0f bytes per image (top-%d), %.1fs", len(images), cfg.epochs,
+                 result["bytes_per_image"], cfg.topk, result["seconds"])
+    rt.wait()
+    return result
+
+
+def json_roundtrip(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,107 @@
+"""Training fresh students on a (distilled or real) image set and measuring top-1 on the real test split.
+
+Two protocols, because published numbers use two (REFERENCE.md, "Comparing fairly"):
+    ``sre2l``     AdamW (lr 1e-3, wd 0.01), cosine, RandomResizedCrop + flip; KD from stored soft labels (the crops
+                  are the ones the labels were computed on) or cross-entropy with hard labels.
+    ``matching``  SGD (momentum 0.9, wd 5e-4, lr 0.01 or the learned lr of MTT/DATM), lr x0.1 at half, DSA
+                  augmentation (when the DSA plugin is installed, else crop + flip); hard labels, or learned soft
+                  labels (DATM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from launch.data import ImageSet
+from launch.errors import DistillError
+from launch.runtime import autocast_dtype
+from relabel.softlabels import SoftLabels, apply_crops, epoch_crops
+from squeeze.models import create_model
+from squeeze.train import evaluate_model
+
+
+@dataclass
+class StudentSpec:
+    """How to train one student."""
+
+    arch: str
+    model_kwargs: dict
+    epochs: int
+    protocol: str = "sre2l"
+    batch_size: int = 64
+    lr: float | None = None
+    temperature: float = 4.0
+    min_scale: float = 0.08
+    flip: bool = True
+    autocast: str = "auto"
+
+
+def _matching_augment():
+    try:
+        from recover.augmentations.dsa import dsa_augment  # the DSA plugin, when installed
+    except ImportError:
+        return None
+    return dsa_augment
+
+
+def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std, seed: int, device,
+                  soft: SoftLabels | None = None, soft_targets: torch.Tensor | None = None) -> float:
+    """Train one fresh student (seeded) and return its top-1 on ``test``.
+
+    ``soft`` gives per-epoch crops + soft labels (SRe2L/FKD); ``soft_targets`` (N, C) fixed soft labels (DATM).
+    """
+    if spec.protocol not in ("sre2l", "matching"):
+        raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use sre2l or matching.")
+    torch.manual_seed(seed)
+    n, c = len(train), train.num_classes
+    model = create_model(spec.arch, c, train.image_shape[0], train.image_shape[-1], **spec.model_kwargs).to(device)
+    steps_per_epoch = max(1, math.ceil(n / spec.batch_size))
+    total = steps_per_epoch * spec.epochs
+    if spec.protocol == "sre2l":
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr or 1e-3, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
+    dsa = _matching_augment() if spec.protocol == "matching" else None
+    amp = autocast_dtype(spec.autocast, torch.device(device))
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    x_all = train.images.to(device).float() / 255
+    y_all = train.labels.to(device)
+    g = torch.Generator().manual_seed(seed)
+    crop_seed = int(soft.meta["crop_seed"]) if soft is not None else seed
+    min_scale = float(soft.meta["min_scale"]) if soft is not None else spec.min_scale
+    flip = bool(soft.meta["flip"]) if soft is not None else spec.flip
+    temperature = float(soft.meta["temperature"]) if soft is not None else spec.temperature
+    model.train()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=g)
+        # soft labels repeat after the stored epochs: the crops must repeat with them
+        crop_epoch = epoch % soft.epochs if soft is not None else epoch
+        crops = epoch_crops(n, crop_seed, crop_epoch, min_scale, flip) if dsa is None else None
+        for k in range(steps_per_epoch):
+            j = perm[k * spec.batch_size:(k + 1) * spec.batch_size]
+            x = x_all[j.to(device)]
+            x = apply_crops(x, crops, j) if crops is not None else dsa(x, g)
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+                logits = model((x - m) / s).float()
+            if soft is not None:
+                target = soft.targets(epoch, j).to(device)
+                loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean")
+                loss = loss * temperature ** 2
+            elif soft_targets is not None:
+                loss = -(soft_targets[j.to(device)] * F.log_softmax(logits, 1)).sum(1).mean()
+            else:
+                loss = F.cross_entropy(logits, y_all[j.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    if not math.isfinite(float(loss.detach())):
+        raise DistillError("student training diverged (NaN loss); lower the student lr.")
+    return evaluate_model(model, test, mean, std, device)
