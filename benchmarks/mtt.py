@@ -112,7 +112,8 @@ def main() -> None:
     lines = ["# MTT family on the CIFAR-10 subset (CPU budget)", "",
              (f"Experts: {a.experts} x ConvNet-3 (width {a.width}, instance norm) x {a.expert_epochs} epochs, SGD lr "
              f"0.01, no momentum, DSA, on the first {a.max_train} CIFAR-10 training images "
-             f"(expert test top-1 {ex.get('test_top1_mean') or 0:.3f}; {t_experts:.0f} s)."),
+             f"(expert test top-1 {ex.get('test_top1_mean') or 0:.3f}; "
+             + (f"{t_experts:.0f} s)." if ex["trained"] else "recorded by an earlier invocation, reused).")),
              (f"Distillation: expert_epochs 2, syn_steps {a.syn_steps}, batch_syn <= {a.batch_syn}, max_start_epoch "
              f"{a.expert_epochs - 2}, "
              f"pixel lr {a.lr_img} (SGD momentum 0.5), init from real, DSA."),
