@@ -108,3 +108,56 @@ def test_engine_runs_mtt_and_saves_the_learned_lr(buffer, tmp_path):
     params = load_tensors(tmp_path / "mtt" / "params" / "unit-000000.safetensors")
     assert params["lr"].shape == (1,) and float(params["lr"][0]) != pytest.approx(0.01, abs=1e-7)
     assert (tmp_path / "mtt" / "grid.png").exists()
+
+
+def test_ema_images_are_written_by_the_finalize_hook(buffer):
+    ctx = make_ctx()
+    syn = make_syn(ctx)
+    obj = get("objective", "mtt")(buffer=buffer, syn_steps=1, expert_epochs=2, max_start_epoch=2, ema=0.5)
+    obj.setup(ctx)
+    iterates = []
+    for k in range(3):
+        with torch.no_grad():
+            syn.data.mul_(0.5)  # stand-in for an optimiser step
+        iterates.append(syn.data.detach().clone())
+        obj.loss(syn, ctx)
+    with torch.no_grad():
+        syn.data.mul_(0.5)
+    iterates.append(syn.data.detach().clone())
+    obj.finalize(syn)
+    expected = iterates[0]
+    for x in iterates[1:]:
+        expected = 0.5 * expected + 0.5 * x
+    torch.testing.assert_close(syn.data.detach(), expected)
+    assert not torch.allclose(expected, iterates[-1])
+
+
+def test_sam_expert_step_uses_the_gradient_at_the_perturbed_point():
+    from torch import nn
+
+    from squeeze.trajectories import _sam_grads
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.randint(3, (16,))
+
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.autograd.grad(loss_fn(), list(model.parameters()))
+    norm = torch.sqrt(sum((t * t).sum() for t in g))
+    # expected: the gradient at theta + rho * g / ||g||
+    with torch.no_grad():
+        for p, gi in zip(model.parameters(), g):
+            p.add_(0.5 * gi / norm)
+    expected = torch.autograd.grad(loss_fn(), list(model.parameters()))
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    loss_fn().backward()
+    _sam_grads(model, loss_fn, rho=0.5)
+    for p, b, e in zip(model.parameters(), before, expected):
+        torch.testing.assert_close(p.detach(), b)  # parameters restored
+        torch.testing.assert_close(p.grad, e)
+    assert not torch.allclose(expected[0], g[0])
