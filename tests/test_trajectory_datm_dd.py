@@ -97,3 +97,38 @@ def test_dd_learns_images_and_step_sizes(real):
     after = score()
     assert after < before - 0.25, (before, after)
     assert float((obj.final_state()["lrs"] - lr0).abs().max()) > 1e-3
+
+
+def test_datm_resumes_mid_run_to_the_same_result(buffer, tmp_path, monkeypatch):
+    from launch.distilled import load_distilled
+    from recover.objectives.datm import DATM
+
+    def cfg(out):
+        return RecoverConfig(out=str(out), data="digits", method="datm",
+                             options={"buffer": buffer, "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 4,
+                                      "current_max_start_epoch": 2, "lr_y": 5.0, "lr_lr": 1e-3, "ema": 0.5},
+                             param_options={"init": "real"}, augmentation="none", ipc=1, iterations=4, lr=5.0,
+                             optimizer="sgd", momentum=0.5, schedule="constant", log_every=1, checkpoint_every=2,
+                             channels_last=False, autocast="none")
+
+    recover_run(cfg(tmp_path / "straight"), get_runtime())
+    original = DATM.loss
+
+    def crash_at_3(self, syn, ctx):
+        if ctx.step == 3:
+            raise KeyboardInterrupt
+        return original(self, syn, ctx)
+
+    monkeypatch.setattr(DATM, "loss", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        recover_run(cfg(tmp_path / "resumed"), get_runtime())
+    assert (tmp_path / "resumed" / "state" / "unit-000000.pt").exists()
+    monkeypatch.setattr(DATM, "loss", original)
+    recover_run(cfg(tmp_path / "resumed"), get_runtime())
+    a, _ = load_distilled(tmp_path / "straight")
+    b, _ = load_distilled(tmp_path / "resumed")
+    assert torch.equal(a.images, b.images)
+    pa = load_tensors(tmp_path / "straight" / "params" / "unit-000000.safetensors")
+    pb = load_tensors(tmp_path / "resumed" / "params" / "unit-000000.safetensors")
+    for k in ("lr", "soft_labels"):
+        torch.testing.assert_close(pa[k], pb[k])
