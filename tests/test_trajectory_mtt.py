@@ -161,3 +161,16 @@ def test_sam_expert_step_uses_the_gradient_at_the_perturbed_point():
         torch.testing.assert_close(p.detach(), b)  # parameters restored
         torch.testing.assert_close(p.grad, e)
     assert not torch.allclose(expected[0], g[0])
+
+
+@pytest.mark.parametrize("tesla", [False, True])
+def test_a_diverging_student_surfaces_as_a_non_finite_loss(buffer, tmp_path, tesla):
+    from launch.errors import DistillError
+
+    cfg = RecoverConfig(out=str(tmp_path / "nan"), data="digits", method="mtt",
+                        options={"buffer": buffer, "syn_steps": 6, "expert_epochs": 2, "max_start_epoch": 3,
+                                 "lr_teacher": 1e8, "tesla": tesla},
+                        param_options={"init": "real"}, augmentation="none", ipc=1, iterations=2, lr=1.0,
+                        optimizer="sgd", log_every=1, channels_last=False, autocast="none")
+    with pytest.raises(DistillError, match="NaN/inf"):
+        recover_run(cfg, get_runtime())
