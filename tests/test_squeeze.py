@@ -1,0 +1,98 @@
+"""Backbones: registry metadata, training + exact resume, loading local checkpoints with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launch.errors import DistillError
+from squeeze.checkpoint import load_teacher
+from squeeze.models import create_model, has_batchnorm, model_entry
+from squeeze.train import SqueezeConfig, run
+
+
+@pytest.mark.parametrize("name,bn", [("convnet", False), ("convnet_bn", True), ("convnet3", False),
+                                     ("convnet4_bn", True), ("resnet18_cifar", True), ("timm:test_resnet", True),
+                                     ("tv:mobilenet_v2", True)])
+def test_registry_entries_know_batchnorm_and_build(name, bn):
+    entry = model_entry(name)
+    assert entry.has_bn is bn
+    model = create_model(name, 7, 3, 32)
+    assert has_batchnorm(model) is bn
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_unknown_model_names_say_what_exists():
+    with pytest.raises(DistillError, match="unknown model 'convnet_nb'.*Did you mean"):
+        model_entry("convnet_nb")
+    with pytest.raises(DistillError, match="unknown torchvision model"):
+        model_entry("tv:resnet19")
+
+
+def test_teacher_is_accurate_and_recorded(digits_teacher):
+    t = load_teacher(digits_teacher, 10)
+    assert t.config.metrics["test_top1"] > 0.85 and t.has_bn and len(t.sha256) == 64
+    assert t.config.mean[0] == pytest.approx(Source_mean(), abs=1e-4)
+    with pytest.raises(DistillError, match="predicts 10 classes but the data has 5"):
+        load_teacher(digits_teacher, 5)
+
+
+def Source_mean():
+    from launch.data import Source
+
+    return float(Source("digits").load("train").images.float().div(255).mean())
+
+
+def test_squeeze_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
+    import squeeze.train as st
+
+    kw = dict(data="digits", arch="convnet_bn", model_kwargs={"width": 8}, epochs=3, flip=False, autocast="none",
+              batch_size=256)
+    run(SqueezeConfig(out=str(tmp_path / "ref"), **kw))
+    orig = st.save_atomic_state
+
+    def save_then_die(path, obj):
+        orig(path, obj)
+        if obj["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_atomic_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(SqueezeConfig(out=str(tmp_path / "b"), **kw))
+    assert not (tmp_path / "b" / "config.json").exists()  # unfinished: no config.json, not loadable as a teacher
+    monkeypatch.setattr(st, "save_atomic_state", orig)
+    run(SqueezeConfig(out=str(tmp_path / "b"), **kw))
+    a, b = load_teacher(tmp_path / "ref").model.state_dict(), load_teacher(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(DistillError, match="trained with another config"):
+        run(SqueezeConfig(out=str(tmp_path / "b"), **{**kw, "epochs": 4}))
+
+
+def test_torchvision_and_timm_local_files(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+    from torchvision.models import resnet18
+
+    sd_model = resnet18(num_classes=10)
+    torch.save(sd_model.state_dict(), tmp_path / "r18.pth")
+    t = load_teacher(f"tv:resnet18={tmp_path / 'r18.pth'}", 10)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = sd_model.eval()((x - t.mean) / t.std)
+        assert torch.allclose(t(x), ref, atol=1e-5)
+    with pytest.raises(DistillError, match="head size .* does not match"):
+        load_teacher(f"tv:resnet18={tmp_path / 'r18.pth'}", 7)
+    with pytest.raises(DistillError, match="does not match the architecture"):
+        load_teacher(f"tv:resnet34={tmp_path / 'r18.pth'}", 10)
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DistillError, match="corrupt"):
+        load_teacher(f"tv:resnet18={tmp_path / 'bad.pth'}", 10)
+
+    m = timm.create_model("test_resnet", num_classes=10)
+    save_for_hf(m, tmp_path / "timm_dir")
+    t = load_teacher(f"local-dir:{tmp_path / 'timm_dir'}", 10)
+    assert t.has_bn and t.config.num_classes == 10
+    with torch.no_grad():
+        assert torch.allclose(t.model(x), m.eval()(x), atol=1e-5)
+    with pytest.raises(DistillError, match="head has 10 classes but 5"):
+        load_teacher(f"local-dir:{tmp_path / 'timm_dir'}", 5)
