@@ -146,11 +146,11 @@ def _convnet_bn(num_classes, in_chans, img_size, **kw):
 def _fixed_depth(depth: int, norm: str, has_bn: bool):
     suffix = "_bn" if norm == "batchnorm" else ""
 
-    @register_model(f"convnet{depth}{suffix}", has_bn=has_bn, norm=norm, depth=depth)
     def _build(num_classes, in_chans, img_size, **kw):
         return ConvNet(num_classes, in_chans, img_size, **kw)
 
     _build.__doc__ = f"ConvNet-{depth} with {norm}."
+    register_model(f"convnet{depth}{suffix}", has_bn=has_bn, norm=norm, depth=depth)(_build)
 
 
 for _d in (2, 3, 4, 5):
