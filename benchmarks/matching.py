@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from launch.data import ImageSet, Source  # noqa: E402
-from launch.distilled import load_distilled  # noqa: E402
-from recover.config import RecoverConfig  # noqa: E402
-from recover.engine import run as recover_run  # noqa: E402
+from launch.data import ImageSet, Source
+from launch.distilled import load_distilled
+from recover.config import RecoverConfig
+from recover.engine import run as recover_run
 
 DATA = "npz:/work/shared/data/cifar10.npz"
 MEAN, STD = [0.4911, 0.4827, 0.4465], [0.2452, 0.2430, 0.2614]  # this file's train statistics (README)
@@ -43,8 +43,8 @@ MEAN, STD = [0.4911, 0.4827, 0.4465], [0.2452, 0.2430, 0.2614]  # this file's tr
 def recover_config(method: str, ipc: int, out: str, args) -> RecoverConfig:
     """The method's paper settings, scaled to the budget by the command-line flags."""
     net = {"width": args.width, "batch_real": args.batch_real}
-    common = dict(out=out, data=args.data, method=method, ipc=ipc, parametrization="pixel",
-                  param_options={"init": "real"}, augmentation="none", autocast="none", log_every=10, seed=args.seed)
+    common = {"out": out, "data": args.data, "method": method, "ipc": ipc, "parametrization": "pixel",
+                  "param_options": {"init": "real"}, "augmentation": "none", "autocast": "none", "log_every": 10, "seed": args.seed}
     iters = args.iters.get(method, 0)
     if method in ("random", "herding", "kcenter"):
         opts = {"features": "random_convnet"} if method != "random" else {}
@@ -67,8 +67,19 @@ def _distil_child(cfg: RecoverConfig, threads: int, q) -> None:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     recover_run(cfg)
-    q.put({"seconds": time.perf_counter() - t0,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). getrusage's ru_maxrss survives exec, so a spawned child would
+    report at least its parent's peak; VmHWM belongs to the new address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def distil(cfg: RecoverConfig, threads: int) -> dict:
@@ -111,13 +122,13 @@ def write_table(rows: list[dict], args, path: Path, total: float) -> str:
         f"{args.epochs} epochs (IPC 10); top-1 on "
         + ("the full 10,000-image test set." if args.test_size == 0 else
            f"a fixed stratified {10 * args.test_size}-image subset of the test set ({args.test_size} per class)."),
-        f"Distillation: ConvNet-3 width {args.width}, batch_real {args.batch_real}, init from real, seed {args.seed}; "
+        (f"Distillation: ConvNet-3 width {args.width}, batch_real {args.batch_real}, init from real, seed {args.seed}; "
         f"iterations (outer iterations for DC/DSA) {args.iters}; DC/DSA loops (1,1) at IPC 1 and "
-        f"(10,{args.inner_ipc10}) at IPC 10; {args.threads} torch thread(s).",
-        "Time = distillation wall time; memory = peak RSS of the distillation process (includes torch and the "
-        "loaded data, ~0.5 GB).",
-        "CPU budget: these are far smaller runs than the papers' (DM 20k iterations, DC/DSA 1000 outer iterations, "
-        "width 128, 300-1000 student epochs); numbers show relative behaviour at this budget, not published accuracy.",
+        f"(10,{args.inner_ipc10}) at IPC 10; {args.threads} torch thread(s)."),
+        ("Time = distillation wall time; memory = peak RSS of the distillation process (includes torch and the "
+        "loaded data, ~0.5 GB)."),
+        ("CPU budget: these are far smaller runs than the papers' (DM 20k iterations, DC/DSA 1000 outer iterations, "
+        "width 128, 300-1000 student epochs); numbers show relative behaviour at this budget, not published accuracy."),
         "",
         "| method | IPC | top-1 % (mean +- std) | students | distil time s | peak RSS MB |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -125,14 +136,14 @@ def write_table(rows: list[dict], args, path: Path, total: float) -> str:
     for r in rows:
         acc = r["acc"]
         m, s = statistics.fmean(acc), (statistics.stdev(acc) if len(acc) > 1 else 0.0)
-        lines.append(f"| {r['method']} | {r['ipc']} | {m:.2f} +- {s:.2f} | {len(acc)} | {r['seconds']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+        rss = f"<= {r['peak_rss_mb']:.0f}" if r.get("rss_upper_bound") else f"{r['peak_rss_mb']:.0f}"
+        lines.append(f"| {r['method']} | {r['ipc']} | {m:.2f} +- {s:.2f} | {len(acc)} | {r['seconds']:.1f} | {rss} |")
     lines += ["", f"Total benchmark wall time: {total / 60:.1f} min.", "",
-              "Command: `" + " ".join(["python", "benchmarks/matching.py"] + sys.argv[1:]) + "`", ""]
+              "Commands: " + "; ".join(f"`{c}`" for c in args.commands), ""]
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    (path.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    (path.with_suffix(".json")).write_text(json.dumps({"rows": rows, "total_seconds": total, "commands": args.commands}, indent=1))
     return text
 
 
@@ -158,11 +169,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/matching.md"))
+    ap.add_argument("--append", action="store_true", help="add to the rows of an earlier run (same settings)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.commands = [" ".join(["python", "benchmarks/matching.py"] + sys.argv[1:])]
+    if args.append and Path(args.out).with_suffix(".json").exists():
+        args.commands = json.loads(Path(args.out).with_suffix(".json").read_text()).get("commands", []) + args.commands
     test = stratified(Source(args.data).load("test"), args.test_size)
     rows: list[dict] = []
-    t0 = time.perf_counter()
+    prev_seconds = 0.0
+    if args.append and Path(args.out).with_suffix(".json").exists():
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        rows, prev_seconds = saved["rows"], saved.get("total_seconds", 0.0)
+    t0 = time.perf_counter() - prev_seconds
     with tempfile.TemporaryDirectory() as tmp:
         for ipc in [int(i) for i in args.ipcs.split(",")]:
             for method in args.methods.split(","):
