@@ -68,11 +68,49 @@ class Teacher(nn.Module):
         x = self.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        low = _autocast_low_dtype(x.device.type)
+        if low is not None:
+            weights = self._low_precision_weights(low)
+            if weights:
+                return torch.func.functional_call(self.model, weights, (x,), strict=False, tie_weights=False)
         return self.model(x)
+
+    def _low_precision_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Conv/linear parameters of a frozen teacher cast to the autocast dtype once, not at every forward.
+
+        Autocast caches casts only for leaf tensors that require grad, so a frozen teacher's weights would be cast
+        again in every step. The copies are exactly what autocast would compute (the same round-to-nearest cast) and
+        are rebuilt whenever a parameter changes (in-place update or new tensor). BatchNorm parameters stay fp32, as
+        autocast leaves them. Empty (no caching) when the teacher is trained or compiled.
+        """
+        if hasattr(self.model, "_orig_mod"):  # torch.compile'd: leave dtype handling to the compiler
+            return {}
+        names = []
+        for mname, m in self.model.named_modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                for pname, p in m.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        return {}
+                    names.append((f"{mname}.{pname}" if mname else pname, p))
+        key = (dtype, tuple((p.data_ptr(), p._version, p.dtype) for _, p in names))
+        cache = self.__dict__.get("_low_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, {n: p.detach().to(dtype) if p.is_floating_point() else p for n, p in names})
+            self.__dict__["_low_cache"] = cache
+        return cache[1]
 
     def describe(self) -> dict:
         return {"arch": self.config.arch, "path": self.path, "sha256": self.sha256, "num_classes":
                 self.config.num_classes, "img_size": self.config.img_size}
+
+
+def _autocast_low_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type`` (bf16/fp16), or None outside autocast."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def save_backbone(folder: str | Path, model: nn.Module, config: BackboneConfig, extra: dict | None = None) -> None:

@@ -28,15 +28,15 @@ class _ChannelMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shift: torch.Tensor):
-        low = x.dtype in (torch.bfloat16, torch.float16)
+        # a bf16/fp16 x minus the fp32 shift is promoted and computed in fp32 in one pass (no separate upcast copy)
         if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
             flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view, no copy
-            d = (flat.float() if low else flat) - shift
+            d = torch.sub(flat, shift)
             mean_d, sq = d.mean(0), d.square().mean(0)
         else:
             dims = [0] + list(range(2, x.ndim))
             view = [1, -1] + [1] * (x.ndim - 2)
-            d = (x.float() if low else x) - shift.view(view)
+            d = torch.sub(x, shift.view(view))
             mean_d, sq = d.mean(dims), d.square().mean(dims)
         var = (sq - mean_d.square()).clamp_min(0)
         mean = mean_d + shift
