@@ -130,8 +130,8 @@ class Engine:
                     raise DistillError(f"data images have {train.image_shape[0]} channels but the teacher takes "
                                        f"{self.image_shape[0]}.")
                 train = ImageSet(resize_uint8(train.images, self.image_shape[-1]), train.labels, train.class_names)
-            keep = train.labels < self.num_classes
-            train = train.subset(torch.nonzero(keep).flatten())
+            keep = torch.nonzero(train.labels < self.num_classes).flatten()  # max_classes: the first N classes
+            train = ImageSet(train.images[keep], train.labels[keep], train.class_names[: self.num_classes])
             train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
             self.real = RealData(train, self.device)
         self.autocast = autocast_dtype(cfg.autocast, self.device)

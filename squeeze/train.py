@@ -137,25 +137,19 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     entry = model_entry(cfg.arch)
     source = Source(cfg.data, cfg.image_size or None)
     if source.is_stream:
-        from squeeze.stream import train_stream
+        from squeeze.stream import stream_setup
 
-        return train_stream(cfg, rt, source, fp)
-    train, test = source.load("train"), source.load("test")
-    if cfg.max_train:
-        train = train.subset(torch.arange(min(cfg.max_train, len(train))))
-    train.require_classes(1, "training")
-    size = train.image_shape[-1]
-    if cfg.image_size and size != cfg.image_size:
-        train = ImageSet(resize_uint8(train.images, cfg.image_size), train.labels, train.class_names)
-        test = ImageSet(resize_uint8(test.images, cfg.image_size), test.labels, test.class_names)
-        size = cfg.image_size
-    mean, std = channel_stats(train.images)
+        data = stream_setup(cfg, rt, source)
+    else:
+        data = memory_setup(cfg, rt, source)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, train.num_classes, train.image_shape[0], size, **cfg.model_kwargs)
-    bcfg = BackboneConfig(cfg.arch, train.num_classes, train.image_shape[0], size, mean, std, train.class_names,
+    c, size = data.image_shape[0], data.image_shape[-1]
+    model = create_model(cfg.arch, len(data.class_names), c, size, **cfg.model_kwargs)
+    bcfg = BackboneConfig(cfg.arch, len(data.class_names), c, size, data.mean, data.std, data.class_names,
                           cfg.model_kwargs, cfg.data)
-    metrics = fit(model, train, cfg, rt, mean, std, out, fp)
-    metrics["test_top1"] = evaluate_model(model, test, mean, std, rt.device, rt)
+    metrics = {**fit(model, cfg, rt, data.mean, data.std, out, fp, data.steps, data.batches),
+               "train_images": data.num_train}
+    metrics["test_top1"] = data.evaluate(model)
     metrics["has_bn"] = entry.has_bn
     bcfg.metrics = metrics
     if rt.is_main:
@@ -166,19 +160,60 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     return metrics
 
 
-def fit(model, train: ImageSet, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str) -> dict:
-    """Epochs over an in-memory split; each rank takes an equal slice of every epoch's permutation."""
+@dataclass
+class TrainData:
+    """What the training loop needs from a source, in memory or streamed."""
+
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+    num_train: int
+    steps: int
+    batches: object  # (epoch, generator) -> iterator of (uint8 images, labels) on the device
+    evaluate: object  # model -> test top-1
+
+
+def memory_setup(cfg: SqueezeConfig, rt: Runtime, source: Source) -> TrainData:
+    train, test = source.load("train"), source.load("test")
+    if cfg.max_train:
+        train = train.subset(torch.arange(min(cfg.max_train, len(train))))
+    train.require_classes(1, "training")
+    if cfg.image_size and train.image_shape[-1] != cfg.image_size:
+        train = ImageSet(resize_uint8(train.images, cfg.image_size), train.labels, train.class_names)
+        test = ImageSet(resize_uint8(test.images, cfg.image_size), test.labels, test.class_names)
+    mean, std = channel_stats(train.images)
+    steps, batches = memory_batches(train, cfg, rt)
+    return TrainData(train.class_names, train.image_shape, mean, std, len(train), steps, batches,
+                     lambda model: evaluate_model(model, test, mean, std, rt.device, rt))
+
+
+def memory_batches(train: ImageSet, cfg: SqueezeConfig, rt: Runtime):
+    """``(steps_per_epoch, batches(epoch, generator))`` over an in-memory split held on the device: each rank takes
+    an equal slice of every epoch's seeded permutation (equal step counts keep DDP collectives in lock-step)."""
+    images, labels = train.images.to(rt.device), train.labels.to(rt.device)
+    per_rank = len(train) // rt.world
+    steps = max(1, math.ceil(per_rank / cfg.batch_size))
+
+    def batches(epoch: int, g: torch.Generator):
+        perm = torch.randperm(len(train), generator=g)[rt.rank * per_rank:(rt.rank + 1) * per_rank].to(rt.device)
+        for k in range(steps):
+            j = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            yield images[j], labels[j]
+
+    return steps, batches
+
+
+def fit(model, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str, steps: int, batches) -> dict:
+    """The training loop shared by in-memory and streamed sources: ``batches(epoch, generator)`` yields ``steps``
+    uint8 image / label batches on the device. Checkpoints every epoch; a re-run resumes at the last one."""
     device = rt.device
     model = model.to(device)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     model, opt = rt.accelerator.prepare(model, opt)
     amp = autocast_dtype(cfg.autocast, device)
-    images = train.images.to(device)
-    labels = train.labels.to(device)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    per_rank = len(train) // rt.world
-    steps = max(1, math.ceil(per_rank / cfg.batch_size))
     total = steps * cfg.epochs
     ckpt = out / "checkpoint" / "last.pt"
     start_epoch = 0
@@ -195,17 +230,15 @@ def fit(model, train: ImageSet, cfg: SqueezeConfig, rt: Runtime, mean, std, out:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        perm = torch.randperm(len(train), generator=g)[rt.rank * per_rank:(rt.rank + 1) * per_rank].to(device)
-        for k in range(steps):
+        for k, (xb, yb) in enumerate(batches(epoch, g)):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_at(epoch * steps + k, total, min(steps, total // 10 or 1))
-            j = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            x = (images[j].float() / 255 - m) / s
+            x = (xb.float() / 255 - m) / s
             if cfg.augment:
                 x = train_augment(x, g, cfg.flip)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels[j], label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             rt.accelerator.backward(loss)
             opt.step()
@@ -219,5 +252,4 @@ def fit(model, train: ImageSet, cfg: SqueezeConfig, rt: Runtime, mean, std, out:
     bar.close()
     rt.wait()
     model.eval()
-    return {"train_loss": loss_val, "seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
-            "train_images": len(train)}
+    return {"train_loss": loss_val, "seconds": time.perf_counter() - t0, "epochs": cfg.epochs}

@@ -181,3 +181,9 @@ def test_two_gloo_processes_produce_the_single_process_images(digits_teacher, tm
     assert manifest["runs"][-1]["world"] == 2 and [r["done"] for r in ranks] == [2, 2]  # 4 units split 2/2
     a, b = load_distilled(tmp_path / "one")[0], load_distilled(tmp_path / "two")[0]
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_max_classes_with_real_data(digits_teacher, tmp_path):
+    m = run(cfg(digits_teacher, tmp_path / "m", data="digits", iterations=1, max_classes=2,
+                param_options={"init": "real"}))
+    assert m["num_images"] == 4 and m["num_classes"] == 2

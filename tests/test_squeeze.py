@@ -96,3 +96,23 @@ def test_torchvision_and_timm_local_files(tmp_path):
         assert torch.allclose(t.model(x), m.eval()(x), atol=1e-5)
     with pytest.raises(DistillError, match="head has 10 classes but 5"):
         load_teacher(f"local-dir:{tmp_path / 'timm_dir'}", 5)
+
+
+def test_squeeze_streams_webdataset_shards(tmp_path):
+    from launch.shards import ShardsConfig
+    from launch.shards import run as shards
+    from squeeze.stream import ShardStream
+
+    shards(ShardsConfig(data="digits", out=str(tmp_path / "wds"), maxcount=300))
+    m = run(SqueezeConfig(out=str(tmp_path / "t"), data=f"wds:{tmp_path / 'wds'}", arch="convnet_bn",
+                          model_kwargs={"width": 32}, epochs=6, flip=False, autocast="none", batch_size=64))
+    assert m["train_images"] == 1297 and m["test_top1"] > 0.8
+    t = load_teacher(tmp_path / "t", 10)
+    assert t.config.class_names == [str(i) for i in range(10)]
+    # the stream order is a pure function of (seed, epoch, reader): resume replays the same batches
+    from launch.data import Source
+
+    urls = Source(f"wds:{tmp_path / 'wds'}").shards.urls("train")
+    a = [item for _, item in zip(range(50), ShardStream(urls, 10, 0, 2, 0, 3, buffer=20))]
+    b = [item for _, item in zip(range(50), ShardStream(urls, 10, 0, 2, 0, 3, buffer=20))]
+    assert [y for _, y in a] == [y for _, y in b] and all(torch.equal(x, z) for (x, _), (z, _) in zip(a, b))

@@ -1,0 +1,110 @@
+"""Training a backbone on a streamed (webdataset) source: bounded memory, equal steps on every rank.
+
+Each rank x dataloader worker reads an endless, reseeded stream of its own shards (``assign_readers``), shuffled
+through a bounded buffer; every rank takes exactly ``num_samples // (batch x world)`` batches per epoch, so uneven
+shard sizes never leave one rank waiting in a collective. The loader is not passed to ``accelerator.prepare``: it
+already splits by rank, and preparing it would drop samples (REFERENCE.md, pitfall 3).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from launch.data import Source, assign_readers, decode_sample, read_tar_samples
+from launch.errors import DistillError
+from launch.runtime import Runtime
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless shuffled samples of this reader's shards; the order is a pure function of (seed, epoch, reader)."""
+
+    def __init__(self, urls: list[str], num_classes: int, rank: int, world: int, seed: int, epoch: int,
+                 buffer: int = 2000):
+        self.urls, self.num_classes, self.rank, self.world = urls, num_classes, rank, world
+        self.seed, self.epoch, self.buffer = seed, epoch, buffer
+
+    def __iter__(self):
+        wi = torch.utils.data.get_worker_info()
+        reader, readers = ((self.rank, self.world) if wi is None else
+                           (self.rank * wi.num_workers + wi.id, self.world * wi.num_workers))
+        shards, stride, offset = assign_readers(len(self.urls), reader, readers)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{reader}")
+        buf: list = []
+        while True:
+            order = shards[:]
+            rng.shuffle(order)
+            for s in order:
+                for i, sample in enumerate(read_tar_samples(self.urls[s])):
+                    if i % stride != offset:
+                        continue
+                    item = decode_sample(sample, self.num_classes)
+                    if len(buf) < self.buffer:
+                        buf.append(item)
+                        continue
+                    k = rng.randrange(len(buf))
+                    buf[k], item = item, buf[k]
+                    yield item
+
+
+def _stats(source: Source, limit: int = 4096) -> tuple[list[float], list[float]]:
+    """Channel mean/std from the first ``limit`` training samples (identical on every rank)."""
+    xs = []
+    for x, _ in source.stream("train", 0, 1):
+        xs.append(x)
+        if len(xs) >= limit:
+            break
+    from squeeze.train import channel_stats
+
+    return channel_stats(torch.stack(xs))
+
+
+def stream_setup(cfg, rt: Runtime, source: Source):
+    from squeeze.train import TrainData
+
+    shards = source.shards
+    urls = shards.urls("train")
+    n = shards.num_samples("train") or cfg.steps_per_epoch * cfg.batch_size * rt.world
+    if not n:
+        raise DistillError("the shards' _info.json gives no num_samples for train; pass --steps-per-epoch N.")
+    if cfg.max_train:
+        n = min(n, cfg.max_train)
+    steps = cfg.steps_per_epoch or max(1, n // (cfg.batch_size * rt.world))
+    mean, std = _stats(source)
+    info = source.info()
+
+    def batches(epoch: int, g: torch.Generator):
+        ds = ShardStream(urls, len(info["class_names"]), rt.rank, rt.world, cfg.seed, epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers)
+        it = iter(loader)
+        for _ in range(steps):
+            x, y = next(it)
+            yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+    @torch.no_grad()
+    def evaluate(model) -> float:
+        model.eval()
+        m = torch.tensor(mean, device=rt.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=rt.device).view(1, -1, 1, 1)
+        counts = torch.zeros(2, device=rt.device)
+        batch: list = []
+
+        def flush():
+            x = torch.stack([b[0] for b in batch]).to(rt.device).float() / 255
+            y = torch.tensor([b[1] for b in batch], device=rt.device)
+            counts[0] += (model((x - m) / s).argmax(1) == y).sum()
+            counts[1] += len(batch)
+            batch.clear()
+
+        for item in source.stream("test", rt.rank, rt.world):  # each test sample exactly once across ranks
+            batch.append(item)
+            if len(batch) == 512:
+                flush()
+        if batch:
+            flush()
+        if rt.world > 1:
+            counts = rt.accelerator.reduce(counts, reduction="sum")
+        return float(counts[0] / counts[1].clamp_min(1))
+
+    return TrainData(list(info["class_names"]), tuple(info["image_shape"]), mean, std, n, steps, batches, evaluate)
