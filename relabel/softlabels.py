@@ -12,7 +12,9 @@ classes when the distribution is rebuilt (:func:`dense_targets`).
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 
 from launch.data import ImageSet
 from launch.errors import DistillError
-from launch.io import load_tensors, save_tensors, write_json
+from launch.io import load_tensors, write_json
 from launch.runtime import autocast_dtype, get_runtime, progress
 from squeeze.augment import affine_crop, sample_crops
 
@@ -78,6 +80,40 @@ def epoch_crops(n: int, crop_seed: int, epoch: int, min_scale: float, flip: bool
 
     g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
     return sample_crops(n, g, (min_scale, 1.0), flip=flip)
+
+
+def epoch_crops_range(n: int, crop_seed: int, epoch: int, min_scale: float, flip: bool, start: int, stop: int,
+                      piece: int = 8192) -> dict[str, torch.Tensor]:
+    """``epoch_crops(n, ...)`` restricted to images ``[start, stop)``, drawn with memory bounded by ``piece``.
+
+    The generator's streams are consumed in the same order and amounts as :func:`epoch_crops` (torch draws uniform
+    numbers one after another, so drawing in pieces gives the same numbers); only the slice is kept.
+    """
+    from recover.params import mix_seed
+
+    g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
+
+    def draw(fn) -> torch.Tensor:
+        keep, pos = [], 0
+        while pos < n:
+            m = min(piece, n - pos)
+            v = fn(m)
+            lo, hi = max(start, pos), min(stop, pos + m)
+            if lo < hi:
+                keep.append(v[lo - pos:hi - pos])
+            pos += m
+        return torch.cat(keep) if keep else torch.empty(0)
+
+    # mirrors squeeze.augment.sample_crops (default ratio (3/4, 4/3)) stream by stream
+    area = draw(lambda m: torch.empty(m).uniform_(min_scale, 1.0, generator=g))
+    logr = draw(lambda m: torch.empty(m).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).clamp(max=1.0)
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (draw(lambda m: torch.rand(m, generator=g)) * 2 - 1) * (1 - w)
+    cy = (draw(lambda m: torch.rand(m, generator=g)) * 2 - 1) * (1 - h)
+    fl = (draw(lambda m: torch.rand(m, generator=g)) < 0.5) if flip else torch.zeros(stop - start, dtype=torch.bool)
+    return {"cx": cx, "cy": cy, "w": w, "h": h, "flip": fl}
 
 
 def apply_crops(x: torch.Tensor, crops: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,37 +201,75 @@ class SoftLabels:
         return total / n
 
 
+def label_chunk(x_uint8: torch.Tensor, start: int, n: int, teachers, cfg: RelabelConfig, device, epochs,
+                amp) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """``(epoch, compressed labels)`` of images ``[start, start + len(x_uint8))`` of an ``n``-image set, per epoch."""
+    x_chunk = x_uint8.to(device).float() / 255
+    stop = start + len(x_uint8)
+    for e in epochs:
+        crops = epoch_crops_range(n, cfg.crop_seed, e, cfg.min_scale, cfg.flip, start, stop)
+        x = apply_crops(x_chunk, crops)
+        yield e, {k: v.cpu() for k, v in compress(ensemble_probs(teachers, x, cfg.temperature, amp), cfg.topk,
+                                                  cfg.quantize).items()}
+
+
 def generate(images: ImageSet, teachers, cfg: RelabelConfig, device, epochs: range | None = None,
              show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """Soft labels of ``images`` for ``epochs`` (default all): tensors ``values`` (E, N, k) and maybe ``indices``."""
+    """Soft labels of ``images`` for ``epochs`` (default all): tensors ``values`` (E, N, k) and maybe ``indices``.
+
+    In memory (the result is returned); :func:`run` streams the same labels straight to files instead.
+    """
     amp = autocast_dtype(cfg.autocast, device)
     epochs = epochs if epochs is not None else range(cfg.epochs)
     n = len(images)
-    x_all = images.images.to(device)
-    vals, inds, scales = [], [], []
-    for e in progress(epochs, desc="relabel", enabled=show_progress):
-        crops = epoch_crops(n, cfg.crop_seed, e, cfg.min_scale, cfg.flip)
-        ev, ei, es = [], [], []
-        for s in range(0, n, cfg.batch_size):
-            j = torch.arange(s, min(n, s + cfg.batch_size))
-            x = apply_crops(x_all[j.to(device)].float() / 255, crops, j)
-            c = compress(ensemble_probs(teachers, x, cfg.temperature, amp), cfg.topk, cfg.quantize)
-            ev.append(c["values"].cpu())
-            if "indices" in c:
-                ei.append(c["indices"].cpu())
-            if "scale" in c:
-                es.append(c["scale"].cpu())
-        vals.append(torch.cat(ev))
-        if ei:
-            inds.append(torch.cat(ei))
-        if es:
-            scales.append(torch.cat(es))
-    out = {"values": torch.stack(vals)}
-    if inds:
-        out["indices"] = torch.stack(inds)
-    if scales:
-        out["scale"] = torch.stack(scales)
+    out: dict[str, torch.Tensor] = {}
+    for s in progress(range(0, n, cfg.batch_size), desc="relabel", enabled=show_progress):
+        for k, (_, c) in enumerate(label_chunk(images.images[s:s + cfg.batch_size], s, n, teachers, cfg, device,
+                                               epochs, amp)):
+            for name, v in c.items():
+                if name not in out:
+                    out[name] = torch.empty((len(epochs), n, *v.shape[1:]), dtype=v.dtype)
+                out[name][k, s:s + len(v)] = v
     return out
+
+
+def _label_specs(cfg: RelabelConfig, n_epochs: int, n: int, num_classes: int) -> dict:
+    """Shapes and dtypes of one epoch block's tensors (what :func:`compress` returns, stacked over epochs)."""
+    k = num_classes if cfg.topk == 0 or cfg.topk >= num_classes else cfg.topk
+    specs = {"values": ((n_epochs, n, k), torch.uint8 if cfg.quantize == "uint8" else torch.float16)}
+    if k < num_classes:
+        specs["indices"] = ((n_epochs, n, k), torch.uint8 if num_classes <= 256 else torch.int16)
+    if cfg.quantize == "uint8":
+        specs["scale"] = ((n_epochs, n), torch.float16)
+    return specs
+
+
+def write_block(path: Path, folder: str | Path, n: int, num_classes: int, teachers, cfg: RelabelConfig, device,
+                epochs: range, show_progress: bool = True) -> None:
+    """Labels of one epoch block written as they are made: images streamed in chunks of ``batch_size`` from the
+    shards (decoded once per block), memory bounded by the chunk whatever the number of images."""
+    from relabel.stream import TensorFileWriter, iter_distilled
+
+    amp = autocast_dtype(cfg.autocast, device)
+    writer = TensorFileWriter(path, _label_specs(cfg, len(epochs), n, num_classes),
+                              {"epochs": f"{epochs.start}-{epochs.stop}"})
+    try:
+        seen = 0
+        bar = progress(total=n, desc=f"relabel epochs {epochs.start}-{epochs.stop - 1}", enabled=show_progress)
+        for s, x in iter_distilled(folder, cfg.batch_size):
+            for k, (_, c) in enumerate(label_chunk(x, s, n, teachers, cfg, device, epochs, amp)):
+                for name, v in c.items():
+                    writer.write(name, k, s, v)
+            seen = s + len(x)
+            bar.update(len(x))
+        bar.close()
+        if seen != n:
+            raise DistillError(f"{folder} holds {seen} images but its manifest says {n}; the distilled set is "
+                               "inconsistent, re-run recover into a new folder.")
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def label_meta(cfg: RelabelConfig, teachers, num_classes: int, n: int) -> dict:
@@ -230,17 +304,22 @@ def read_label_files(folder: Path, meta: dict) -> SoftLabels:
 
 def run(cfg: RelabelConfig, rt=None) -> dict:
     """Relabel a distilled set; epoch blocks are split across processes and skipped when already written."""
-    from launch.distilled import load_distilled
+    from launch.distilled import read_manifest
+    from relabel.stream import count_images
     from squeeze.checkpoint import load_teacher
 
     rt = rt or get_runtime()
-    images, manifest = load_distilled(cfg.distilled)
+    manifest = read_manifest(cfg.distilled)
+    if manifest.get("status") != "complete":
+        raise DistillError(f"{cfg.distilled} is an unfinished run (status {manifest.get('status')}); re-run the same "
+                           "recover command to finish it.")
+    num_classes, n = len(manifest["class_names"]), count_images(cfg.distilled)
     specs = cfg.teachers or [t["path"] for t in manifest.get("teachers", [])]
     if not specs:
         raise DistillError(f"no teacher to relabel {cfg.distilled} with; pass --teachers PATH.")
-    teachers = [load_teacher(s, images.num_classes, rt.device) for s in specs]
+    teachers = [load_teacher(s, num_classes, rt.device) for s in specs]
     folder = Path(cfg.distilled) / "labels"
-    meta = label_meta(cfg, teachers, images.num_classes, len(images))
+    meta = label_meta(cfg, teachers, num_classes, n)
     blocks = [range(s, min(cfg.epochs, s + cfg.epochs_per_file)) for s in range(0, cfg.epochs, cfg.epochs_per_file)]
     meta["files"] = len(blocks)
     meta_path = folder / "labels.json"
@@ -258,18 +337,27 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
         path = folder / f"soft-{b:06d}.safetensors"
         if b % rt.world != rt.rank or path.exists():
             continue
-        tensors = generate(images, teachers, cfg, rt.device, epochs, show_progress=rt.is_main)
-        save_tensors(path, tensors, {"epochs": f"{epochs.start}-{epochs.stop}"})
+        write_block(path, cfg.distilled, n, num_classes, teachers, cfg, rt.device, epochs, show_progress=rt.is_main)
     rt.wait()
-    labels = read_label_files(folder, meta)
-    result = {"bytes_per_image": labels.bytes_per_image(), "seconds": time.perf_counter() - t0,
-              "images": len(images), "epochs": cfg.epochs, "topk": cfg.topk}
+    result = {"bytes_per_image": label_bytes(folder, meta) / max(1, n), "seconds": time.perf_counter() - t0,
+              "images": n, "epochs": cfg.epochs, "topk": cfg.topk}
     if rt.is_main:
         write_json(meta_path, {**meta, "bytes_per_image": result["bytes_per_image"]})
-        log.info("relabel: %d images x %d epochs, %.0f bytes per image (top-%d), %.1fs", len(images), cfg.epochs,
+        log.info("relabel: %d images x %d epochs, %.0f bytes per image (top-%d), %.1fs", n, cfg.epochs,
                  result["bytes_per_image"], cfg.topk, result["seconds"])
     rt.wait()
     return result
+
+
+def label_bytes(folder: Path, meta: dict) -> int:
+    """Bytes of all stored label tensors, read from the files' headers (the labels are not loaded)."""
+    from relabel.stream import tensor_file_shapes
+
+    files = [folder / f"soft-{i:06d}.safetensors" for i in range(meta["files"])]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise DistillError(f"soft-label file {missing[0]} is missing; re-run the same relabel command to finish.")
+    return sum(nbytes for f in files for _, nbytes in tensor_file_shapes(f).values())
 
 
 def json_roundtrip(obj):

@@ -50,18 +50,18 @@ def test_relabel_stores_teacher_labels_compactly_and_resumes(distilled, digits_t
     cfg = RelabelConfig(distilled=str(distilled), epochs=6, topk=3, epochs_per_file=2, min_scale=0.5, flip=False,
                         autocast="none")
     calls = {"n": 0}
-    orig = sl.save_tensors
+    orig = sl.write_block  # one call per epoch-block file (labels are streamed into it)
 
-    def die_after_first(path, tensors, meta=None):
-        orig(path, tensors, meta)
+    def die_after_first(*args, **kwargs):
+        orig(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sl, "save_tensors", die_after_first)
+    monkeypatch.setattr(sl, "write_block", die_after_first)
     with pytest.raises(KeyboardInterrupt):
         relabel(cfg)
-    monkeypatch.setattr(sl, "save_tensors", orig)
+    monkeypatch.setattr(sl, "write_block", orig)
     first = (distilled / "labels" / "soft-000000.safetensors").stat().st_mtime_ns
     result = relabel(cfg)
     assert (distilled / "labels" / "soft-000000.safetensors").stat().st_mtime_ns == first

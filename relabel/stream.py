@@ -1,0 +1,149 @@
+"""Bounded-memory IO for relabelling: distilled images streamed in chunks, safetensors files written piecewise.
+
+Relabel memory must not grow with the number of distilled images: images are decoded from the shards a chunk at a
+time (in the order :func:`launch.distilled.load_distilled` gives them) and each epoch block's labels go straight to
+their place in the output file, whose size is known in advance.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launch.data import decode_sample, read_tar_samples
+from launch.distilled import read_manifest, shard_path
+from launch.errors import DistillError
+from launch.io import atomic_path
+
+_ST_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8", torch.int16: "I16", torch.int64: "I64"}
+
+
+def _shard_groups(folder: Path, manifest: dict) -> list[list[Path]]:
+    """Shards grouped so that sorted keys never interleave across groups (one group per class block of units).
+
+    Units are class blocks x index blocks (recover.engine.plan_units); a class block's shards must be merged by key,
+    consecutive class blocks follow each other. Without the run's config, all shards form one merged group.
+    """
+    shards = sorted((folder / "images").glob("shard-*.tar"))
+    if not shards:
+        raise DistillError(f"{folder}/images holds no shards; the run wrote no images.")
+    cfg = manifest.get("config") or {}
+    try:
+        from recover.engine import plan_units
+
+        units = plan_units(int(manifest["num_classes"]), int(manifest["ipc"]), int(cfg.get("classes_per_unit", 0)),
+                           int(cfg.get("ipc_per_unit", 0)))
+    except (KeyError, TypeError, ValueError):
+        return [shards]
+    if {shard_path(folder, u.index) for u in units} != set(shards):
+        return [shards]
+    groups: dict[tuple[int, int], list[Path]] = {}
+    for u in units:
+        groups.setdefault((u.c0, u.c1), []).append(shard_path(folder, u.index))
+    return [groups[k] for k in sorted(groups)]
+
+
+def iter_distilled(folder: str | Path, chunk: int, require_complete: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, images)`` chunks of at most ``chunk`` uint8 images (n, C, H, W) in ``load_distilled`` order.
+
+    At most one decoded sample per open shard of a class block plus one chunk are held at a time.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if require_complete and manifest.get("status") != "complete":
+        raise DistillError(f"{folder} is an unfinished run (status {manifest.get('status')}); re-run the same "
+                           "recover command to finish it.")
+    num_classes = len(manifest["class_names"])
+    buf: list[torch.Tensor] = []
+    start = 0
+    for group in _shard_groups(folder, manifest):
+        streams = [read_tar_samples(str(s)) for s in group]
+        for sample in heapq.merge(*streams, key=lambda s: s["__key__"]):
+            buf.append(decode_sample(sample, num_classes)[0])
+            if len(buf) == chunk:
+                yield start, torch.stack(buf)
+                start += len(buf)
+                buf = []
+    if buf:
+        yield start, torch.stack(buf)
+
+
+def count_images(folder: str | Path) -> int:
+    """Number of images of a distilled set (from the manifest, else by reading the shards' member names)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if "num_images" in manifest:
+        return int(manifest["num_images"])
+    import tarfile
+
+    n = 0
+    for s in sorted((folder / "images").glob("shard-*.tar")):
+        with tarfile.open(s, mode="r|*") as tar:
+            n += sum(1 for m in tar if m.isfile() and m.name.endswith(".cls"))
+    return n
+
+
+class TensorFileWriter:
+    """Writes a safetensors file whose tensors' shapes are known up front, region by region, atomically.
+
+    The header is written first, then slices along the first two dims land at their offsets (seek + write), so no
+    tensor of the file is ever held whole. The file appears at ``path`` only when :meth:`close` succeeds.
+    """
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
+        self.specs, self.offsets = specs, {}
+        pos = 0
+        for name in sorted(specs):
+            shape, dtype = specs[name]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            self.offsets[name] = pos
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        self._file = open(tmp, "wb")  # noqa: SIM115  (stays open across write() calls; closed in close/abort)
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._base = 8 + len(raw)
+        self._file.truncate(self._base + pos)
+
+    def write(self, name: str, i: int, j: int, values: torch.Tensor) -> None:
+        """Store ``values`` as ``tensor[i, j : j + len(values)]`` (a contiguous run of the row-major layout)."""
+        shape, dtype = self.specs[name]
+        if values.dtype != dtype or tuple(values.shape[1:]) != tuple(shape[2:]):
+            raise ValueError(f"{name}: got {tuple(values.shape)} {values.dtype}, file holds {shape} {dtype}")
+        row = int(np.prod(shape[2:], dtype=np.int64)) * values.element_size()
+        self._file.seek(self._base + self.offsets[name] + (i * shape[1] + j) * row)
+        self._file.write(values.contiguous().cpu().numpy().tobytes())
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._file.close()
+        try:
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        except RuntimeError:
+            pass
+
+
+def tensor_file_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{name: (shape, bytes)}`` of a safetensors file, from its header only."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: (tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()
+            if k != "__metadata__"}
