@@ -80,7 +80,9 @@ def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None 
                overrides: list[str] | None = None) -> dict:
     from launch.cli import _load
     from launch.io import write_text
+    from launch.runtime import get_runtime
 
+    rt = get_runtime()  # sets up logging before the first stage
     recipe = apply_overrides(load_yaml(path), overrides or [])
     root = out_root or recipe.get("out") or f"output/{Path(path).stem}"
     plan = resolve(recipe, root)
@@ -99,9 +101,7 @@ def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None 
         results[section] = _load(COMMANDS[_command(section)][1])(cfg)
         timings[section] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
-    from launch.runtime import get_runtime
-
-    if get_runtime().is_main and "evaluate" in results:
+    if rt.is_main and "evaluate" in results:
         table = summary_table(results, timings)
         print(table)
         write_text(Path(root) / "summary.md", table + "\n")

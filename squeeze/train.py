@@ -246,6 +246,7 @@ def fit(model, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str, s
         loss_val = float(loss.detach())
         if not math.isfinite(loss_val):
             raise DistillError(f"training loss became NaN at epoch {epoch}; lower --lr.")
+        log.info("squeeze epoch %d/%d: loss %.4f (%.0fs)", epoch + 1, cfg.epochs, loss_val, time.perf_counter() - t0)
         if rt.is_main:
             save_atomic_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "opt": opt.state_dict(),
                                      "model": rt.accelerator.unwrap_model(model).state_dict()})
