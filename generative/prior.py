@@ -184,7 +184,7 @@ class SavedTensorMeter:
 
 
 class _Held:
-    __slots__ = ("t", "key", "meter")
+    __slots__ = ("key", "meter", "t")
 
     def __init__(self, t, key, meter):
         self.t, self.key, self.meter = t, key, meter
@@ -242,7 +242,7 @@ def from_pretrained(folder: str | Path, kind: str | None = None, num_classes: in
         device: where the weights go.
         cache: share one loaded instance per (folder, device) within the process (weights are frozen).
     """
-    import generative.glad  # noqa: F401  (register the kinds)
+    import generative.glad
     import generative.ld3m  # noqa: F401
 
     folder = Path(folder)

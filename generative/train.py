@@ -257,7 +257,7 @@ class ProjectionDiscriminator(nn.Module):
 
 def _shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """DiffAugment-style translation (1/8 of the size) + flip, differentiable in x; applied to real and fake alike."""
-    n, _, h, w = x.shape
+    _n, _, h, w = x.shape
     p = max(1, h // 8)
     xp = F.pad(x, (p, p, p, p), mode="reflect")
     dx, dy = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()

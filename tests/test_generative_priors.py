@@ -17,8 +17,8 @@ from launch.errors import DistillError
 from recover.base import Context
 
 DATA = "npz:tests/assets/tiny10_small.npz"
-TINY = dict(data=DATA, image_size=16, flip=False, batch_size=16, width=8, unet_width=8, down=2, train_timesteps=100,
-            sample_steps=3, z_dim=16, w_dim=32)
+TINY = {"data": DATA, "image_size": 16, "flip": False, "batch_size": 16, "width": 8, "unet_width": 8, "down": 2, "train_timesteps": 100,
+            "sample_steps": 3, "z_dim": 16, "w_dim": 32}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_trained_priors_load_and_fit(priors):
         err_trained = torch.nn.functional.mse_loss(p.decode(p.encode(x)["z_T"]), x)
         err_fresh = torch.nn.functional.mse_loss(fresh.decode(fresh.encode(x)["z_T"]), x)
     assert err_trained < 0.7 * err_fresh
-    glad_dir, gm, _ = priors["glad"]
+    glad_dir, _gm, _ = priors["glad"]
     g = from_pretrained(glad_dir, kind="glad", cache=False)
     assert g.meta["latent_shapes"]["w"] == [2, 32] and g.generator.w_avg.abs().sum() > 0
     rep = g.report(2)
