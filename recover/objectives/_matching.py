@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from launch.errors import DistillError
-from recover.base import Context, get
+from recover.base import Context, Objective, Parametrization, get
 
 AUG_CHOICES = ("none", "dsa", "diffaugment", "engine")
 
@@ -155,3 +155,45 @@ class NetSchedule:
         net = self.source.build(ctx)  # restoring must not draw from the (already restored) generator
         net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         ctx.state.update(net=net, k=int(state["k"]))
+
+
+def class_block_features(syn: Parametrization, ctx: Context, net: nn.Module, norm: Normalize,
+                         augmenter: SiameseAugmenter, batch_real: int):
+    """Per class of the unit: ``(real batch, real block features (no grad), synthetic block features)``, both batches
+    through the same Siamese augmentation draw (CAFE and DataDAM compare these layer by layer)."""
+    for c, pos in class_positions(syn.labels):
+        real = ctx.real.sample(c, batch_real, ctx.generator)
+        real, x_syn = augmenter.pair(real, syn.render(pos), ctx)
+        with ctx.autocast():
+            with torch.no_grad():
+                fr = [f.float() for f in block_features(net, norm(real))]
+            fs = [f.float() for f in block_features(net, norm(x_syn))]
+        yield real, fr, fs
+
+
+class ScheduledNetObjective(Objective):
+    """Plumbing shared by the bi-level objectives (DC, CAFE): the unit's context, the network schedule in unit
+    checkpoints, and the last step's logs. Subclasses set ``self.schedule`` and ``self._logs``."""
+
+    schedule: NetSchedule
+    _logs: dict[str, float]
+    _ctx: Context | None = None
+
+    def setup(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self.norm = Normalize(ctx).to(ctx.device)
+
+    def logs(self) -> dict[str, float]:
+        return dict(self._logs)
+
+    def checkpoint_state(self) -> dict:
+        return self.schedule.checkpoint_state()
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        if self._ctx is not None:
+            self.schedule.load_checkpoint_state(state, self._ctx)
+
+    def teardown(self) -> None:
+        if self._ctx is not None:
+            self._ctx.state.pop("net", None)
+        self._ctx = None

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, register_objective
-from recover.objectives._matching import NetSchedule, Normalize, SiameseAugmenter, block_features, class_positions
+from recover.base import Context, Parametrization, register_objective
+from recover.objectives._matching import NetSchedule, ScheduledNetObjective, SiameseAugmenter, class_block_features
 from recover.objectives.model_aug import NetSource
 
 
 @register_objective("cafe")
-class FeatureAlignment(Objective):
+class FeatureAlignment(ScheduledNetObjective):
     """CAFE: layer-wise feature alignment + discrimination loss with synthetic class means as the classifier.
 
     Options:
@@ -53,23 +53,12 @@ class FeatureAlignment(Objective):
         self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
         self.schedule = NetSchedule(self.source, outer_loop, inner_loop, lr_net, self.augmenter, batch_train)
         self._logs: dict[str, float] = {}
-        self._ctx: Context | None = None
-
-    def setup(self, ctx: Context) -> None:
-        self._ctx = ctx
-        self.norm = Normalize(ctx).to(ctx.device)
 
     def terms(self, syn: Parametrization, ctx: Context, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(alignment, discrimination) for the classes of the unit under ``net``."""
         align = syn.render(slice(0, 1)).new_zeros(())
         real_emb, real_lab, centres = [], [], []
-        for c, pos in class_positions(syn.labels):
-            real = ctx.real.sample(c, self.batch_real, ctx.generator)
-            real, x_syn = self.augmenter.pair(real, syn.render(pos), ctx)
-            with ctx.autocast():
-                with torch.no_grad():
-                    fr = [f.float() for f in block_features(net, self.norm(real))]
-                fs = [f.float() for f in block_features(net, self.norm(x_syn))]
+        for real, fr, fs in class_block_features(syn, ctx, net, self.norm, self.augmenter, self.batch_real):
             for a, b in zip(fr, fs):
                 align = align + ((a.mean(0) - b.mean(0)) ** 2).sum()
             real_emb.append(fr[-1].flatten(1))
@@ -87,17 +76,3 @@ class FeatureAlignment(Objective):
         self._logs = {"align": float(align.detach()), "dis": float(dis.detach())}
         return self.feat_weight * align + self.dis_weight * dis
 
-    def logs(self) -> dict[str, float]:
-        return dict(self._logs)
-
-    def checkpoint_state(self) -> dict:
-        return self.schedule.checkpoint_state()
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        if self._ctx is not None:
-            self.schedule.load_checkpoint_state(state, self._ctx)
-
-    def teardown(self) -> None:
-        if self._ctx is not None:
-            self._ctx.state.pop("net", None)
-        self._ctx = None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from launch.errors import DistillError
 from recover.base import Context, Objective, Parametrization, register_objective
-from recover.objectives._matching import Normalize, SiameseAugmenter, block_features, class_positions
+from recover.objectives._matching import Normalize, SiameseAugmenter, class_block_features
 from recover.objectives.model_aug import NetSource
 
 
@@ -55,13 +55,7 @@ class AttentionMatching(Objective):
     def terms(self, syn: Parametrization, ctx: Context, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(SAM, MMD) summed over the classes of the unit under ``net``."""
         sam = mmd = None
-        for c, pos in class_positions(syn.labels):
-            real = ctx.real.sample(c, self.batch_real, ctx.generator)
-            real, x_syn = self.augmenter.pair(real, syn.render(pos), ctx)
-            with ctx.autocast():
-                with torch.no_grad():
-                    fr = [f.float() for f in block_features(net, self.norm(real))]
-                fs = [f.float() for f in block_features(net, self.norm(x_syn))]
+        for _, fr, fs in class_block_features(syn, ctx, net, self.norm, self.augmenter, self.batch_real):
             s = sum(((attention_map(a, self.power).mean(0) - attention_map(b, self.power).mean(0)) ** 2).sum()
                     for a, b in zip(fr[:-1], fs[:-1])) + fs[-1].new_zeros(())
             m = ((fr[-1].flatten(1).mean(0) - fs[-1].flatten(1).mean(0)) ** 2).sum()

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, register_objective
-from recover.objectives._matching import NetSchedule, Normalize, SiameseAugmenter, class_positions
+from recover.base import Context, Parametrization, register_objective
+from recover.objectives._matching import NetSchedule, ScheduledNetObjective, SiameseAugmenter, class_positions
 from recover.objectives.model_aug import NetSource
 
 
@@ -46,7 +46,7 @@ def gradient_distance(gw_real: list[torch.Tensor], gw_syn: list[torch.Tensor], m
 
 
 @register_objective("dc")
-class GradientMatching(Objective):
+class GradientMatching(ScheduledNetObjective):
     """DC: per-class gradient matching on a ConvNet, bi-level (network trained on the synthetic set in between).
 
     Options:
@@ -77,11 +77,6 @@ class GradientMatching(Objective):
         self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
         self.schedule = NetSchedule(self.source, outer_loop, inner_loop, lr_net, self.augmenter, batch_train)
         self._logs: dict[str, float] = {}
-        self._ctx: Context | None = None
-
-    def setup(self, ctx: Context) -> None:
-        self._ctx = ctx
-        self.norm = Normalize(ctx).to(ctx.device)
 
     def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
         net = self.schedule.network(syn, ctx, self.norm)
@@ -95,7 +90,8 @@ class GradientMatching(Objective):
             real, x_syn = self.augmenter.pair(real, x_syn, ctx)
             with ctx.autocast():
                 out_real = net(self.norm(real))
-            g_real = torch.autograd.grad(F.cross_entropy(out_real.float(), torch.full((real.shape[0],), c, device=real.device)), params)
+            y_real = torch.full((real.shape[0],), c, device=real.device)
+            g_real = torch.autograd.grad(F.cross_entropy(out_real.float(), y_real), params)
             g_real = [g.detach() for g in g_real]
             with ctx.autocast():
                 out_syn = net(self.norm(x_syn))
@@ -108,20 +104,6 @@ class GradientMatching(Objective):
         self._logs = {"match": float(total.detach())}
         return total
 
-    def logs(self) -> dict[str, float]:
-        return dict(self._logs)
-
-    def checkpoint_state(self) -> dict:
-        return self.schedule.checkpoint_state()
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        if self._ctx is not None:
-            self.schedule.load_checkpoint_state(state, self._ctx)
-
-    def teardown(self) -> None:
-        if self._ctx is not None:
-            self._ctx.state.pop("net", None)
-        self._ctx = None
 
 
 @register_objective("dsa")
