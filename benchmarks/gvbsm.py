@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.runtime import get_runtime
@@ -64,16 +66,17 @@ def main() -> None:
                                                     labels="soft", batch_size=50), rt)
         print(name, format_summary(results[name]), flush=True)
     lines = ["# G-VBSM vs SRe2L (CIFAR-10, IPC 10)", "",
-             f"Command: `OMP_NUM_THREADS=2 python benchmarks/gvbsm.py --iterations {a.iterations} --epochs {a.epochs} "
+             (f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/gvbsm.py --iterations {a.iterations} "
+              f"--epochs {a.epochs} "
              f"--students {a.students} --teacher-epochs {a.teacher_epochs} --max-train {a.max_train}` "
-             f"(wall time {time.time() - t0:.0f} s, 2 shared CPU cores).", "",
-             f"Teachers: ConvNet-3 BN and ConvNet-4 BN (width 32), {a.teacher_epochs} epochs on {a.max_train} "
+             f"(wall time {time.time() - t0:.0f} s, 2 CPU cores shared with other users)."), "",
+             (f"Teachers: ConvNet-3 BN and ConvNet-4 BN (width 32), {a.teacher_epochs} epochs on {a.max_train} "
              "CIFAR-10 images; statistics streamed over the same images. Recover: "
              f"{a.iterations} iterations, Adam lr 0.25 cosine, curriculum crop; SRe2L uses the ConvNet-3 teacher, "
              "G-VBSM both in turn (BN + conv + patch terms, weights 1). Relabel: full distribution, each set by its "
              "own teachers (G-VBSM: the ensemble). Evaluation: relabel.evaluate.run, SRe2L protocol, ConvNet-3 "
              f"student, {a.epochs} epochs, {a.students} seeds, soft labels; random real IPC 10 relabelled the same "
-             "way.", "", "| method | set | top-1 mean +- std |", "|---|---|---|"]
+             "way."), "", "| method | set | top-1 mean +- std |", "|---|---|---|"]
     for name, m in results.items():
         for s in m["summary"]:
             lines.append(f"| {name} | {s['set']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} |")

@@ -8,13 +8,14 @@ measured here (large fp32 and bf16 matmuls), and the final SRe2L loss (CE + r_bn
 term) of each loop's images evaluated the same way: fp32, no augmentation, so speed cannot come from worse
 optimisation.
 
-    OMP_NUM_THREADS=2 python benchmarks/recover_throughput.py [--iters 30 --repeats 3]
+    python benchmarks/recover_throughput.py [--iters 30 --repeats 3 --threads 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -181,9 +182,9 @@ def bench(arch: str, n_images: int, iters: int, repeats: int, root: Path) -> dic
         losses.setdefault("distillset", []).append(final_loss(ref_teacher, syn.render().detach(), cls))
     out = {"arch": arch, "images": n_images, "iters": iters, "repeats": repeats, "gflop_per_iter": fl / 1e9,
            "autocast": str(autocast_dtype(cfg.autocast, torch.device("cpu")))}
-    for k in rows:
-        med = statistics.median(rows[k])
-        out[k] = {"ips": med, "all": rows[k], "gflops": med / n_images * fl / 1e9, "loss": statistics.median(losses[k])}
+    for k, vals in rows.items():
+        med = statistics.median(vals)
+        out[k] = {"ips": med, "all": vals, "gflops": med / n_images * fl / 1e9, "loss": statistics.median(losses[k])}
     out["ratio"] = out["distillset"]["ips"] / out["reference"]["ips"]
     return out
 
@@ -193,41 +194,55 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--archs", default="resnet18_cifar:50,convnet3_bn:200")
+    p.add_argument("--threads", default="", help="comma-separated intra-op thread counts to measure in turn "
+                   "(default: the current setting, OMP_NUM_THREADS)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "recover_throughput.md"))
     a = p.parse_args()
-    threads = torch.get_num_threads()
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"threads {threads}; matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s", flush=True)
-    results = []
+    thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]
+    results, peaks = [], {}
     t0 = time.time()
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in a.archs.split(","):
-            arch, n = spec.split(":")
-            res = bench(arch, int(n), a.iters, a.repeats, Path(tmp))
-            results.append(res)
-            print(res, flush=True)
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            peaks[threads] = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+            print(f"threads {threads}; matmul peak fp32 {peaks[threads][0]:.0f} GFLOP/s, bf16 "
+                  f"{peaks[threads][1]:.0f} GFLOP/s", flush=True)
+            for spec in a.archs.split(","):
+                arch, n = spec.split(":")
+                res = bench(arch, int(n), a.iters, a.repeats, Path(tmp) / f"t{threads}")
+                res["threads"] = threads
+                res["paired"] = statistics.median(d / r for d, r in zip(res["distillset"]["all"],
+                                                                         res["reference"]["all"]))
+                results.append(res)
+                print(res, flush=True)
+    load1 = os.getloadavg()
     lines = [
         "# Recover throughput (SRe2L hot loop)", "",
-        f"Command: `OMP_NUM_THREADS={threads} python benchmarks/recover_throughput.py --iters {a.iters} "
-        f"--repeats {a.repeats} --archs {a.archs}`", "",
-        f"Machine: {threads} threads (shared with other users), measured matmul peak fp32 {peak32:.0f} GFLOP/s, "
-        f"bf16 {peak16:.0f} GFLOP/s. Both loops run interleaved in one process, {a.repeats} repeats, medians quoted; "
-        f"wall time {time.time() - t0:.0f} s.", "",
-        "Reference: plain eager fp32 (contiguous NCHW, hooks with separate mean/var, per-image RandomResizedCrop, "
-        "Adam (0.5, 0.9), cosine lr). distillset: `recover.engine.Engine.optimise` with the default config "
-        "(autocast auto, channels-last). Final loss: CE + BN (rms-normalised, first BN x10) of the final images, "
-        "fp32, no augmentation, evaluated identically for both.", "",
-        "| backbone | images/batch | iters | GFLOP/iter | reference img*it/s | distillset img*it/s | ratio | "
-        "reference GFLOP/s | distillset GFLOP/s (autocast) | final loss ref | final loss distillset |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        (f"Command: `python benchmarks/recover_throughput.py --iters {a.iters} --repeats {a.repeats} "
+         f"--archs {a.archs}" + (f" --threads {a.threads}" if a.threads else "") + "`"), "",
+        (f"Machine: {os.cpu_count()} CPU cores (Sapphire Rapids, AMX bf16) shared with other users: 1-minute load "
+         f"average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end, so absolute numbers are noisy and "
+         "only the ratios mean much. Matmul peak measured here (2048^3, best of 5): "
+         + ", ".join(f"{t} thread(s) fp32 {p32:.0f} / bf16 {p16:.0f} GFLOP/s" for t, (p32, p16) in peaks.items())
+         + f". Both loops run interleaved in one process, {a.repeats} repeats, medians quoted; wall time "
+         f"{time.time() - t0:.0f} s."), "",
+        ("Reference: plain eager fp32 (contiguous NCHW, hooks with separate mean/var, per-image RandomResizedCrop, "
+         "Adam (0.5, 0.9), cosine lr). distillset: `recover.engine.Engine.optimise` with the default config "
+         "(autocast auto, channels-last). Final loss: CE + BN (rms-normalised, first BN x10) of the final images, "
+         "fp32, no augmentation, evaluated identically for both. Ratio: of the medians; paired: median of the "
+         "per-repeat ratios (each repeat runs both loops back to back)."), "",
+        ("| threads | backbone | images/batch | iters | GFLOP/iter | reference img*it/s | distillset img*it/s | ratio | "
+         "paired ratio | reference GFLOP/s | distillset GFLOP/s (autocast) | final loss ref | final loss distillset |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['arch']} | {r['images']} | {r['iters']} | {r['gflop_per_iter']:.1f} | "
+        lines.append(f"| {r['threads']} | {r['arch']} | {r['images']} | {r['iters']} | {r['gflop_per_iter']:.1f} | "
                      f"{r['reference']['ips']:.1f} | {r['distillset']['ips']:.1f} | {r['ratio']:.2f}x | "
-                     f"{r['reference']['gflops']:.0f} | {r['distillset']['gflops']:.0f} ({r['autocast']}) | "
-                     f"{r['reference']['loss']:.4f} | {r['distillset']['loss']:.4f} |")
+                     f"{r['paired']:.2f}x | {r['reference']['gflops']:.0f} | {r['distillset']['gflops']:.0f} "
+                     f"({r['autocast']}) | {r['reference']['loss']:.4f} | {r['distillset']['loss']:.4f} |")
     lines += ["", "Per-repeat img*it/s: " + "; ".join(
-        f"{r['arch']} ref {[round(v, 1) for v in r['reference']['all']]} distillset "
+        f"{r['threads']} thr {r['arch']} ref {[round(v, 1) for v in r['reference']['all']]} distillset "
         f"{[round(v, 1) for v in r['distillset']['all']]}" for r in results), ""]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines))

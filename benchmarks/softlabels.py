@@ -89,13 +89,14 @@ def main() -> None:
     in1k_full = bytes_per_crop(1000, 0, "fp16") * 50_000 * 300
     lines = [
         "# Soft labels at scale", "",
-        f"Command: `OMP_NUM_THREADS=2 python benchmarks/softlabels.py --epochs {a.epochs} --students {a.students} "
+        (f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/softlabels.py --epochs {a.epochs} "
+         f"--students {a.students} "
         f"--teacher-epochs {a.teacher_epochs} --max-train {a.max_train} --test {a.test}` "
-        f"(wall time {time.time() - t_start:.0f} s on 2 shared cores).", "",
-        f"Teacher: ConvNet-3 BN width 32, {a.teacher_epochs} epochs on {a.max_train} CIFAR-10 training images "
+        f"(wall time {time.time() - t_start:.0f} s on 2 CPU cores shared with other users)."), "",
+        (f"Teacher: ConvNet-3 BN width 32, {a.teacher_epochs} epochs on {a.max_train} CIFAR-10 training images "
         f"(test top-1 {100 * teacher_acc:.1f}% on the full test split). Image set: IPC 10 random real training "
         f"images (100). Students: ConvNet-3 BN width 32, {a.epochs} epochs, SRe2L protocol (AdamW, KL at T=4), "
-        f"{a.students} seeds (the same seeds for every format), top-1 on {len(test)} CIFAR-10 test images.", "",
+        f"{a.students} seeds (the same seeds for every format), top-1 on {len(test)} CIFAR-10 test images."), "",
         "| format | bytes/crop (CIFAR-10) | relabel img/s | student top-1 mean +- std | change vs full |",
         "|---|---|---|---|---|",
     ]
@@ -106,8 +107,8 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['bpi']:.0f} | {r['relabel_ips']:.0f} | {100 * mu:.2f} +- {100 * sd:.2f} | "
                      f"{100 * (mu - base):+.2f} |")
     lines += [
-        "", "Projected ImageNet-1K IPC 50 storage (50,000 images x 300 epochs, 1,000 classes; "
-        "indices int16; crops are not stored: they are recomputed from the crop seed):", "",
+        "", ("Projected ImageNet-1K IPC 50 storage (50,000 images x 300 epochs, 1,000 classes; "
+        "indices int16; crops are not stored: they are recomputed from the crop seed):"), "",
         "| format | bytes/crop | total | smaller than full fp16 |", "|---|---|---|---|",
     ]
     for name, k, q in [("full fp16 (SRe2L)", 0, "fp16"), ("top-10 fp16", 10, "fp16"), ("top-10 uint8", 10, "uint8"),

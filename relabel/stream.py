@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from launch.data import decode_sample, read_tar_samples
 from launch.distilled import read_manifest, shard_path
 from launch.errors import DistillError
 from launch.io import atomic_path
+
+log = logging.getLogger("distillset.relabel")
 
 _ST_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8", torch.int16: "I16", torch.int64: "I64"}
 
@@ -60,9 +63,20 @@ def iter_distilled(folder: str | Path, chunk: int, require_complete: bool = True
         raise DistillError(f"{folder} is an unfinished run (status {manifest.get('status')}); re-run the same "
                            "recover command to finish it.")
     num_classes = len(manifest["class_names"])
+    groups = _shard_groups(folder, manifest)
+    unsorted = next((s for g in groups for s in g if not _keys_sorted(s)), None)
+    if unsorted is not None:  # not written by recover: merging needs key-sorted shards, so load them all instead
+        from launch.distilled import load_distilled
+
+        log.warning("shard %s is not in key order; all %s images are held in memory (write shards with keys "
+                    "sorted to stream them)", unsorted, folder)
+        images = load_distilled(folder, require_complete)[0].images
+        for s in range(0, len(images), chunk):
+            yield s, images[s:s + chunk]
+        return
     buf: list[torch.Tensor] = []
     start = 0
-    for group in _shard_groups(folder, manifest):
+    for group in groups:
         streams = [read_tar_samples(str(s)) for s in group]
         for sample in heapq.merge(*streams, key=lambda s: s["__key__"]):
             buf.append(decode_sample(sample, num_classes)[0])
@@ -72,6 +86,25 @@ def iter_distilled(folder: str | Path, chunk: int, require_complete: bool = True
                 buf = []
     if buf:
         yield start, torch.stack(buf)
+
+
+def _keys_sorted(shard: Path) -> bool:
+    """Whether a shard's sample keys increase (member headers only; nothing is decoded)."""
+    import tarfile
+
+    last = ""
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key = os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
+                if key < last:
+                    return False
+                last = key
+    except (tarfile.TarError, OSError, EOFError):
+        return True  # reading it for real reports the corrupt shard clearly (read_tar_samples)
+    return True
 
 
 def count_images(folder: str | Path) -> int:

@@ -127,3 +127,17 @@ def test_relabel_memory_does_not_grow_with_the_number_of_images(tmp_path):
     assert large[0] - small[0] < 30 * image_bytes, (small, large)
     # nor does the Python/numpy heap (tar members, decoded arrays): in-memory +93 KB, streamed ~0 (+-20 KB noise)
     assert large[1] - small[1] < 60 * image_bytes, (small, large)
+
+
+def test_shards_not_in_key_order_fall_back_to_the_load_distilled_order(tmp_path):
+    d = tmp_path / "d"
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (6, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    keys = [sample_key(c, i) for c in range(2) for i in range(3)]
+    order = [4, 0, 5, 2, 1, 3]  # a foreign shard: keys shuffled within it
+    write_shard(shard_path(d, 0), [(keys[k], imgs[k], k // 3, None) for k in order])
+    write_json(d / "manifest.json", {"status": "complete", "class_names": ["a", "b"], "num_images": 6})
+    chunks = list(iter_distilled(d, 4))
+    assert [s for s, _ in chunks] == [0, 4]
+    assert torch.equal(torch.cat([x for _, x in chunks]), imgs)
+    assert torch.equal(load_distilled(d)[0].images, imgs)
