@@ -69,7 +69,8 @@ def build_vae(ae: str, image_shape: tuple[int, int, int], latent_channels: int =
     chans = tuple(width * min(2 ** i, 4) for i in range(levels + 1))
     common = {"in_channels": image_shape[0], "out_channels": image_shape[0],
                   "down_block_types": ("DownEncoderBlock2D",) * len(chans),
-                  "up_block_types": ("UpDecoderBlock2D",) * len(chans), "block_out_channels": chans, "layers_per_block": 1,
+                  "up_block_types": ("UpDecoderBlock2D",) * len(chans), "block_out_channels": chans,
+                  "layers_per_block": 1,
                   "latent_channels": latent_channels, "norm_num_groups": min(8, width), "sample_size": image_shape[-1],
                   "mid_block_add_attention": False}
     if ae == "vq":

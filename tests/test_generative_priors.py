@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 
 import pytest
@@ -16,8 +18,9 @@ from generative.train import run as train_prior
 from launch.errors import DistillError
 from recover.base import Context
 
-DATA = "npz:tests/assets/tiny10_small.npz"
-TINY = {"data": DATA, "image_size": 16, "flip": False, "batch_size": 16, "width": 8, "unet_width": 8, "down": 2, "train_timesteps": 100,
+DATA = "npz:" + str(Path(__file__).parent / "assets" / "tiny10_small.npz")
+TINY = {"data": DATA, "image_size": 16, "flip": False, "batch_size": 16, "width": 8, "unet_width": 8, "down": 2,
+        "train_timesteps": 100,
             "sample_steps": 3, "z_dim": 16, "w_dim": 32}
 
 
