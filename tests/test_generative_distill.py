@@ -105,3 +105,36 @@ def test_recipes_resolve_and_chain_the_prior(name):
     assert plan["recover"].parametrization == name
     assert plan["recover"].param_options["prior"] == plan["prior_train"].out
     assert plan["recover"].data == plan["prior_train"].data
+
+
+@pytest.mark.parametrize("method", ["sre2l", "dc", "mtt"])
+def test_other_objectives_run_over_both_priors_from_the_cli(setup, method):
+    """BN inversion, DC and MTT over LD3M and GLaD latents through the CLI write images + latents."""
+    from launch.cli import main
+
+    root, data, priors = setup
+    extra: list[str] = []
+    if method == "sre2l":
+        teacher = root / "bn_teacher"
+        assert main(["squeeze", "--data", data, "--arch", "convnet_bn", "--model-kwargs", "{width: 8}",
+                     "--epochs", "1", "--image-size", "16", "--out", str(teacher), "--autocast", "none"]) == 0
+        extra = ["--teachers", str(teacher), "--options", "{r_bn: 1.0}"]
+    elif method == "dc":
+        extra = ["--options", "{batch_real: 8, width: 8, aug: none}"]
+    else:
+        experts = root / "experts"
+        assert main(["squeeze", "trajectories", "--data", data, "--num-experts", "1", "--epochs", "2",
+                     "--image-size", "16", "--model-kwargs", "{width: 8}", "--augment", "none",
+                     "--out", str(experts)]) == 0
+        extra = ["--options", f"{{buffer: {experts}, expert_epochs: 1, syn_steps: 2, max_start_epoch: 1}}"]
+    for kind in ("ld3m", "glad"):
+        out = root / f"{method}_{kind}"
+        opts = f"{{prior: {priors[kind]}, chunk: 2{', steps: 2' if kind == 'ld3m' else ''}}}"
+        code = main(["recover", "--method", method, "--data", data, "--parametrization", kind, "--param-options",
+                     opts, "--ipc", "1", "--iterations", "2", "--lr", "0.01", "--image-size", "16",
+                     "--augmentation", "none", "--autocast", "none", "--channels-last", "false", "--out", str(out),
+                     *extra])
+        assert code == 0, (method, kind)
+        images, manifest = load_distilled(out)
+        assert len(images) == CLASSES and manifest["parametrization"] == kind
+        assert list((out / "latents").glob("unit-*.safetensors"))
