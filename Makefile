@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/distillset run recipes/digits.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q --timeout 600
+	$(BIN)/python -m pytest tests --timeout 600 --durations=10
 
 clean:
 	rm -rf output .pytest_cache
