@@ -27,7 +27,7 @@ from torch import nn
 from launch.config import fingerprint, to_dict, write_config
 from launch.data import ImageSet, Source
 from launch.errors import DistillError
-from launch.io import read_json
+from launch.io import finished_record, read_json
 
 log = logging.getLogger("distillset.generative")
 
@@ -135,10 +135,8 @@ def run(cfg: PriorTrainConfig, rt=None) -> dict:
     rt = rt or get_runtime()
     out = Path(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
-    if (out / "prior.json").exists():
-        done = read_json(out / "prior.json")
-        if done.get("fingerprint") != fp:
-            raise DistillError(f"{out} holds a prior trained with another config; choose another --out or delete it.")
+    done = finished_record(out / "prior.json", fp, "a prior")
+    if done is not None:
         log.info("%s is already trained; nothing to do", out)
         return done.get("metrics", {})
     metrics: dict = {}

@@ -87,3 +87,16 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
                 if remaining <= 0:
                     break
     return h.hexdigest()
+
+
+def finished_record(path: str | os.PathLike, fingerprint: str, what: str) -> dict | None:
+    """The JSON record a finished run left at ``path`` (``None`` if there is none). A record written by a run with
+    another config fingerprint is refused, so a re-run never mixes two runs' outputs in one folder."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    done = read_json(path)
+    if done.get("fingerprint") != fingerprint:
+        raise DistillError(f"{path.parent} holds {what} trained with another config; choose another --out or delete "
+                           "that folder.")
+    return done

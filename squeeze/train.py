@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from launch.config import fingerprint, to_dict, write_config
 from launch.data import ImageSet, Source, resize_uint8
 from launch.errors import DistillError
-from launch.io import read_json
+from launch.io import finished_record
 from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
 from squeeze.augment import affine_crop
 from squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
@@ -127,11 +127,8 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     rt = rt or get_runtime()
     out = Path(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
-    if (out / "config.json").exists():
-        done = read_json(out / "config.json")
-        if done.get("fingerprint") != fp:
-            raise DistillError(f"{out} holds a backbone trained with another config; choose another --out or delete "
-                               "that folder.")
+    done = finished_record(out / "config.json", fp, "a backbone")
+    if done is not None:
         log.info("%s is already trained (test top-1 %.4f); nothing to do", out, done["metrics"].get("test_top1", 0))
         return done["metrics"]
     entry = model_entry(cfg.arch)
