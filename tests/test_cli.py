@@ -120,3 +120,23 @@ def test_unknown_recipe_section(tmp_path):
     with pytest.raises(DistillError, match="unknown section 'recovr'"):
         run_recipe(str(tmp_path / "r.yaml"))
     assert TINY  # the fixture path constant is importable for recipe tests of other areas
+
+
+def test_gvbsm_with_two_teachers_from_the_cli(tmp_path, digits_teacher):
+    """G-VBSM end to end through the CLI: two BN teachers, their streamed statistics, recover, ensemble relabel."""
+    import shutil
+
+    teachers = [tmp_path / "t1", tmp_path / "t2"]
+    shutil.copytree(digits_teacher, teachers[0])  # stats are written beside each teacher
+    assert main(["squeeze", "--data", "digits", "--arch", "convnet3_bn", "--model-kwargs", "{width: 16}",
+                 "--epochs", "2", "--flip", "false", "--autocast", "none", "--out", str(teachers[1])]) == 0
+    for t in teachers:
+        assert main(["squeeze", "stats", "--teacher", str(t), "--data", "digits", "--batch-size", "500"]) == 0
+    out = tmp_path / "g"
+    assert main(["recover", "--method", "gvbsm", "--teachers", f"{teachers[0]},{teachers[1]}", "--data", "digits",
+                 "--ipc", "2", "--iterations", "6", "--lr", "0.1", "--autocast", "none", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["teachers"]) == 2
+    assert main(["relabel", "--distilled", str(out), "--epochs", "2", "--topk", "3"]) == 0
+    labels = json.loads((out / "labels" / "labels.json").read_text())
+    assert len(labels["teachers"]) == 2  # soft labels from the teacher ensemble
