@@ -8,6 +8,7 @@ already splits by rank, and preparing it would drop samples (REFERENCE.md, pitfa
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
@@ -82,29 +83,14 @@ def stream_setup(cfg, rt: Runtime, source: Source):
             x, y = next(it)
             yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
 
-    @torch.no_grad()
     def evaluate(model) -> float:
-        model.eval()
-        m = torch.tensor(mean, device=rt.device).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=rt.device).view(1, -1, 1, 1)
-        counts = torch.zeros(2, device=rt.device)
-        batch: list = []
+        from squeeze.train import batch_accuracy
 
-        def flush():
-            x = torch.stack([b[0] for b in batch]).to(rt.device).float() / 255
-            y = torch.tensor([b[1] for b in batch], device=rt.device)
-            counts[0] += (model((x - m) / s).argmax(1) == y).sum()
-            counts[1] += len(batch)
-            batch.clear()
+        def batches():  # each test sample exactly once across ranks
+            items = source.stream("test", rt.rank, rt.world)
+            while chunk := list(itertools.islice(items, 512)):
+                yield torch.stack([x for x, _ in chunk]), torch.tensor([y for _, y in chunk])
 
-        for item in source.stream("test", rt.rank, rt.world):  # each test sample exactly once across ranks
-            batch.append(item)
-            if len(batch) == 512:
-                flush()
-        if batch:
-            flush()
-        if rt.world > 1:
-            counts = rt.accelerator.reduce(counts, reduction="sum")
-        return float(counts[0] / counts[1].clamp_min(1))
+        return batch_accuracy(model, batches(), mean, std, rt.device, rt)
 
     return TrainData(list(info["class_names"]), tuple(info["image_shape"]), mean, std, n, steps, batches, evaluate)

@@ -105,21 +105,28 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | None = None, batch: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (raw, normalised input) on ``images``, split across ranks and summed."""
+def batch_accuracy(model, batches, mean, std, device, rt: Runtime | None = None) -> float:
+    """Top-1 of ``model`` (raw, normalised input) over ``(uint8 images, labels)`` batches; with several ranks the
+    correct/total counts are summed, so each rank passes only its share of the test data."""
     model.eval()
-    rank, world = (rt.rank, rt.world) if rt else (0, 1)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    correct = torch.zeros((), device=device)
-    idx = torch.arange(rank, len(images), world)
-    for i in range(0, len(idx), batch):
-        j = idx[i:i + batch]
-        x = (images.images[j].to(device).float() / 255 - m) / s
-        correct += (model(x).argmax(1).cpu() == images.labels[j]).sum().to(device)
+    counts = torch.zeros(2, device=device)
+    for xb, yb in batches:
+        x = (xb.to(device).float() / 255 - m) / s
+        counts[0] += (model(x).argmax(1) == yb.to(device)).sum()
+        counts[1] += len(yb)
     if rt is not None and rt.world > 1:
-        correct = rt.accelerator.reduce(correct, reduction="sum")
-    return float(correct) / len(images)
+        counts = rt.accelerator.reduce(counts, reduction="sum")
+    return float(counts[0] / counts[1].clamp_min(1))
+
+
+def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | None = None, batch: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``images``, split across ranks and summed."""
+    rank, world = (rt.rank, rt.world) if rt else (0, 1)
+    idx = torch.arange(rank, len(images), world)
+    batches = ((images.images[j], images.labels[j]) for j in idx.split(batch))
+    return batch_accuracy(model, batches, mean, std, device, rt)
 
 
 def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
