@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -101,6 +102,30 @@ def evaluate(train: ImageSet, test: ImageSet, mean, std, args) -> dict[str, floa
     return res
 
 
+CELL_ARGS = ("data", "size", "iterations", "lr_pixel", "lr_latent", "chunk", "ddim_steps", "batch_real", "net_width",
+             "ae_steps", "unet_steps", "gan_steps", "unet_width", "gen_width", "archs", "student_passes",
+             "resnet_passes", "student_width", "students", "device")
+
+
+def cell(args, name: str, compute) -> dict:
+    """One table row, cached in --work/cells so an interrupted benchmark resumes at the first unfinished cell (a
+    cached row is reused only when every setting that shapes it is the same)."""
+    key = {k: getattr(args, k) for k in CELL_ARGS}
+    path = args.work / "cells" / f"{name}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            print({**saved["row"], "cached": True}, flush=True)
+            return saved["row"]
+    row = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "row": row}))
+    tmp.replace(path)
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=DATA)
@@ -138,11 +163,12 @@ def main() -> None:
     t_priors = time.perf_counter() - t_start
     rows = []
     for ipc in args.ipc:
-        t0 = time.perf_counter()
-        base = random_subset(train_all, ipc, 0, train_all.num_classes)
-        rows.append({"method": "random real", "ipc": ipc, "param": "-", "distil_s": 0.0,
-                     **evaluate(base, test, mean, std, args), "eval_s": time.perf_counter() - t0})
-        print(rows[-1], flush=True)
+        def random_row(ipc=ipc):
+            t0 = time.perf_counter()
+            base = random_subset(train_all, ipc, 0, train_all.num_classes)
+            return {"method": "random real", "ipc": ipc, "param": "-", "distil_s": 0.0,
+                    **evaluate(base, test, mean, std, args), "eval_s": time.perf_counter() - t0}
+        rows.append(cell(args, f"random_ipc{ipc}", random_row))
     for ipc in args.ipc:  # small IPC first: what the budget cuts is the most expensive cells
         for method in args.methods:
             for param in args.params:
@@ -151,15 +177,17 @@ def main() -> None:
                     rows.append({**row, "skipped": True})
                     print(rows[-1], flush=True)
                     continue
-                t0 = time.perf_counter()
-                out = distil(args, method, ipc, param, prior_dirs)
-                row["distil_s"] = time.perf_counter() - t0
-                syn, _ = load_distilled(out)
-                t1 = time.perf_counter()
-                row.update(evaluate(syn, test, mean, std, args))
-                row["eval_s"] = time.perf_counter() - t1
-                rows.append(row)
-                print(row, flush=True)
+
+                def distil_row(method=method, ipc=ipc, param=param, row=row):
+                    t0 = time.perf_counter()
+                    out = distil(args, method, ipc, param, prior_dirs)
+                    row["distil_s"] = time.perf_counter() - t0
+                    syn, _ = load_distilled(out)
+                    t1 = time.perf_counter()
+                    row.update(evaluate(syn, test, mean, std, args))
+                    row["eval_s"] = time.perf_counter() - t1
+                    return row
+                rows.append(cell(args, f"{method}_ipc{ipc}_{param}", distil_row))
     total = time.perf_counter() - t_start
     write_table(args, rows, t_priors, total, prior_dirs)
 
@@ -180,8 +208,11 @@ def write_table(args, rows: list[dict], t_priors: float, total: float, prior_dir
              "", (f"Wall time: prior training (one-off, cached in --work) LD3M {prior_dirs['ld3m_train_s'] / 60:.1f} "
                   f"min, GLaD {prior_dirs['glad_train_s'] / 60:.1f} min; this run {total / 60:.1f} min of which "
                   f"{t_priors / 60:.1f} min priors (budget {args.budget_min:.0f} min, cells started past it are "
-                  "skipped; 2 CPU cores shared with other jobs, load average ~9)."), "",
-             "Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generative.py " + " ".join(sys.argv[1:]) + "`",
+                  f"skipped; {os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, "
+                  f"load average at the end {os.getloadavg()[1]:.1f}; cells reused from an interrupted run keep "
+                  "their own times)."), "",
+             f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
+             "benchmarks/generative.py " + " ".join(sys.argv[1:]) + "`",
              "",
              "| objective | IPC | parametrization | " + " | ".join(arch_cols) + " | distil s | eval s |",
              "| --- | --- | --- | " + " | ".join("---" for _ in arch_cols) + " | --- | --- |"]

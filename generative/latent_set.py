@@ -14,6 +14,7 @@ the noise it starts from are drawn from a generator seeded with ``mix_seed(seed,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import ClassVar
@@ -75,6 +76,7 @@ class LatentSet(Parametrization):
                 self.register_buffer(name, t)
         # autograd calls the chunked backward only if some input requires grad; this scalar is that input
         object.__setattr__(self, "_dummy", torch.zeros((), requires_grad=True))
+        self._cache: dict[bool, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------- subclass hooks
     @property
@@ -129,7 +131,29 @@ class LatentSet(Parametrization):
     def _render_index(self, idx: torch.Tensor) -> torch.Tensor:
         return self.render_latents({k: getattr(self, k)[idx] for k in self.latent_names})
 
+    @contextlib.contextmanager
+    def step_cache(self):
+        """Inside one engine step, render every image once (per grad mode) and serve subsets from it: DM/DC ask
+        class by class, and one batched pass through the prior costs far less than one small pass per class. The
+        gradient of every subset flows back through the one shared rendering."""
+        self._cache = {}
+        try:
+            yield
+        finally:
+            self._cache = None
+
     def render(self, index=None) -> torch.Tensor:
+        if self._cache is not None:
+            grad = torch.is_grad_enabled()
+            if not grad and True in self._cache:
+                self._cache[False] = self._cache[True].detach()
+            if grad not in self._cache:
+                self._cache[grad] = self._render_uncached()
+            full = self._cache[grad]
+            return full if index is None else full[self._index(index)]
+        return self._render_uncached(index)
+
+    def _render_uncached(self, index=None) -> torch.Tensor:
         idx = self._index(index)
         if self.chunk and len(idx) > self.chunk:
             return chunked_render(self._render_index, idx, self.chunk, self._dummy)

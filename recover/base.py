@@ -15,6 +15,7 @@ the class; registration happens on import).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -140,8 +141,6 @@ class Context:
     def autocast(self):
         """Autocast context for model forward passes (bf16 where configured), a no-op otherwise."""
         if self.autocast_dtype is None:
-            import contextlib
-
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
@@ -177,6 +176,12 @@ class Parametrization(nn.Module):
 
     def project_(self) -> None:
         """Called after every optimiser step (e.g. clamp pixels to the valid range)."""
+
+    def step_cache(self) -> contextlib.AbstractContextManager:
+        """Context the engine holds around one step's loss: parameters do not change inside it, so a
+        parametrization whose rendering is expensive (a generator) may render every image once and serve
+        :meth:`render` calls for subsets (DM/DC ask class by class) from that one batch. Default: no cache."""
+        return contextlib.nullcontext()
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors saved with the distilled set (beyond the images), e.g. latents."""

@@ -202,7 +202,8 @@ class Engine:
             scale = 0.5 * (1 + math.cos(math.pi * step / cfg.iterations)) if cfg.schedule == "cosine" else 1.0
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
-            loss = self.objective.loss(syn, ctx)
+            with syn.step_cache():
+                loss = self.objective.loss(syn, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
