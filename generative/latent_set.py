@@ -104,7 +104,8 @@ class LatentSet(Parametrization):
         if init == "noise":
             lat = self.prior.sample_latents(labels, gens)
         else:
-            real = torch.cat([ctx.real.sample(c, 1, g) for c, g in zip(classes.tolist(), gens)])
+            real = torch.cat([ctx.real.get(ctx.real.init_choice(c, i, seed))
+                              for c, i in zip(classes.tolist(), indices.tolist())])
             lat = {}
             with torch.no_grad():
                 for s in range(0, len(real), encode_batch):

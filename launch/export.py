@@ -90,6 +90,8 @@ def run(cfg: ExportConfig, rt=None) -> dict:
                 "splits": {"train": {"name": "train", "num_samples": len(images), "filenames": files,
                                      "shard_lengths": lengths}}})
         write_json(tmp / "manifest.json", manifest)
+        if manifest.get("zca"):  # the set lives in whitened space: whoever trains on it needs the same transform
+            shutil.copy2(Path(cfg.distilled) / manifest["zca"], tmp / manifest["zca"])
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -231,6 +231,13 @@ class Objective:
         """Learnable tensors besides the images (MTT's lr, DATM's labels); optimised by the same loop."""
         return []
 
+    def input_reference(self) -> dict | None:
+        """How the networks this objective matches were fed, when it comes with them (expert buffers):
+        ``{"mean", "std", "zca": a zca.safetensors path or None, "source": where it comes from}``. The engine then
+        uses it for the whole run and records it for evaluation; ``None``: the run's own (the teacher's mean/std, or
+        0.5/0.5, and the ``zca`` option)."""
+        return None
+
     def select(self, ctx: Context, ipc: int) -> torch.Tensor:
         """Coreset objectives: indices into ``ctx.real`` of the chosen images, ``ipc`` per class of the unit."""
         raise NotImplementedError

@@ -39,6 +39,10 @@ class RecoverConfig:
         checkpoint_every: save the unit's optimiser state every N steps so a killed run resumes mid-unit (0 = off).
         log_every: log losses every N steps (also where NaN is checked).
         max_classes: use only the first N classes (0 = all), for debugging.
+        zca: ZCA-whiten the inputs of the matching objectives' networks: "" (off; an MTT-family run uses its
+            experts' whitening when they were recorded with one), "fit" (fit on the training images of --data) or a
+            zca.safetensors path. Saved with the distilled set; evaluate applies it to students and test images.
+        zca_reg: regularisation added to the covariance eigenvalues when fitting (MTT/kornia: 0.1).
     """
 
     out: str = "output/recover"
@@ -67,6 +71,8 @@ class RecoverConfig:
     checkpoint_every: int = 0
     log_every: int = 50
     max_classes: int = 0
+    zca: str = ""
+    zca_reg: float = 0.1
 
     def __post_init__(self):
         if self.ipc < 1:
@@ -79,6 +85,8 @@ class RecoverConfig:
             raise DistillError(f"unknown schedule '{self.schedule}'; use cosine or constant.")
         if self.classes_per_unit < 0 or self.ipc_per_unit < 0:
             raise DistillError("classes_per_unit and ipc_per_unit must be >= 0 (0 = all).")
+        if self.zca_reg <= 0:
+            raise DistillError(f"zca_reg must be > 0, got {self.zca_reg}.")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
 

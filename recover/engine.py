@@ -28,6 +28,7 @@ from recover import base
 from recover.config import NON_SEMANTIC, RecoverConfig
 from recover.params import mix_seed
 from recover.real import RealData
+from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 
 log = logging.getLogger("distillset.recover")
 
@@ -95,7 +96,7 @@ class Engine:
         self.teachers = [load_teacher(t, device=self.device) for t in cfg.teachers]
         self._check_teachers()
         self.source = Source(cfg.data) if cfg.data else None
-        needs_real = oc.needs_real or cfg.param_options.get("init") == "real"
+        needs_real = oc.needs_real or cfg.param_options.get("init") == "real" or cfg.zca == "fit"
         if needs_real and self.source is None:
             raise DistillError(f"method '{cfg.method}' (or init from real) needs real data; pass --data SPEC.")
         info = self.source.info() if self.source else None
@@ -134,6 +135,7 @@ class Engine:
             train = ImageSet(train.images[keep], train.labels[keep], train.class_names[: self.num_classes])
             train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
             self.real = RealData(train, self.device)
+        self.zca = self._input_space()
         self.autocast = autocast_dtype(cfg.autocast, self.device)
         for t in self.teachers:
             if cfg.channels_last:
@@ -141,6 +143,36 @@ class Engine:
                 t.channels_last = True
             if cfg.compile:
                 t.model = torch.compile(t.model)
+
+    def _input_space(self) -> ZCA | None:
+        """Settle how the matching networks see images (mean/std, and the ZCA whitening or None). Expert buffers
+        bring their own, which then holds for the whole run and for evaluation; otherwise the ``zca`` option."""
+        cfg = self.cfg
+        if cfg.zca and self.objective_cls.needs_teacher:
+            raise DistillError(f"zca whitens the inputs of networks trained from scratch (matching methods); "
+                               f"'{cfg.method}' matches a pretrained teacher that normalises its own inputs: drop zca.")
+        ref = self.objective.input_reference()
+        zca = None
+        if ref is not None:
+            self.mean, self.std = list(ref["mean"]), list(ref["std"])
+            if ref["zca"] is None and cfg.zca:
+                raise DistillError(f"zca is set but the {ref['source']} were trained without whitening; record them "
+                                   "with `distillset squeeze trajectories --zca true`, or drop zca.")
+            if ref["zca"] is not None:
+                zca = ZCA.load(ref["zca"])
+                if cfg.zca == "fit" or (cfg.zca and not zca.same_as(ZCA.load(cfg.zca))):
+                    raise DistillError(f"the {ref['source']} were trained on inputs whitened by {ref['zca']}, and the "
+                                       "synthetic images must be matched in that space: drop zca (it is used "
+                                       "automatically) or point zca at that file.")
+        elif cfg.zca == "fit":
+            zca = ZCA.fit(self.real.images, cfg.zca_reg, transform=InputTransform(self.mean, self.std))
+            log.info("zca: fitted on %d real training images (reg %g)", len(self.real.images), cfg.zca_reg)
+        elif cfg.zca:
+            zca = ZCA.load(cfg.zca)
+        if zca is not None and tuple(zca.shape) != tuple(self.image_shape):
+            raise DistillError(f"the ZCA whitening ({cfg.zca or ref['zca']}) was fitted on {tuple(zca.shape)} images "
+                               f"but this run makes {tuple(self.image_shape)}; fit it at this resolution (zca: fit).")
+        return zca
 
     def _check_teachers(self) -> None:
         if not self.teachers:
@@ -170,7 +202,8 @@ class Engine:
                             image_shape=self.image_shape, generator=g, total_steps=self.cfg.iterations,
                             rank=self.rt.rank, world=self.rt.world, unit=unit.index, teachers=self.teachers,
                             real=self.real, augment=self.augment, autocast_dtype=self.autocast,
-                            options={"mean": self.mean, "std": self.std, "ipc": self.cfg.ipc,
+                            options={"mean": self.mean, "std": self.std, "zca": self.zca, "ipc": self.cfg.ipc,
+                                     "seed": self.cfg.seed,
                                      "channels_last": self.cfg.channels_last})
 
     def optimise(self, unit: Unit, state_path: Path | None = None) -> tuple[base.Parametrization, dict]:
@@ -267,7 +300,8 @@ class Engine:
         self.objective.setup(ctx)
         picked = []
         for k, c in enumerate(range(unit.c0, unit.c1)):
-            sub = base.Context(**{**ctx.__dict__, "classes": torch.full((unit.i1 - unit.i0,), c, device=self.device)})
+            sub = base.Context(**{**ctx.__dict__, "classes": torch.full((unit.i1 - unit.i0,), c, device=self.device),
+                                  "options": {**ctx.options, "first_index": unit.i0}})
             idx = self.objective.select(sub, unit.i1 - unit.i0)
             picked.append(self.real.images[idx.to(self.real.images.device)].cpu())
         self.objective.teardown()
@@ -293,6 +327,7 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
         "seeds": {"base": cfg.seed, "image": "mix_seed(seed, class, index)",
                   "unit": "mix_seed(seed, 1, c0, c1, i0, i1)"},
         "data": cfg.data, "versions": _versions(), "mean": engine.mean, "std": engine.std,
+        "zca": ZCA_FILE if engine.zca is not None else None,
     }
     if rt.is_main:
         write_json(path, manifest)
@@ -309,6 +344,8 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
         cfg = dataclasses.replace(cfg, classes_per_unit=0)
         engine.cfg = cfg
     manifest = _check_or_write_manifest(out, cfg, engine, rt)
+    if engine.zca is not None and rt.is_main and not (out / ZCA_FILE).exists():
+        engine.zca.save(out / ZCA_FILE)  # before any unit: a partial set is evaluated in the right space too
     rt.wait()
     units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
     mine = units_for_rank(len(units), rt.rank, rt.world)

@@ -50,7 +50,7 @@ class PixelSet(Parametrization):
             if init == "noise":
                 data[k] = torch.randn(image_shape, generator=g) * noise_std
             else:
-                img = ctx.real.get(ctx.real.indices(cls, 1, g)).cpu()[0]
+                img = ctx.real.get(ctx.real.init_choice(cls, idx, seed)).cpu()[0]
                 data[k] = (img - self.mean[0].cpu()) / self.std[0].cpu()
         self.data = nn.Parameter(data)
         self._lo = ((0 - self.mean) / self.std)

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 from launch.data import ImageSet
+from recover.params import mix_seed
+
+
+def init_order(class_index: torch.Tensor, c: int, seed: int) -> torch.Tensor:
+    """The indices of class ``c``'s real images in the seeded order init-from-real and the random baseline use."""
+    g = torch.Generator().manual_seed(mix_seed(seed, 3, c))
+    return class_index[torch.randperm(class_index.numel(), generator=g)]
 
 
 class RealData:
@@ -21,6 +28,21 @@ class RealData:
         self.labels = images.labels
         self.num_classes = images.num_classes
         self.index = [torch.nonzero(images.labels == c).flatten() for c in range(self.num_classes)]
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
+
+    def init_choice(self, c: int, i: int, seed: int) -> torch.Tensor:
+        """The real image that synthetic image ``i`` of class ``c`` starts from (init from real), as a ``(1,)`` index.
+
+        A seeded permutation of the class, so images ``0..ipc-1`` of a class are distinct real images (repeats only
+        when ``ipc`` exceeds the class size), and a pure function of ``(seed, class, index)`` whatever the unit
+        layout. The ``random`` baseline picks exactly these images, so "distilled vs random" measures what the
+        optimisation added to its own starting point.
+        """
+        key = (int(seed), int(c))
+        if key not in self._orders:
+            self._orders[key] = init_order(self.index[c], c, seed)
+        order = self._orders[key]
+        return order[int(i) % order.numel()].view(1)
 
     def count(self, c: int) -> int:
         return int(self.index[c].numel())

@@ -28,6 +28,8 @@ from launch.io import atomic_path, load_tensors, write_json
 from launch.runtime import get_runtime
 from relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
 from relabel.student import StudentSpec, train_student
+from recover.real import init_order
+from squeeze.inputs import ZCA
 
 log = logging.getLogger("distillset.evaluate")
 
@@ -52,7 +54,8 @@ class EvaluateConfig:
         lr: student learning rate (default: the protocol's, or the learned lr of MTT/DATM).
         min_scale: crop lower bound for hard-label training under the sre2l protocol.
         flip: horizontal flips for hard-label training.
-        seed: base seed (random subset and student seeds).
+        seed: base seed of the students (the random baseline takes the distilled set's own seed: the real images an
+            init-from-real run started from).
     """
 
     distilled: str = "output/recover"
@@ -82,15 +85,15 @@ class EvaluateConfig:
 
 
 def random_subset(train: ImageSet, ipc: int, seed: int, num_classes: int) -> ImageSet:
-    """``ipc`` random real images per class (a pure function of the seed), ordered by class."""
-    g = torch.Generator().manual_seed(seed)
+    """``ipc`` random real images per class (a pure function of the seed), ordered by class: the images a recover
+    run with this seed starts from when it initialises from real images (and its ``random`` method picks)."""
     idx = []
     for c in range(num_classes):
         pool = torch.nonzero(train.labels == c).flatten()
         if len(pool) < ipc:
             raise DistillError(f"class '{train.class_names[c]}' has {len(pool)} real images, fewer than ipc {ipc}; "
                                "lower ipc.")
-        idx.append(pool[torch.randperm(len(pool), generator=g)[:ipc]])
+        idx.append(init_order(pool, c, seed)[:ipc])
     return train.subset(torch.cat(idx))
 
 
@@ -100,14 +103,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def learned_params(folder: Path) -> dict[str, torch.Tensor]:
     """Learned lr / soft labels saved by MTT-family methods (``params/``), if any."""
-    files = sorted((folder / "params").glob("unit-*.safetensors"))
-    if not files:
+    parts = [load_tensors(f) for f in sorted((folder / "params").glob("unit-*.safetensors"))]
+    if not parts:
         return {}
-    if len(files) > 1:
-        parts = [load_tensors(f) for f in files]
-        return {k: torch.cat([p[k].reshape(-1, *p[k].shape[1:]) for p in parts]) if parts[0][k].ndim else parts[0][k]
-                for k in parts[0]}
-    return load_tensors(files[0])
+    out = {}
+    for k, first in parts[0].items():
+        # per-image tensors (DATM's soft labels) follow the units' order; a scalar (MTT's lr) is one for the set
+        out[k] = torch.cat([p[k] for p in parts]) if first.ndim else first
+    return out
 
 
 def dd_ranking(full: float | None, hard: float | None, hard_random: float | None, soft: float | None,
@@ -149,6 +152,9 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
     ipc = int(manifest["ipc"])
     mean, std = manifest.get("mean") or [0.5] * distilled.image_shape[0], manifest.get("std")
     std = std or [0.5] * distilled.image_shape[0]
+    zca = ZCA.load(folder / manifest["zca"]) if manifest.get("zca") else None  # distilled in whitened space
+    if zca is not None:
+        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", folder / manifest["zca"])
     teachers_info = manifest.get("teachers", [])
     soft = None
     if cfg.labels in ("soft", "both"):
@@ -169,7 +175,9 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
 
     sets: dict[str, tuple[ImageSet, SoftLabels | None]] = {"distilled": (distilled, soft)}
     if cfg.baseline:
-        rand = random_subset(fit(source.load("train")), ipc, cfg.seed, distilled.num_classes)
+        # the images an init-from-real run of this set started from: distilled vs random shows what distilling added
+        rand_seed = int(manifest.get("seeds", {}).get("base", cfg.seed))
+        rand = random_subset(fit(source.load("train")), ipc, rand_seed, distilled.num_classes)
         rand_soft = None
         if soft is not None:
             specs = cfg.teachers or [t["path"] for t in soft.meta["teachers"]]
@@ -204,7 +212,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
         if mode == "soft" and labels is None:  # DATM-style learned soft labels (logits) of the distilled set
             soft_targets = torch.softmax(learned["soft_labels"].float(), 1).to(rt.device)
         acc = train_student(images, test, spec, mean, std, cfg.seed + 1000 * k, rt.device,
-                            soft=labels if mode == "soft" else None, soft_targets=soft_targets)
+                            soft=labels if mode == "soft" else None, soft_targets=soft_targets, zca=zca)
         results.append({"arch": arch, "set": name, "labels": mode, "seed": cfg.seed + 1000 * k, "top1": acc})
         log.info("evaluate: %s %s %s student %d: top-1 %.4f", arch, name, mode, k, acc)
     results = [r for part in rt.gather_object(results) for r in part]
@@ -224,7 +232,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
 
     metrics = {
         "ipc": ipc, "num_classes": distilled.num_classes, "protocol": cfg.protocol, "epochs": cfg.epochs,
-        "full_data_top1": full, "summary": summary, "runs": results,
+        "full_data_top1": full, "summary": summary, "runs": results, "zca": zca is not None,
         "soft_label_bytes_per_image": soft.bytes_per_image() if soft is not None else None,
         "dd_ranking": dd_ranking(full, get("distilled", "hard"), get("random", "hard"), get("distilled", "soft"),
                                  get("random", "soft")),

@@ -20,6 +20,7 @@ from launch.data import ImageSet
 from launch.errors import DistillError
 from launch.runtime import autocast_dtype
 from relabel.softlabels import SoftLabels, apply_crops, epoch_crops
+from squeeze.inputs import ZCA, InputTransform
 from squeeze.models import create_model
 from squeeze.train import evaluate_model
 
@@ -49,10 +50,12 @@ def _matching_augment():
 
 
 def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std, seed: int, device,
-                  soft: SoftLabels | None = None, soft_targets: torch.Tensor | None = None) -> float:
+                  soft: SoftLabels | None = None, soft_targets: torch.Tensor | None = None,
+                  zca: ZCA | None = None) -> float:
     """Train one fresh student (seeded) and return its top-1 on ``test``.
 
-    ``soft`` gives per-epoch crops + soft labels (SRe2L/FKD); ``soft_targets`` (N, C) fixed soft labels (DATM).
+    ``soft`` gives per-epoch crops + soft labels (SRe2L/FKD); ``soft_targets`` (N, C) fixed soft labels (DATM);
+    ``zca`` whitens the student's inputs (train and test) after normalisation, as the set was distilled.
     """
     if spec.protocol not in ("sre2l", "matching"):
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use sre2l or matching.")
@@ -69,8 +72,7 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
     dsa = _matching_augment() if spec.protocol == "matching" else None
     amp = autocast_dtype(spec.autocast, torch.device(device))
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    norm = InputTransform(mean, std, zca).to(device)
     x_all = train.images.to(device).float() / 255
     y_all = train.labels.to(device)
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +91,7 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
             x = x_all[j.to(device)]
             x = apply_crops(x, crops, j) if crops is not None else dsa(x, g)
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-                logits = model((x - m) / s).float()
+                logits = model(norm(x)).float()
             if soft is not None:
                 target = soft.targets(epoch, j).to(device)
                 loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean")
@@ -104,4 +106,4 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
             sched.step()
     if not math.isfinite(float(loss.detach())):
         raise DistillError("student training diverged (NaN loss); lower the student lr.")
-    return evaluate_model(model, test, mean, std, device)
+    return evaluate_model(model, test, mean, std, device, zca=zca)

@@ -18,6 +18,7 @@ from launch.io import finished_record
 from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
 from squeeze.augment import affine_crop
 from squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
+from squeeze.inputs import ZCA, InputTransform
 from squeeze.models import create_model, model_entry
 
 log = logging.getLogger("distillset.squeeze")
@@ -105,15 +106,14 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def batch_accuracy(model, batches, mean, std, device, rt: Runtime | None = None) -> float:
+def batch_accuracy(model, batches, mean, std, device, rt: Runtime | None = None, zca: ZCA | None = None) -> float:
     """Top-1 of ``model`` (raw, normalised input) over ``(uint8 images, labels)`` batches; with several ranks the
     correct/total counts are summed, so each rank passes only its share of the test data."""
     model.eval()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    norm = InputTransform(mean, std, zca).to(device)
     counts = torch.zeros(2, device=device)
     for xb, yb in batches:
-        x = (xb.to(device).float() / 255 - m) / s
+        x = norm(xb.to(device).float() / 255)
         counts[0] += (model(x).argmax(1) == yb.to(device)).sum()
         counts[1] += len(yb)
     if rt is not None and rt.world > 1:
@@ -121,12 +121,14 @@ def batch_accuracy(model, batches, mean, std, device, rt: Runtime | None = None)
     return float(counts[0] / counts[1].clamp_min(1))
 
 
-def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | None = None, batch: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``images``, split across ranks and summed."""
+def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | None = None, batch: int = 512,
+                   zca: ZCA | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``images`` (inputs normalised, then whitened when ``zca`` is given), split
+    across ranks and summed."""
     rank, world = (rt.rank, rt.world) if rt else (0, 1)
     idx = torch.arange(rank, len(images), world)
     batches = ((images.images[j], images.labels[j]) for j in idx.split(batch))
-    return batch_accuracy(model, batches, mean, std, device, rt)
+    return batch_accuracy(model, batches, mean, std, device, rt, zca)
 
 
 def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
@@ -216,8 +218,7 @@ def fit(model, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str, s
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     model, opt = rt.accelerator.prepare(model, opt)
     amp = autocast_dtype(cfg.autocast, device)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    norm = InputTransform(mean, std).to(device)
     total = steps * cfg.epochs
     ckpt = out / "checkpoint" / "last.pt"
     start_epoch = 0
@@ -237,7 +238,7 @@ def fit(model, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str, s
         for k, (xb, yb) in enumerate(batches(epoch, g)):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_at(epoch * steps + k, total, min(steps, total // 10 or 1))
-            x = (xb.float() / 255 - m) / s
+            x = norm(xb.float() / 255)
             if cfg.augment:
                 x = train_augment(x, g, cfg.flip)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

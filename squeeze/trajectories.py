@@ -3,8 +3,9 @@
 Each expert is a fresh network trained on the real data with plain SGD (lr 0.01, no momentum by default, as MTT's
 ``buffer.py``); its flattened parameters are recorded at initialisation and after every epoch into
 ``OUT/replay_buffer_{k}.safetensors`` as one ``(epochs + 1, P)`` tensor ``trajectory``. The file's metadata says how
-to rebuild the network (arch, model_kwargs, classes, image shape) and how its inputs were normalised (mean/std), so an
-objective can check that a buffer matches its model before using it.
+to rebuild the network (arch, model_kwargs, classes, image shape) and how its inputs were normalised (mean/std, and
+``OUT/zca.safetensors`` when the experts were trained on ZCA-whitened images, as MTT does for CIFAR), so an objective
+can check that a buffer matches its model and feed the synthetic images through the same transform.
 
 Experts are independent: a re-run skips the experts whose file exists (same config) and trains the rest; each file
 is written atomically. FTD's smoother experts are a sharpness-aware (SAM) step of radius ``sam_rho`` (a first-order
@@ -32,6 +33,7 @@ from launch.errors import DistillError
 from launch.io import save_tensors, write_json
 from launch.runtime import Runtime, get_runtime, progress
 from recover.params import mix_seed
+from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 from squeeze.models import create_model
 
 log = logging.getLogger("distillset.squeeze")
@@ -93,6 +95,11 @@ class ExpertBuffers:
         check_buffer_matches(self, model, m["arch"])
         return model
 
+    @property
+    def zca_path(self) -> Path | None:
+        """The ZCA file the experts' inputs were whitened with, or None."""
+        return self.paths[0].parent / self.meta["zca"] if self.meta.get("zca") else None
+
     def check_task(self, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         m = self.meta
         if m["num_classes"] != num_classes or tuple(m["image_shape"]) != tuple(image_shape):
@@ -116,6 +123,7 @@ def _buffer_meta(path: Path) -> dict:
     for k in ("model_kwargs", "image_shape", "mean", "std", "num_classes", "num_params", "epochs", "lr",
               "momentum", "test_top1"):
         meta[k] = json.loads(raw[k]) if k in raw else None
+    meta["zca"] = raw.get("zca") or None
     return meta
 
 
@@ -191,6 +199,9 @@ class TrajectoryConfig:
         seed: base seed; expert k is seeded from (seed, k).
         max_train: use only the first N training images (0 = all), for debugging.
         eval_test: measure each expert's final test top-1 (stored in its metadata).
+        zca: train on ZCA-whitened inputs (MTT's CIFAR setting); the whitening is fitted on the normalised training
+            images and saved as OUT/zca.safetensors, which recover then uses for the synthetic images and evaluation.
+        zca_reg: ZCA regularisation added to the covariance eigenvalues (MTT/kornia: 0.1).
     """
 
     out: str = "output/trajectories"
@@ -209,6 +220,8 @@ class TrajectoryConfig:
     seed: int = 0
     max_train: int = 0
     eval_test: bool = True
+    zca: bool = False
+    zca_reg: float = 0.1
 
     def __post_init__(self):
         if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -221,6 +234,8 @@ class TrajectoryConfig:
             raise DistillError(f"sam_rho must be >= 0, got {self.sam_rho}.")
         if self.augment not in ("dsa", "shift", "none"):
             raise DistillError(f"unknown augment '{self.augment}'; use dsa, shift or none.")
+        if self.zca_reg <= 0:
+            raise DistillError(f"zca_reg must be > 0, got {self.zca_reg}.")
 
 
 NON_SEMANTIC = ("out", "num_experts", "eval_test")
@@ -263,7 +278,7 @@ def _sam_grads(model: nn.Module, loss_fn, rho: float) -> None:
 
 
 def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, device, test: ImageSet | None = None,
-                 show: bool = True) -> tuple[torch.Tensor, float | None]:
+                 show: bool = True, zca: ZCA | None = None) -> tuple[torch.Tensor, float | None]:
     """Train expert ``k``; returns its trajectory ``(epochs + 1, P)`` (CPU float32) and test top-1 (or None)."""
     c, h, _ = train.image_shape
     seed = mix_seed(cfg.seed, 7, k)
@@ -274,8 +289,7 @@ def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, devi
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     aug = _augmenter(cfg.augment, flip=c == 3)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    norm = InputTransform(mean, std, zca).to(device)
     images, labels = train.images.to(device), train.labels.to(device)
     snaps = [flat.flatten().cpu()]
     steps = math.ceil(len(train) / cfg.batch_size)
@@ -285,7 +299,7 @@ def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, devi
         perm = torch.randperm(len(train), generator=g).to(device)
         for i in range(steps):
             j = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = aug((images[j].float() / 255 - m) / s, g)
+            x = aug(norm(images[j].float() / 255), g)
             y = labels[j]
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
@@ -302,7 +316,7 @@ def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, devi
     if test is not None:
         from squeeze.train import evaluate_model
 
-        top1 = evaluate_model(model, test, mean, std, device)
+        top1 = evaluate_model(model, test, mean, std, device, zca=zca)
     return torch.stack(snaps), top1
 
 
@@ -329,6 +343,11 @@ def run(cfg: TrajectoryConfig, rt: Runtime | None = None) -> dict:
     fp = fingerprint(cfg, NON_SEMANTIC)
     train, test = _load_data(cfg)
     mean, std = channel_stats(train.images)
+    zca = None
+    if cfg.zca:  # every rank fits the same whitening (deterministic); the main one writes it
+        zca = ZCA.fit(train.images, cfg.zca_reg, transform=InputTransform(mean, std))
+        if rt.is_main and not (out / ZCA_FILE).exists():
+            zca.save(out / ZCA_FILE)
     t0 = time.perf_counter()
     done, skipped = [], []
     for k in range(rt.rank, cfg.num_experts, rt.world):
@@ -340,12 +359,12 @@ def run(cfg: TrajectoryConfig, rt: Runtime | None = None) -> dict:
                                    f"{fp}); choose another --out or delete that folder.")
             skipped.append(k)
             continue
-        traj, top1 = train_expert(cfg, k, train, mean, std, rt.device, test, show=rt.is_main)
+        traj, top1 = train_expert(cfg, k, train, mean, std, rt.device, test, show=rt.is_main, zca=zca)
         meta = {"arch": cfg.arch, "model_kwargs": json.dumps(cfg.model_kwargs), "num_classes": train.num_classes,
                 "image_shape": json.dumps(list(train.image_shape)), "mean": json.dumps(mean),
                 "std": json.dumps(std), "num_params": traj.shape[1], "epochs": cfg.epochs, "lr": cfg.lr,
                 "momentum": cfg.momentum, "fingerprint": fp, "data": cfg.data, "test_top1": json.dumps(top1),
-                "expert": k, "format": "distillset-trajectory/1"}
+                "expert": k, "format": "distillset-trajectory/1", "zca": ZCA_FILE if zca is not None else ""}
         save_tensors(path, {"trajectory": traj}, meta)
         done.append(k)
         log.info("expert %d/%d recorded (%d epochs, %d parameters, test top-1 %s)", k + 1, cfg.num_experts,

@@ -11,7 +11,7 @@ from launch.data import Source
 from launch.errors import DistillError
 from recover.augmentations.dsa import DSA_RATIOS, FAMILIES, SiameseAug, apply_family, dsa_augment, sample_family
 from recover.base import Context, get
-from recover.zca import ZCA
+from squeeze.inputs import ZCA
 
 
 @pytest.fixture(scope="module")

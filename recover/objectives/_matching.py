@@ -11,6 +11,7 @@ from torch import nn
 
 from launch.errors import DistillError
 from recover.base import Context, Objective, Parametrization, get
+from squeeze.inputs import InputTransform
 
 AUG_CHOICES = ("none", "dsa", "diffaugment", "engine")
 
@@ -24,17 +25,13 @@ def dc_loops(ipc: int) -> tuple[int, int]:
     return DC_LOOPS[keys[-1]]
 
 
-class Normalize(nn.Module):
-    """``(x - mean) / std`` with the engine's reference mean/std, applied to real and synthetic images alike."""
+class Normalize(InputTransform):
+    """The run's input transform (the engine's mean/std, then its ZCA whitening when set), applied to real and
+    synthetic images alike."""
 
     def __init__(self, ctx: Context):
-        super().__init__()
         c = ctx.image_shape[0]
-        self.register_buffer("mean", torch.tensor(ctx.options.get("mean", [0.5] * c)).view(1, c, 1, 1))
-        self.register_buffer("std", torch.tensor(ctx.options.get("std", [0.5] * c)).view(1, c, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+        super().__init__(ctx.options.get("mean", [0.5] * c), ctx.options.get("std", [0.5] * c), ctx.options.get("zca"))
 
 
 def class_positions(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

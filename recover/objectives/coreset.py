@@ -77,11 +77,13 @@ class _Coreset(Objective):
 
 @register_objective("random")
 class RandomCoreset(_Coreset):
-    """Random real images of each class (the baseline every method is compared with)."""
+    """Random real images of each class (the baseline every method is compared with): exactly the images that
+    init-from-real methods start from with the same seed (:meth:`recover.real.RealData.init_choice`)."""
 
     def select(self, ctx: Context, ipc: int) -> torch.Tensor:
         c = self.class_of(ctx)
-        return ctx.real.indices(c, ipc, ctx.generator).cpu()
+        i0, seed = int(ctx.options.get("first_index", 0)), int(ctx.options.get("seed", 0))
+        return torch.cat([ctx.real.init_choice(c, i, seed) for i in range(i0, i0 + ipc)]).cpu()
 
 
 class _FeatureCoreset(_Coreset):

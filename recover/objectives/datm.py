@@ -81,7 +81,7 @@ class DATM(MTT):
         ep = self.max_start_epoch if self.label_epoch < 0 else self.label_epoch
         ep = min(ep, self.experts.epochs)
         theta = self.experts.trajectories[0][ep].to(ctx.device)
-        return lambda x: self.net(theta, (x - self.mean) / self.std)
+        return lambda x: self.net(theta, self.norm(x))
 
     @torch.no_grad()
     def _initialise(self, syn: Parametrization, ctx: Context) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from launch.errors import DistillError
 from recover.base import Context, Objective, Parametrization, register_objective
+from recover.objectives._matching import Normalize
 from recover.params import mix_seed
 from squeeze.models import create_model
 from squeeze.trajectories import FlatModel
@@ -54,9 +55,7 @@ class DD(Objective):
         c, h, _ = ctx.image_shape
         self.build = lambda: create_model(self.arch, ctx.num_classes, c, h, **self.model_kwargs).to(ctx.device)
         self.net = FlatModel(self.build())
-        x = ctx.real.images.float().div(255)  # normalise with the real data's channel statistics
-        self.mean = x.mean(dim=(0, 2, 3)).view(1, c, 1, 1).to(ctx.device)
-        self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, c, 1, 1).to(ctx.device)
+        self.norm = Normalize(ctx).to(ctx.device)  # the run's input space, which evaluate uses too
         self.log_lr.data = self.log_lr.data.to(ctx.device)
 
     def extra_parameters(self) -> list:
@@ -85,7 +84,7 @@ class DD(Objective):
         for _ in range(self.inner_epochs):
             for i in range(self.inner_steps):
                 x = ctx.augment(x_syn, ctx) if ctx.augment is not None else x_syn
-                ce = F.cross_entropy(self.net(theta, (x - self.mean) / self.std), y_syn)
+                ce = F.cross_entropy(self.net(theta, self.norm(x)), y_syn)
                 g = torch.autograd.grad(ce, theta, create_graph=True)[0]
                 theta = theta - lrs[i] * g
         return theta
@@ -94,7 +93,7 @@ class DD(Objective):
         theta0 = self.fresh_init(ctx).requires_grad_(True)
         theta = self.unroll(theta0, syn.render(), syn.labels, ctx)
         xr, yr = self.real_batch_(ctx)
-        xr = (xr - self.mean) / self.std
+        xr = self.norm(xr)
         loss = F.cross_entropy(self.net(theta, xr), yr)
         with torch.no_grad():
             before = F.cross_entropy(self.net(theta0, xr), yr)

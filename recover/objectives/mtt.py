@@ -30,6 +30,7 @@ from torch import nn
 
 from launch.errors import DistillError
 from recover.base import Context, Objective, Parametrization, register_objective
+from squeeze.inputs import ZCA, InputTransform
 from squeeze.trajectories import ExpertBuffers, FlatModel, check_buffer_matches, load_buffers
 
 log = logging.getLogger("distillset.recover")
@@ -112,10 +113,15 @@ class MTT(Objective):
         model = ex.build_model(ctx.device)
         check_buffer_matches(ex, model, self.arch or ex.meta["arch"])
         self.net = FlatModel(model)
-        c = ctx.image_shape[0]
-        self.mean = torch.tensor(ex.meta["mean"], device=ctx.device).view(1, c, 1, 1)
-        self.std = torch.tensor(ex.meta["std"], device=ctx.device).view(1, c, 1, 1)
+        zca = ZCA.load(ex.zca_path) if ex.zca_path is not None else None
+        self.norm = InputTransform(ex.meta["mean"], ex.meta["std"], zca).to(ctx.device)  # the experts' input space
         self.syn_lr.data = self.syn_lr.data.to(ctx.device)
+
+    def input_reference(self) -> dict:
+        ex = self.experts or load_buffers(self.buffer, self.max_experts)
+        self.experts = ex
+        return {"mean": ex.meta["mean"], "std": ex.meta["std"], "zca": ex.zca_path,
+                "source": f"expert buffers in {ex.paths[0].parent}"}
 
     def extra_parameters(self) -> list:
         return [{"params": [self.syn_lr], "lr": self.lr_lr}] if self.learn_lr else []
@@ -152,7 +158,7 @@ class MTT(Objective):
         x = x_all[idx]
         if aug is not None:
             x = ctx.augment.apply(x, aug, ctx)
-        return self.inner_loss(self.net(theta, (x - self.mean) / self.std), idx, syn, labels)
+        return self.inner_loss(self.net(theta, self.norm(x)), idx, syn, labels)
 
     def _targets(self, expert: torch.Tensor, start: int, ctx: Context) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(student step, expert parameters, squared start distance)`` of every matched point."""

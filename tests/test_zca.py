@@ -1,0 +1,119 @@
+"""ZCA whitening end to end: one input transform, fitted once, stored with the experts and the distilled set, and
+applied by the matching objectives, the experts, the students and the test images alike."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launch.data import Source
+from launch.errors import DistillError
+from launch.runtime import get_runtime
+from recover.config import RecoverConfig
+from recover.engine import Engine, plan_units
+from recover.engine import run as recover_run
+from recover.objectives._matching import Normalize
+from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
+from squeeze.trajectories import TrajectoryConfig, load_buffers
+from squeeze.trajectories import run as record
+from tests.trajectory_helpers import EXPERT_KW, shared_experts
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return Source("digits").load("train")
+
+
+def test_input_transform_whitens_after_normalising(digits):
+    x = digits.images[:600].float() / 255
+    norm = InputTransform([0.3], [0.4])
+    zca = ZCA.fit(digits.images[:600], 0.1, transform=norm)  # uint8 in, normalised batch by batch
+    assert zca.same_as(ZCA.fit((x - 0.3) / 0.4, 0.1))  # the same as fitting the normalised floats at once
+    white = InputTransform([0.3], [0.4], zca)
+    w = white(x)
+    assert torch.allclose(w, zca.apply((x - 0.3) / 0.4), atol=1e-5)
+    # whitening maps every covariance eigenvalue s to s / (s + reg): the spectrum is flattened towards 1
+    s_in = torch.linalg.eigvalsh(torch.cov(((x - 0.3) / 0.4).flatten(1).t().double(), correction=0)).clamp(min=0)
+    s_out = torch.linalg.eigvalsh(torch.cov(w.flatten(1).t().double(), correction=0))
+    assert torch.allclose(s_out, s_in / (s_in + 0.1), atol=1e-4)
+    assert s_in.max() / s_in[s_in > 1e-3].min() > 100 and s_out[s_in > 1e-3].min() > 0.01
+    # under bf16 autocast the whitening still runs in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wb = white(x)
+    assert wb.dtype == torch.float32 and torch.allclose(wb, w, atol=1e-5)
+    with pytest.raises(DistillError, match="fitted on images"):
+        white(torch.rand(2, 1, 16, 16))
+
+
+def _dm_config(out, **kw) -> RecoverConfig:
+    base = dict(out=str(out), data="digits", method="dm", ipc=1, iterations=3, parametrization="pixel",
+                param_options={"init": "real"}, augmentation="none", optimizer="sgd", lr=1.0, momentum=0.5,
+                schedule="constant", classes_per_unit=0, options={"width": 8, "batch_real": 16}, log_every=1,
+                autocast="none", channels_last=False, zca="fit")
+    return RecoverConfig(**{**base, **kw})
+
+
+def test_dm_with_zca_stores_the_whitening_and_evaluate_applies_it(tmp_path, digits, monkeypatch):
+    import relabel.evaluate as ev
+    from launch.export import ExportConfig
+    from launch.export import run as export
+
+    cfg = _dm_config(tmp_path / "dm")
+    manifest = recover_run(cfg)
+    out = tmp_path / "dm"
+    assert manifest["zca"] == ZCA_FILE and (out / ZCA_FILE).exists()
+    stored = ZCA.load(out / ZCA_FILE)
+    assert stored.same_as(ZCA.fit(digits.images, 0.1, transform=InputTransform([0.5], [0.5])))
+    # the objectives' networks see exactly that whitening
+    engine = Engine(cfg, get_runtime())
+    ctx = engine.context(plan_units(10, 1, 0, 0)[0])
+    x = digits.images[:50].float() / 255
+    assert torch.allclose(Normalize(ctx)(x), stored.apply((x - 0.5) / 0.5), atol=1e-5)
+
+    seen = []
+    real_train = ev.train_student
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("zca"))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "train_student", spy)
+    metrics = ev.run(ev.EvaluateConfig(distilled=str(out), archs=["convnet"], model_kwargs={"width": 8}, epochs=2,
+                                       students=1, labels="hard", protocol="matching"))
+    assert metrics["zca"] is True and len(seen) == 2  # the distilled set and the random-real baseline
+    assert all(z is not None and z.same_as(stored) for z in seen)
+    exported = export(ExportConfig(distilled=str(out), out=str(tmp_path / "wds"), format="wds"))
+    assert exported is not None and ZCA.load(tmp_path / "wds" / ZCA_FILE).same_as(stored)
+
+
+def test_zca_is_refused_for_teacher_methods_and_mismatched_resolutions(tmp_path, digits_teacher):
+    with pytest.raises(DistillError, match="pretrained teacher"):
+        recover_run(_dm_config(tmp_path / "sre2l", method="sre2l", teachers=[str(digits_teacher)], options={}))
+    small = ZCA.fit(torch.rand(20, 1, 4, 4))
+    small.save(tmp_path / "small.safetensors")
+    with pytest.raises(DistillError, match="fitted on"):
+        recover_run(_dm_config(tmp_path / "dm", zca=str(tmp_path / "small.safetensors")))
+
+
+def test_experts_record_their_whitening_and_mtt_distils_in_it(tmp_path, tmp_path_factory):
+    experts = tmp_path / "experts"
+    summary = record(TrajectoryConfig(out=str(experts), **{**EXPERT_KW, "zca": True}), get_runtime())
+    zca = ZCA.load(experts / ZCA_FILE)
+    ex = load_buffers(experts)
+    assert ex.zca_path == experts / ZCA_FILE
+    assert summary["test_top1_mean"] > 0.5  # experts learn on whitened digits
+    mtt = {"buffer": str(experts), "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 3}
+    cfg = _dm_config(tmp_path / "mtt", method="mtt", options=mtt, zca="", iterations=2, ipc=1,
+                     param_options={"init": "real"})
+    manifest = recover_run(cfg)
+    # no zca option needed: the experts define the space, and the set records it for evaluation
+    assert manifest["zca"] == ZCA_FILE and ZCA.load(tmp_path / "mtt" / ZCA_FILE).same_as(zca)
+    assert manifest["mean"] == ex.meta["mean"] and manifest["std"] == ex.meta["std"]
+    with pytest.raises(DistillError, match="whitened by"):
+        recover_run(_dm_config(tmp_path / "mtt_fit", method="mtt", options=mtt, zca="fit"))
+    plain = {**mtt, "buffer": shared_experts(tmp_path_factory)}
+    with pytest.raises(DistillError, match="without whitening"):
+        recover_run(_dm_config(tmp_path / "mtt_plain", method="mtt", options=plain, zca="fit"))
+    assert json.loads((tmp_path / "mtt" / "manifest.json").read_text())["status"] == "complete"
