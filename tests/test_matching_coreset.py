@@ -93,3 +93,21 @@ def test_engine_writes_herding_selection(real, tmp_path):
     assert torch.equal(got.sort(0).values, want.sort(0).values)  # exactly the chosen real images, lossless
     again = run(dataclasses.replace(cfg))  # finished units are skipped
     assert again["status"] == "complete"
+
+
+def test_random_baseline_is_the_init_from_real_starting_point(tmp_path):
+    """`random`, init-from-real (before any step, whatever the unit layout) and evaluate's random baseline are the
+    same real images for one seed, so "distilled vs random" measures what the optimisation added."""
+    from relabel.evaluate import random_subset
+
+    common = {"data": DATA, "ipc": 3, "seed": 5, "augmentation": "none", "autocast": "none"}
+    run(RecoverConfig(out=str(tmp_path / "random"), method="random", iterations=0, classes_per_unit=10, **common))
+    run(RecoverConfig(out=str(tmp_path / "init"), method="dm", iterations=0, param_options={"init": "real"},
+                      classes_per_unit=3, ipc_per_unit=2, **common))
+    rand, _ = load_distilled(tmp_path / "random")
+    init, _ = load_distilled(tmp_path / "init")
+    assert torch.equal(rand.labels, init.labels) and torch.equal(rand.images, init.images)
+    base = random_subset(Source(DATA).load("train"), 3, 5, 10)
+    assert torch.equal(base.images, rand.images)
+    for c in range(10):  # distinct images within a class
+        assert rand.images[rand.labels == c].flatten(1).unique(dim=0).shape[0] == 3
