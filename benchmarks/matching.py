@@ -37,14 +37,16 @@ from recover.config import RecoverConfig
 from recover.engine import run as recover_run
 
 DATA = "npz:/work/shared/data/cifar10.npz"
-MEAN, STD = [0.4911, 0.4827, 0.4465], [0.2452, 0.2430, 0.2614]  # this file's train statistics (README)
 
 
-def recover_config(method: str, ipc: int, out: str, args) -> RecoverConfig:
-    """The method's paper settings, scaled to the budget by the command-line flags."""
+def recover_config(name: str, ipc: int, out: str, args) -> RecoverConfig:
+    """The method's paper settings, scaled to the budget by the command-line flags. ``NAME_zca``: the same method
+    with ZCA whitening fitted on the training images (stored with the set; evaluation applies it)."""
+    method = name.removesuffix("_zca")
     net = {"width": args.width, "batch_real": args.batch_real}
     common = {"out": out, "data": args.data, "method": method, "ipc": ipc, "parametrization": "pixel",
-                  "param_options": {"init": "real"}, "augmentation": "none", "autocast": "none", "log_every": 10, "seed": args.seed}
+              "param_options": {"init": "real"}, "augmentation": "none", "autocast": "none", "log_every": 10,
+              "seed": args.seed, "zca": "fit" if name.endswith("_zca") else ""}
     iters = args.iters.get(method, 0)
     if method in ("random", "herding", "kcenter"):
         opts = {"features": "random_convnet"} if method != "random" else {}
@@ -102,13 +104,17 @@ def stratified(test: ImageSet, per_class: int) -> ImageSet:
     return test.subset(torch.cat(idx))
 
 
-def evaluate(images: ImageSet, test: ImageSet, ipc: int, args) -> list[float]:
+def evaluate(images: ImageSet, test: ImageSet, ipc: int, args, manifest: dict, folder: str) -> list[float]:
+    """Fresh students in the set's own input space (its mean/std and ZCA whitening), as `distillset evaluate`."""
     from relabel.student import StudentSpec, train_student
+    from squeeze.inputs import ZCA
 
     spec = StudentSpec(arch="convnet3", model_kwargs={"width": args.student_width},
                        epochs=args.epochs_ipc1 if ipc == 1 else args.epochs, protocol="matching",
                        batch_size=256, autocast="none")
-    return [100 * train_student(images, test, spec, MEAN, STD, seed=1000 + k, device="cpu")
+    zca = ZCA.load(Path(folder) / manifest["zca"]) if manifest.get("zca") else None
+    return [100 * train_student(images, test, spec, manifest["mean"], manifest["std"], seed=1000 + k, device="cpu",
+                                zca=zca)
             for k in range(args.students)]
 
 
@@ -117,7 +123,9 @@ def write_table(rows: list[dict], args, path: Path, total: float) -> str:
         "# Matching methods and coresets on CIFAR-10 (benchmarks/matching.py)",
         "",
         f"Data: `{args.data}` (1000 train images per class, JPEG-decoded CIFAR-10; see shared/data/README.md).",
-        f"Students: {args.students} x ConvNet-3 (instance norm, width {args.student_width}) per setting, SGD "
+        f"Students: {args.students} x ConvNet-3 (instance norm, width {args.student_width}) per setting, inputs "
+        "normalised as the set records (and ZCA-whitened for the `_zca` rows, whose whitening is fitted on the "
+        "training images), SGD "
         f"momentum 0.9, wd 5e-4, lr 0.01 x0.1 at half, DSA on, batch 256, {args.epochs_ipc1} epochs (IPC 1) / "
         f"{args.epochs} epochs (IPC 10); top-1 on "
         + ("the full 10,000-image test set." if args.test_size == 0 else
@@ -187,8 +195,8 @@ def main() -> None:
             for method in args.methods.split(","):
                 cfg = recover_config(method, ipc, f"{tmp}/{method}_{ipc}", args)
                 stats = distil(cfg, args.threads)
-                images, _ = load_distilled(cfg.out)
-                acc = evaluate(images, test, ipc, args)
+                images, manifest = load_distilled(cfg.out)
+                acc = evaluate(images, test, ipc, args, manifest, cfg.out)
                 rows.append({"method": method, "ipc": ipc, "acc": acc, **stats})
                 text = write_table(rows, args, Path(args.out), time.perf_counter() - t0)
                 print(f"{method} ipc {ipc}: {statistics.fmean(acc):.2f} ({stats['seconds']:.0f}s distil, "
