@@ -287,8 +287,9 @@ def meta_from_diffusers_folder(folder: Path) -> dict:
             "steps": 10, "vae_subfolder": vae_dir, "class_names": [str(i) for i in range(n)]}
 
 
-def vae_loss(vae: nn.Module, x: torch.Tensor, kl_weight: float = 1e-6) -> torch.Tensor:
-    """Reconstruction (L1 + MSE in [-1, 1]) + VQ commitment or KL, the autoencoder's training loss."""
+def vae_loss(vae: nn.Module, x: torch.Tensor, kl_weight: float = 1e-6, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruction (L1 + MSE in [-1, 1]) + VQ commitment or KL, the autoencoder's training loss. ``eps``: the
+    standard-normal noise of the KL posterior's sample (drawn from the global RNG when None)."""
     x = x * 2 - 1
     if type(vae).__name__ == "VQModel":
         h = vae.encode(x).latents
@@ -296,6 +297,7 @@ def vae_loss(vae: nn.Module, x: torch.Tensor, kl_weight: float = 1e-6) -> torch.
         rec, reg = out.sample, out.commit_loss.mean()
     else:
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        z = post.sample() if eps is None else post.mean + post.std * eps
+        rec = vae.decode(z).sample
         reg = kl_weight * post.kl().mean()
     return F.l1_loss(rec, x) + F.mse_loss(rec, x) + reg
