@@ -249,3 +249,30 @@ def test_step_cache_renders_once_and_gives_the_same_loss_and_gradient(priors, ch
     for k in g0:
         assert g0[k].abs().sum() > 0
         assert (g0[k] - g1[k]).abs().max() <= 1e-4 * g0[k].abs().max(), k
+
+
+def test_a_diffusers_ldm_pipeline_folder_loads_as_an_ld3m_prior(tmp_path):
+    """What a GPU user does with a public class-conditional LDM: `save_pretrained` of a diffusers LDMPipeline
+    (vqvae/ + class-conditional unet/ + scheduler/ + model_index.json) is a prior folder as is."""
+    from diffusers import DDIMScheduler, LDMPipeline
+
+    from generative.latent_set import LD3MSet
+
+    p = _tiny_ld3m()
+    LDMPipeline(vqvae=p.vae, unet=p.unet, scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(
+        tmp_path / "ldm")
+    assert (tmp_path / "ldm" / "model_index.json").exists() and not (tmp_path / "ldm" / "prior.json").exists()
+    q = from_pretrained(tmp_path / "ldm", kind="ld3m", num_classes=4, image_shape=(3, 16, 16), cache=False)
+    z = p.encode(torch.rand(2, 3, 16, 16))["z_T"]
+    cond = p.conditioning(torch.tensor([0, 3]))
+    assert q.scaling_factor == p.scaling_factor and torch.equal(q.alphas_cumprod, p.alphas_cumprod)
+    with torch.no_grad():  # the same weights render the same images whichever folder they came from
+        assert torch.allclose(q.render({"z_T": z}, cond, steps=2), p.render({"z_T": z}, cond, steps=2), atol=1e-5)
+    ctx = Context(device=torch.device("cpu"), classes=torch.tensor([0, 3]), num_classes=4, image_shape=(3, 16, 16),
+                  generator=torch.Generator().manual_seed(0))
+    syn = LD3MSet(torch.tensor([0, 3]), torch.tensor([0, 0]), (3, 16, 16), 0, ctx, prior=str(tmp_path / "ldm"),
+                  init="noise", steps=2)
+    syn.render().square().mean().backward()
+    assert syn.z_T.grad.abs().sum() > 0 and syn.cond.grad.abs().sum() > 0
+    with pytest.raises(DistillError, match="classes"):
+        from_pretrained(tmp_path / "ldm", kind="ld3m", num_classes=10, cache=False)
