@@ -6,12 +6,15 @@ Stages (each resumable, so a re-run continues): record experts (``squeeze trajec
 DSA) beside random real images of the same size under the same protocol. Writes ``benchmarks/results/mtt.md``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtt.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtt.py --zca   # MTT's CIFAR setting: experts, synthetic images,
+                                                                # students and test images ZCA-whitened
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ from recover.config import RecoverConfig
 from recover.engine import run as recover_run
 from relabel.evaluate import learned_params, random_subset
 from relabel.student import StudentSpec, train_student
+from squeeze.inputs import ZCA, ZCA_FILE
 from squeeze.train import channel_stats
 from squeeze.trajectories import TrajectoryConfig
 from squeeze.trajectories import run as record
@@ -35,7 +39,7 @@ DATA = "npz:/work/shared/data/cifar10.npz"
 
 
 def options(method: str, ipc: int, a) -> dict:
-    o = {"buffer": str(a.work / "experts"), "expert_epochs": 2, "syn_steps": a.syn_steps,
+    o = {"buffer": str(a.work / a.experts_dir), "expert_epochs": 2, "syn_steps": a.syn_steps,
          "max_start_epoch": a.expert_epochs - 2, "batch_syn": min(a.batch_syn, 10 * ipc), "lr_teacher": 0.01,
          "lr_lr": 1e-7 if ipc == 1 else 1e-5}
     if method == "tesla":
@@ -61,15 +65,20 @@ def main() -> None:
     p.add_argument("--students", type=int, default=3)
     p.add_argument("--student-epochs", type=int, default=100)
     p.add_argument("--test-n", type=int, default=2000)
-    p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "mtt.md")
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten (experts record it; recover and students use it)")
+    p.add_argument("--result", type=Path, default=None, help="default results/mtt.md (mtt_zca.md with --zca)")
     a = p.parse_args()
+    a.experts_dir = "experts_zca" if a.zca else "experts"
+    a.result = a.result or Path(__file__).parent / "results" / ("mtt_zca.md" if a.zca else "mtt.md")
+    tag = " + ZCA" if a.zca else ""
     rt = get_runtime()
     t_all = time.perf_counter()
     kw = {"width": a.width}
     t0 = time.perf_counter()
-    ex = record(TrajectoryConfig(out=str(a.work / "experts"), data=DATA, arch="convnet3", model_kwargs=kw,
+    ex = record(TrajectoryConfig(out=str(a.work / a.experts_dir), data=DATA, arch="convnet3", model_kwargs=kw,
                                  num_experts=a.experts, epochs=a.expert_epochs, max_train=a.max_train,
-                                 augment="dsa", eval_test=True), rt)
+                                 augment="dsa", eval_test=True, zca=a.zca), rt)
+    zca = ZCA.load(a.work / a.experts_dir / ZCA_FILE) if a.zca else None
     t_experts = time.perf_counter() - t0
     src = Source(DATA)
     train = src.load("train")
@@ -82,11 +91,11 @@ def main() -> None:
     for ipc, iters in zip(map(int, a.ipcs.split(",")), map(int, a.iterations.split(","))):
         spec = StudentSpec(arch="convnet3", model_kwargs=kw, epochs=a.student_epochs, protocol="matching",
                            batch_size=256, lr=0.01, autocast="none")
-        accs = [train_student(random_subset(train, ipc, s, 10), test, spec, mean, std, s, rt.device)
+        accs = [train_student(random_subset(train, ipc, s, 10), test, spec, mean, std, s, rt.device, zca=zca)
                 for s in range(a.students)]
-        rows.append({"method": "random real", "ipc": ipc, "iters": 0, "accs": accs, "distil_s": 0.0, "lr": 0.01})
+        rows.append({"method": "random real" + tag, "ipc": ipc, "iters": 0, "accs": accs, "distil_s": 0.0, "lr": 0.01})
         for method in a.methods.split(","):
-            out = a.work / f"{method}_ipc{ipc}"
+            out = a.work / f"{method}_ipc{ipc}{'_zca' if a.zca else ''}"
             t0 = time.perf_counter()
             cfg = RecoverConfig(out=str(out), data=DATA, method="datm" if method == "datm" else "mtt",
                                 options=options(method, ipc, a), param_options={"init": "real"},
@@ -95,23 +104,25 @@ def main() -> None:
                                 checkpoint_every=10, channels_last=False, autocast="none")
             manifest = recover_run(cfg, rt)
             t_distil = time.perf_counter() - t0
-            images, _ = load_distilled(out)
+            images, man = load_distilled(out)
+            assert bool(man.get("zca")) == a.zca  # the run took the experts' whitening (recorded for evaluation)
             learned = learned_params(out)
             lr = float(learned["lr"].reshape(-1)[0])
             soft = torch.softmax(learned["soft_labels"].float(), 1) if "soft_labels" in learned else None
             spec_d = StudentSpec(arch="convnet3", model_kwargs=kw, epochs=a.student_epochs, protocol="matching",
                                  batch_size=256, lr=lr, autocast="none")
             syn = ImageSet(images.images, images.labels, images.class_names[:10])
-            accs = [train_student(syn, test, spec_d, mean, std, s, rt.device, soft_targets=soft)
+            accs = [train_student(syn, test, spec_d, mean, std, s, rt.device, soft_targets=soft, zca=zca)
                     for s in range(a.students)]
             stats = manifest["runs"][-1]["ranks"][0]["units"]
-            rows.append({"method": method, "ipc": ipc, "iters": iters, "accs": accs, "distil_s": t_distil, "lr": lr,
-                         "loss": stats[0].get("match") if stats else None})
+            rows.append({"method": method + tag, "ipc": ipc, "iters": iters, "accs": accs, "distil_s": t_distil,
+                         "lr": lr, "loss": stats[0].get("match") if stats else None})
             print(json.dumps(rows[-1]), flush=True)
     total = time.perf_counter() - t_all
     lines = ["# MTT family on the CIFAR-10 subset (CPU budget)", "",
              (f"Experts: {a.experts} x ConvNet-3 (width {a.width}, instance norm) x {a.expert_epochs} epochs, SGD lr "
-             f"0.01, no momentum, DSA, on the first {a.max_train} CIFAR-10 training images "
+             f"0.01, no momentum, DSA, on the first {a.max_train} CIFAR-10 training images"
+             + (", inputs ZCA-whitened (reg 0.1, fitted on those images) " if a.zca else " ") +
              f"(expert test top-1 {ex.get('test_top1_mean') or 0:.3f}; "
              + (f"{t_experts:.0f} s)." if ex["trained"] else "recorded by an earlier invocation, reused).")),
              (f"Distillation: expert_epochs 2, syn_steps {a.syn_steps}, batch_syn <= {a.batch_syn}, max_start_epoch "
@@ -126,7 +137,7 @@ def main() -> None:
         t = torch.tensor(r["accs"]) * 100
         lines.append(f"| {r['method']} | {r['ipc']} | {r['iters']} | {r['distil_s']:.0f} | {r['lr']:.4g} | "
                      f"{t.mean():.1f} +- {t.std() if len(t) > 1 else 0:.1f} |")
-    lines += ["", f"Total wall time {total:.0f} s on a shared 2-core CPU.", "",
+    lines += ["", f"Total wall time {total:.0f} s on a 2-core CPU (load average {os.getloadavg()[1]:.1f} at the end).", "",
               "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtt.py " + " ".join(sys.argv[1:]) + "`", "",
               ("This is a CPU-budget run (tiny experts, tens of iterations instead of 5,000), far from the published "
               "setting (100 experts x 50 epochs, ZCA, 5,000 iterations, ConvNet-3 width 128: MTT 46.2 / 65.4 at "
