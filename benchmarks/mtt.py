@@ -137,7 +137,8 @@ def main() -> None:
         t = torch.tensor(r["accs"]) * 100
         lines.append(f"| {r['method']} | {r['ipc']} | {r['iters']} | {r['distil_s']:.0f} | {r['lr']:.4g} | "
                      f"{t.mean():.1f} +- {t.std() if len(t) > 1 else 0:.1f} |")
-    lines += ["", f"Total wall time {total:.0f} s on a 2-core CPU (load average {os.getloadavg()[1]:.1f} at the end).", "",
+    load = os.getloadavg()[1]
+    lines += ["", f"Total wall time {total:.0f} s on a 2-core CPU (load average {load:.1f} at the end).", "",
               "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtt.py " + " ".join(sys.argv[1:]) + "`", "",
               ("This is a CPU-budget run (tiny experts, tens of iterations instead of 5,000), far from the published "
               "setting (100 experts x 50 epochs, ZCA, 5,000 iterations, ConvNet-3 width 128: MTT 46.2 / 65.4 at "
