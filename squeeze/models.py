@@ -158,6 +158,82 @@ for _d in (2, 3, 4, 5):
     _fixed_depth(_d, "batchnorm", True)
 
 
+# ---------------------------------------------------------------------- cross-architecture nets of the matching papers
+
+VGG11_PLAN = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11(nn.Module):
+    """VGG-11 for small images (the cross-architecture student of DC/DSA/DM/MTT): 3x3 convs with a norm, five 2x2
+    max-pools, then one linear layer on what is left of the feature map."""
+
+    def __init__(self, num_classes: int, in_chans: int = 3, img_size: int = 32, norm: str = "instancenorm",
+                 width: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, size = in_chans, img_size
+        for k, item in enumerate(VGG11_PLAN):
+            if item == "M":
+                # an instance norm over a 1x1 map outputs zeros: pool a map below 2x2 only after the last conv
+                if size >= 4 or (k == len(VGG11_PLAN) - 1 and size >= 2):
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                continue
+            out = int(item) * width // 64
+            pad = 3 if (not layers and img_size == 28) else 1  # 28 px (MNIST) grows to 32, as the papers' VGG
+            layers += [nn.Conv2d(c, out, 3, padding=pad), _norm(norm, out), nn.ReLU(inplace=True)]
+            size += 2 * (pad - 1)
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * size * size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class AlexNetSmall(nn.Module):
+    """AlexNet-style net for small images (the other cross-architecture student of the matching papers): five convs
+    (5x5, 5x5, then three 3x3) with ReLU, three 2x2 max-pools, no norm, one linear layer."""
+
+    def __init__(self, num_classes: int, in_chans: int = 3, img_size: int = 32, width: int = 128):
+        super().__init__()
+        w1, w2, w3 = width, width * 3 // 2, width * 2
+        pad = 4 if img_size == 28 else 2  # 28 px (MNIST) grows to 32 in the first conv, so both end at 4x4
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, w1, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(w1, w2, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(w2, w3, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w3, w2, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        size = (img_size + 2 * pad - 4) // 8
+        self.classifier = nn.Linear(w2 * size * size, num_classes)
+        for m in self.features:  # no norm layer: He init keeps the ReLU stack's signal alive from the first step
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+@register_model("vgg11", has_bn=False, norm="instancenorm")
+def _vgg11(num_classes, in_chans, img_size, **kw):
+    """VGG-11 for small images with instance norm (matching-papers cross-architecture student)."""
+    return VGG11(num_classes, in_chans, img_size, **kw)
+
+
+@register_model("vgg11_bn", has_bn=True, norm="batchnorm")
+def _vgg11_bn(num_classes, in_chans, img_size, **kw):
+    """VGG-11 for small images with BatchNorm."""
+    return VGG11(num_classes, in_chans, img_size, **kw)
+
+
+@register_model("alexnet", has_bn=False)
+def _alexnet(num_classes, in_chans, img_size, **kw):
+    """AlexNet-style net for small images (matching-papers cross-architecture student)."""
+    return AlexNetSmall(num_classes, in_chans, img_size, **kw)
+
+
 # ------------------------------------------------------------------------------------------------------ CIFAR ResNets
 
 
