@@ -111,7 +111,7 @@ class Engine:
             self.class_names = info["class_names"]
             self.num_classes = len(self.class_names)
             self.image_shape = tuple(info["image_shape"])
-            self.mean, self.std = [0.5] * self.image_shape[0], [0.5] * self.image_shape[0]
+            self.mean, self.std = [0.5] * self.image_shape[0], [0.5] * self.image_shape[0]  # until real data is read
         else:
             raise DistillError("recover needs a teacher or a data source to know the classes and image size.")
         if info and info["class_names"] and len(info["class_names"]) != self.num_classes:
@@ -135,6 +135,10 @@ class Engine:
             train = ImageSet(train.images[keep], train.labels[keep], train.class_names[: self.num_classes])
             train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
             self.real = RealData(train, self.device)
+            if not self.teachers:  # networks trained from scratch see the data's channel statistics, as the papers
+                from squeeze.train import channel_stats
+
+                self.mean, self.std = channel_stats(train.images)
         self.zca = self._input_space()
         self.autocast = autocast_dtype(cfg.autocast, self.device)
         for t in self.teachers:

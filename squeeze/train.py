@@ -78,9 +78,18 @@ class SqueezeConfig:
 NON_SEMANTIC = ("out", "workers")
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    x = images.float().div(255)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+def channel_stats(images: torch.Tensor, batch: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 images in [0, 1] units, in batches (no float copy of the set)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to("cpu", torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        sq += x.square().sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    var = (sq - n * mean.square()) / max(1, n - 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
 
 
 def train_augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:

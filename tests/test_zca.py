@@ -16,6 +16,7 @@ from recover.engine import Engine, plan_units
 from recover.engine import run as recover_run
 from recover.objectives._matching import Normalize
 from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
+from squeeze.train import channel_stats
 from squeeze.trajectories import TrajectoryConfig, load_buffers
 from squeeze.trajectories import run as record
 from tests.trajectory_helpers import EXPERT_KW, shared_experts
@@ -65,12 +66,14 @@ def test_dm_with_zca_stores_the_whitening_and_evaluate_applies_it(tmp_path, digi
     out = tmp_path / "dm"
     assert manifest["zca"] == ZCA_FILE and (out / ZCA_FILE).exists()
     stored = ZCA.load(out / ZCA_FILE)
-    assert stored.same_as(ZCA.fit(digits.images, 0.1, transform=InputTransform([0.5], [0.5])))
+    mean, std = channel_stats(digits.images)  # networks trained from scratch see the data's statistics
+    assert manifest["mean"] == mean and manifest["std"] == std
+    assert stored.same_as(ZCA.fit(digits.images, 0.1, transform=InputTransform(mean, std)))
     # the objectives' networks see exactly that whitening
     engine = Engine(cfg, get_runtime())
     ctx = engine.context(plan_units(10, 1, 0, 0)[0])
     x = digits.images[:50].float() / 255
-    assert torch.allclose(Normalize(ctx)(x), stored.apply((x - 0.5) / 0.5), atol=1e-5)
+    assert torch.allclose(Normalize(ctx)(x), stored.apply((x - mean[0]) / std[0]), atol=1e-5)
 
     seen = []
     real_train = ev.train_student
