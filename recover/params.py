@@ -26,14 +26,21 @@ class PixelSet(Parametrization):
     Constructor arguments are the engine's (every parametrization takes the same ones); ``ctx.options`` holds the
     reference ``mean``/``std`` of the first teacher.
 
+    When the run whitens with ZCA (``ctx.options["zca"]``), the learnable tensor is the *whitened* image, as in KIP and
+    MTT, which optimise in the whitened space: a gradient step there is ``W^-1``-smooth in pixel space, whereas a step
+    on raw pixels would be ``W``-sharpened (noise in the small-eigenvalue, high-frequency directions). ``render``
+    un-whitens, and ``project_`` clamps the pixels to ``[0, 1]`` and whitens them again (an exact projection: the map
+    is linear and invertible), so the PNGs written are the images that were optimised.
+
     Options:
         init: ``noise`` (Gaussian in normalised space, as SRe2L) or ``real`` (a real image of the class, chosen by the
             image's own seed).
-        noise_std: standard deviation of the initial noise in normalised units.
+        noise_std: standard deviation of the initial noise in normalised (or whitened) units.
+        whitened: optimise whitened images when the run has a ZCA (default); false keeps raw normalised pixels.
     """
 
     def __init__(self, classes: torch.Tensor, indices: torch.Tensor, image_shape: tuple[int, int, int], seed: int,
-                 ctx: Context, init: str = "noise", noise_std: float = 1.0):
+                 ctx: Context, init: str = "noise", noise_std: float = 1.0, whitened: bool = True):
         super().__init__()
         from launch.errors import DistillError
 
@@ -52,15 +59,38 @@ class PixelSet(Parametrization):
             else:
                 img = ctx.real.get(ctx.real.init_choice(cls, idx, seed)).cpu()[0]
                 data[k] = (img - self.mean[0].cpu()) / self.std[0].cpu()
-        self.data = nn.Parameter(data)
         self._lo = ((0 - self.mean) / self.std)
         self._hi = ((1 - self.mean) / self.std)
+        zca = ctx.options.get("zca") if whitened else None
+        self.whitened = zca is not None
+        if self.whitened:
+            if tuple(zca.shape) != tuple(image_shape):
+                raise DistillError(f"the run's ZCA is for {tuple(zca.shape)} images but the set is "
+                                   f"{tuple(image_shape)}.")
+            # not persistent: the whitening is the run's (saved once as zca.safetensors), not per-unit state
+            self.register_buffer("zca_mean", zca.mean.clone(), persistent=False)
+            self.register_buffer("zca_w", zca.transform.clone(), persistent=False)
+            self.register_buffer("zca_winv", zca.inverse_transform.clone(), persistent=False)
+            if init == "real":
+                data = self._whiten(data)
+        self.data = nn.Parameter(data)
+        if self.whitened:
+            self.project_()
+
+    def _whiten(self, x_norm: torch.Tensor) -> torch.Tensor:
+        return ((x_norm.flatten(1) - self.zca_mean.to(x_norm)) @ self.zca_w.to(x_norm)).view(x_norm.shape)
 
     def render(self, index=None) -> torch.Tensor:
         x = self.data if index is None else self.data[index]
+        if self.whitened:
+            x = (x.flatten(1) @ self.zca_winv + self.zca_mean).view(x.shape)
         return x * self.std + self.mean
 
     @torch.no_grad()
     def project_(self) -> None:
         lo, hi = self._lo.to(self.data.device), self._hi.to(self.data.device)
-        self.data.copy_(torch.maximum(torch.minimum(self.data, hi), lo))
+        if not self.whitened:
+            self.data.copy_(torch.maximum(torch.minimum(self.data, hi), lo))
+            return
+        x_norm = (self.render() - self.mean) / self.std
+        self.data.copy_(self._whiten(torch.maximum(torch.minimum(x_norm, hi), lo)))

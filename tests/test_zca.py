@@ -120,3 +120,47 @@ def test_experts_record_their_whitening_and_mtt_distils_in_it(tmp_path, tmp_path
     with pytest.raises(DistillError, match="without whitening"):
         recover_run(_dm_config(tmp_path / "mtt_plain", method="mtt", options=plain, zca="fit"))
     assert json.loads((tmp_path / "mtt" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_pixels_are_optimised_in_the_whitened_space(digits):
+    """With a ZCA the learnable tensor is the whitened image (KIP/MTT): the networks see exactly it, gradient steps
+    act on it directly, and projection keeps the rendered pixels (what the PNGs store) in [0, 1]."""
+    from recover.base import Context
+    from recover.params import PixelSet
+    from recover.real import RealData
+
+    mean, std = channel_stats(digits.images)
+    zca = ZCA.fit(digits.images, 0.1, transform=InputTransform(mean, std))
+    cls, idx = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 0, 0])
+    ctx = Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(1, 8, 8),
+                  generator=torch.Generator().manual_seed(0), real=RealData(digits),
+                  options={"mean": mean, "std": std, "zca": zca, "seed": 0})
+    syn = PixelSet(cls, idx, (1, 8, 8), 0, ctx, init="real")
+    plain = PixelSet(cls, idx, (1, 8, 8), 0, ctx, init="real", whitened=False)
+    assert syn.whitened and not plain.whitened
+    assert torch.allclose(syn.render(), plain.render(), atol=1e-5)  # both start from the same real images
+    norm = Normalize(ctx)
+    assert torch.allclose(norm(syn.render()), syn.data, atol=1e-4)  # the network input is the learnable tensor
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(144, 1))
+    inp = syn.data.detach().clone().requires_grad_(True)
+    (g_in,) = torch.autograd.grad(net(inp).square().sum(), inp)
+    (g_syn,) = torch.autograd.grad(net(norm(syn.render())).square().sum(), syn.data)
+    (g_plain,) = torch.autograd.grad(net(norm(plain.render())).square().sum(), plain.data)
+    assert torch.allclose(g_syn, g_in, atol=1e-4 * float(g_in.abs().max()))
+    # the pixel-space step each makes: raw pixels take W g, which amplifies the data's low-variance (noise-like)
+    # directions; whitened images take W^-1 g, which favours the high-variance ones that carry the images
+    x_norm = ((digits.images.float() / 255 - mean[0]) / std[0]).flatten(1).double()
+    _, u = torch.linalg.eigh(torch.cov(x_norm.t()))
+    low = u[:, :32].float()  # the 32 lowest-variance of 64 directions
+
+    def low_share(g):
+        return float((g.flatten(1) @ low).square().sum() / g.square().sum())
+
+    step_whitened = (g_syn.flatten(1) @ zca.inverse_transform).view(g_syn.shape)
+    assert low_share(g_plain) > 2 * low_share(step_whitened)
+    with torch.no_grad():
+        syn.data.add_(3 * torch.randn_like(syn.data))
+    syn.project_()
+    x = syn.render().detach()
+    assert float(x.min()) >= -1e-4 and float(x.max()) <= 1 + 1e-4
+    assert torch.allclose(norm(x), syn.data, atol=1e-4)
