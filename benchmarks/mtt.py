@@ -95,7 +95,7 @@ def main() -> None:
                 for s in range(a.students)]
         rows.append({"method": "random real" + tag, "ipc": ipc, "iters": 0, "accs": accs, "distil_s": 0.0, "lr": 0.01})
         for method in a.methods.split(","):
-            out = a.work / f"{method}_ipc{ipc}{'_zca' if a.zca else ''}"
+            out = a.work / f"{method}_ipc{ipc}{'_zca' if a.zca else ''}_lr{a.lr_img:g}"
             t0 = time.perf_counter()
             cfg = RecoverConfig(out=str(out), data=DATA, method="datm" if method == "datm" else "mtt",
                                 options=options(method, ipc, a), param_options={"init": "real"},
