@@ -123,8 +123,16 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def fingerprint(cfg: Any, ignore: tuple[str, ...] = ()) -> str:
-    """Hash of the options that change the result (``ignore`` lists those that do not, e.g. log frequency)."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+    """Hash of the options that change the result (``ignore`` lists those that do not, e.g. log frequency).
+
+    Options left at their default are not hashed, so a release that adds an option (with a default that keeps the
+    old behaviour) still recognises, and resumes, the output folders of earlier releases.
+    """
+    try:
+        defaults = to_dict(type(cfg)())
+    except (TypeError, DistillError):  # a config without a default for every field: hash them all
+        defaults = {}
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ignore and (k not in defaults or v != defaults[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -140,3 +140,26 @@ def test_gvbsm_with_two_teachers_from_the_cli(tmp_path, digits_teacher):
     assert main(["relabel", "--distilled", str(out), "--epochs", "2", "--topk", "3"]) == 0
     labels = json.loads((out / "labels" / "labels.json").read_text())
     assert len(labels["teachers"]) == 2  # soft labels from the teacher ensemble
+
+
+def test_fingerprint_ignores_options_left_at_their_default():
+    """A later release that adds an option must still recognise (and resume) the output folders of earlier ones."""
+    import dataclasses
+
+    from launch.config import fingerprint
+
+    @dataclasses.dataclass
+    class Old:
+        ipc: int = 10
+        lr: float = 0.25
+
+    @dataclasses.dataclass
+    class New:
+        ipc: int = 10
+        lr: float = 0.25
+        zca: str = ""
+
+    assert fingerprint(Old(ipc=5)) == fingerprint(New(ipc=5))
+    assert fingerprint(New(ipc=5)) != fingerprint(New(ipc=5, zca="fit"))
+    assert fingerprint(New(ipc=5)) != fingerprint(New(ipc=6))
+    assert fingerprint(New(ipc=5, lr=0.1), ignore=("lr",)) == fingerprint(New(ipc=5))
