@@ -17,6 +17,7 @@ epochs and a stratified test subset. Every deviation from the papers is a flag a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import resource
@@ -40,6 +41,13 @@ DATA = "npz:/work/shared/data/cifar10.npz"
 
 
 def recover_config(name: str, ipc: int, out: str, args) -> RecoverConfig:
+    """``NAME@LR``: the method's settings with image learning rate LR."""
+    cfg = _paper_config(name.partition("@")[0], ipc, out, args)
+    lr = name.partition("@")[2]
+    return dataclasses.replace(cfg, lr=float(lr)) if lr else cfg
+
+
+def _paper_config(name: str, ipc: int, out: str, args) -> RecoverConfig:
     """The method's paper settings, scaled to the budget by the command-line flags. ``NAME_zca``: the same method
     with ZCA whitening fitted on the training images (stored with the set; evaluation applies it)."""
     method = name.removesuffix("_zca")
