@@ -62,7 +62,8 @@ def test_two_processes_train_the_single_process_prior(kind, tmp_path):
         off += int((diff > 1e-5 + 1e-3 * a[k].abs()).sum())
         total += diff.numel()
         assert float(diff.max()) <= 2e-3 * steps, k  # lr 2e-3
-    assert off <= 0.03 * total, (off, total)  # measured 0.6%; without the gradient sum each process would follow its own half-batch gradient
+    # measured 0.6%; without the gradient sum each process would follow its own half-batch gradient
+    assert off <= 0.03 * total, (off, total)
     changed = 0
     init = PriorTrainConfig(out=str(tmp_path / "init"), data=DATA, kind=kind,
                             **{**TINY, "ae_steps": 0, "unet_steps": 0, "gan_steps": 0})
