@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from recover.base import Context, Parametrization, register_parametrization
+from squeeze.inputs import unwhiten, whiten
 
 
 def mix_seed(*parts: int) -> int:
@@ -72,18 +73,15 @@ class PixelSet(Parametrization):
             self.register_buffer("zca_w", zca.transform.clone(), persistent=False)
             self.register_buffer("zca_winv", zca.inverse_transform.clone(), persistent=False)
             if init == "real":
-                data = self._whiten(data)
+                data = whiten(data, self.zca_mean, self.zca_w)
         self.data = nn.Parameter(data)
         if self.whitened:
             self.project_()
 
-    def _whiten(self, x_norm: torch.Tensor) -> torch.Tensor:
-        return ((x_norm.flatten(1) - self.zca_mean.to(x_norm)) @ self.zca_w.to(x_norm)).view(x_norm.shape)
-
     def render(self, index=None) -> torch.Tensor:
         x = self.data if index is None else self.data[index]
         if self.whitened:
-            x = (x.flatten(1) @ self.zca_winv + self.zca_mean).view(x.shape)
+            x = unwhiten(x, self.zca_mean, self.zca_winv)
         return x * self.std + self.mean
 
     @torch.no_grad()
@@ -93,4 +91,4 @@ class PixelSet(Parametrization):
             self.data.copy_(torch.maximum(torch.minimum(self.data, hi), lo))
             return
         x_norm = (self.render() - self.mean) / self.std
-        self.data.copy_(self._whiten(torch.maximum(torch.minimum(x_norm, hi), lo)))
+        self.data.copy_(whiten(torch.maximum(torch.minimum(x_norm, hi), lo), self.zca_mean, self.zca_w))

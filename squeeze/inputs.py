@@ -21,6 +21,17 @@ from torch import nn
 from launch.errors import DistillError
 from launch.io import load_tensors, save_tensors
 
+
+def whiten(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(flatten(x) - mean) @ w``, back in ``x``'s shape (the ZCA map; ``w`` is symmetric)."""
+    return ((x.flatten(1) - mean.to(x)) @ w.to(x)).view(x.shape)
+
+
+def unwhiten(u: torch.Tensor, mean: torch.Tensor, w_inv: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`whiten`: ``flatten(u) @ w_inv + mean``."""
+    return (u.flatten(1) @ w_inv.to(u) + mean.to(u)).view(u.shape)
+
+
 MAX_ZCA_DIM = 3 * 64 * 64
 ZCA_FILE = "zca.safetensors"  # its name beside expert buffers and in a distilled-set folder
 
@@ -74,13 +85,11 @@ class ZCA:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        flat = (x.flatten(1) - self.mean.to(x)) @ self.transform.to(x)
-        return flat.view(x.shape)
+        return whiten(x, self.mean, self.transform)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        flat = x.flatten(1) @ self.inverse_transform.to(x) + self.mean.to(x)
-        return flat.view(x.shape)
+        return unwhiten(x, self.mean, self.inverse_transform)
 
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != self.shape:
@@ -137,5 +146,4 @@ class InputTransform(nn.Module):
             raise DistillError(f"ZCA was fitted on images {self.zca_shape} but got {tuple(x.shape[1:])}; fit it on "
                                "the same resolution.")
         with torch.autocast(x.device.type, enabled=False):
-            flat = (x.float().flatten(1) - self.zca_mean) @ self.zca_w
-        return flat.view(x.shape)
+            return whiten(x.float(), self.zca_mean, self.zca_w)
