@@ -32,6 +32,12 @@ def unwhiten(u: torch.Tensor, mean: torch.Tensor, w_inv: torch.Tensor) -> torch.
     return (u.flatten(1) @ w_inv.to(u) + mean.to(u)).view(u.shape)
 
 
+def check_shape(fitted: tuple[int, int, int], x: torch.Tensor) -> None:
+    if tuple(x.shape[1:]) != tuple(fitted):
+        raise DistillError(f"ZCA was fitted on images {tuple(fitted)} but got {tuple(x.shape[1:])}; fit it on the "
+                           "same resolution.")
+
+
 MAX_ZCA_DIM = 3 * 64 * 64
 ZCA_FILE = "zca.safetensors"  # its name beside expert buffers and in a distilled-set folder
 
@@ -67,7 +73,7 @@ class ZCA:
             x = x.float() / 255 if x.dtype == torch.uint8 else x.detach().float()
             if transform is not None:
                 x = transform(x)
-            x = x.double().flatten(1).cpu()
+            x = x.double().flatten(1)
             total += x.sum(0)
             gram += x.t() @ x
         n = len(images)
@@ -84,17 +90,12 @@ class ZCA:
                                                                                               other.transform)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        check_shape(self.shape, x)
         return whiten(x, self.mean, self.transform)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        check_shape(self.shape, x)
         return unwhiten(x, self.mean, self.inverse_transform)
-
-    def _check(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != self.shape:
-            raise DistillError(f"ZCA was fitted on images {self.shape} but got {tuple(x.shape[1:])}; fit it on the "
-                               "same resolution.")
 
     def save(self, path: str | Path) -> None:
         save_tensors(path, {"mean": self.mean.contiguous(), "transform": self.transform.contiguous(),
@@ -134,16 +135,10 @@ class InputTransform(nn.Module):
         self.register_buffer("zca_mean", zca.mean.clone() if zca is not None else None)
         self.register_buffer("zca_w", zca.transform.clone() if zca is not None else None)
 
-    @property
-    def whitens(self) -> bool:
-        return self.zca_w is not None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         if self.zca_w is None:
             return x
-        if tuple(x.shape[1:]) != self.zca_shape:
-            raise DistillError(f"ZCA was fitted on images {self.zca_shape} but got {tuple(x.shape[1:])}; fit it on "
-                               "the same resolution.")
+        check_shape(self.zca_shape, x)
         with torch.autocast(x.device.type, enabled=False):
             return whiten(x.float(), self.zca_mean, self.zca_w)
