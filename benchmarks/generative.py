@@ -34,15 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generative.train import PriorTrainConfig
-from generative.train import run as train_prior
-from launch.data import ImageSet, Source
-from launch.distilled import load_distilled
-from recover.config import RecoverConfig
-from recover.engine import run as recover
-from relabel.evaluate import random_subset
-from relabel.student import StudentSpec, train_student
-from squeeze.train import channel_stats
+from distillset.generative.train import PriorTrainConfig
+from distillset.generative.train import run as train_prior
+from distillset.core.data import ImageSet, Source
+from distillset.core.distilled import load_distilled
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover
+from distillset.relabel.evaluate import random_subset
+from distillset.relabel.student import StudentSpec, train_student
+from distillset.squeeze.train import channel_stats
 
 DATA = "npz:/work/shared/data/tinyimagenet10_64.npz"
 ARCH_NAMES = {"convnet": "ConvNet", "timm:resnet18": "ResNet-18"}

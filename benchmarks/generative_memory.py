@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generative.glad import build_glad
-from generative.latent_set import GLaDSet, LD3MSet
-from generative.ld3m import build_ld3m
-from generative.prior import SavedTensorMeter
-from launch.data import ImageSet, Source
-from recover.base import Context
-from recover.objectives.dm import DistributionMatching
-from recover.params import PixelSet
-from recover.real import RealData
+from distillset.generative.glad import build_glad
+from distillset.generative.latent_set import GLaDSet, LD3MSet
+from distillset.generative.ld3m import build_ld3m
+from distillset.generative.prior import SavedTensorMeter
+from distillset.core.data import ImageSet, Source
+from distillset.recover.base import Context
+from distillset.recover.objectives.dm import DistributionMatching
+from distillset.recover.params import PixelSet
+from distillset.recover.real import RealData
 
 DATA = "npz:/work/shared/data/tinyimagenet10_64.npz"
 

@@ -19,17 +19,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.runtime import get_runtime
-from recover.config import RecoverConfig
-from recover.engine import run as recover_run
-from relabel.evaluate import EvaluateConfig, format_summary
-from relabel.evaluate import run as evaluate_run
-from relabel.softlabels import RelabelConfig
-from relabel.softlabels import run as relabel_run
-from squeeze.statistics import StatsConfig
-from squeeze.statistics import run as stats_run
-from squeeze.train import SqueezeConfig
-from squeeze.train import run as squeeze_run
+from distillset.core.runtime import get_runtime
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover_run
+from distillset.relabel.evaluate import EvaluateConfig, format_summary
+from distillset.relabel.evaluate import run as evaluate_run
+from distillset.relabel.softlabels import RelabelConfig
+from distillset.relabel.softlabels import run as relabel_run
+from distillset.squeeze.statistics import StatsConfig
+from distillset.squeeze.statistics import run as stats_run
+from distillset.squeeze.train import SqueezeConfig
+from distillset.squeeze.train import run as squeeze_run
 
 DATA = "npz:/work/shared/data/cifar10.npz"
 

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.data import write_shard
-from launch.io import write_json
+from distillset.core.data import write_shard
+from distillset.core.io import write_json
 
 
 def class_images(c: int, n: int, size: int, g: torch.Generator) -> torch.Tensor:

@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from launch.data import ImageSet, Source
-from launch.distilled import load_distilled
-from recover.config import RecoverConfig
-from recover.engine import run as recover_run
+from distillset.core.data import ImageSet, Source
+from distillset.core.distilled import load_distilled
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover_run
 
 DATA = "npz:/work/shared/data/cifar10.npz"
 
@@ -114,8 +114,8 @@ def stratified(test: ImageSet, per_class: int) -> ImageSet:
 
 def evaluate(images: ImageSet, test: ImageSet, ipc: int, args, manifest: dict, folder: str) -> list[float]:
     """Fresh students in the set's own input space (its mean/std and ZCA whitening), as `distillset evaluate`."""
-    from relabel.student import StudentSpec, train_student
-    from squeeze.inputs import ZCA
+    from distillset.relabel.student import StudentSpec, train_student
+    from distillset.squeeze.inputs import ZCA
 
     spec = StudentSpec(arch="convnet3", model_kwargs={"width": args.student_width},
                        epochs=args.epochs_ipc1 if ipc == 1 else args.epochs, protocol="matching",

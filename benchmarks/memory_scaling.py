@@ -21,22 +21,22 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
-from launch.runtime import Runtime
+from distillset.core.runtime import Runtime
 rt = Runtime(None, 0, 1, torch.device("cpu"))
 stage, data, teacher, folder = sys.argv[1:5]
 if stage == "stats":
-    from squeeze.statistics import StatsConfig, run
+    from distillset.squeeze.statistics import StatsConfig, run
     res = run(StatsConfig(teacher=teacher, data=data, out=folder + "/stats.safetensors", batch_size=256,
                           class_conditional=True, checkpoint_every=0), rt)
 elif stage == "relabel":
-    from relabel.softlabels import RelabelConfig, run
+    from distillset.relabel.softlabels import RelabelConfig, run
     res = run(RelabelConfig(distilled=folder, teachers=[teacher], epochs=20, topk=10, epochs_per_file=5,
                             batch_size=256, autocast="none"), rt)
 else:  # the in-memory way (all images loaded, each epoch block's labels held), for comparison
     import time
-    from launch.distilled import load_distilled
-    from relabel.softlabels import RelabelConfig, generate
-    from squeeze.checkpoint import load_teacher
+    from distillset.core.distilled import load_distilled
+    from distillset.relabel.softlabels import RelabelConfig, generate
+    from distillset.squeeze.checkpoint import load_teacher
     t0 = time.perf_counter()
     cfg = RelabelConfig(distilled=folder, epochs=20, topk=10, epochs_per_file=5, batch_size=256, autocast="none")
     images, _ = load_distilled(folder)
@@ -52,8 +52,8 @@ def as_distilled(shards: Path, folder: Path, teacher: str) -> None:
     import io
     import tarfile
 
-    from launch.data import read_tar_samples
-    from launch.io import read_json, write_json
+    from distillset.core.data import read_tar_samples
+    from distillset.core.io import read_json, write_json
 
     info = read_json(shards / "_info.json")
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -23,17 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.data import ImageSet, Source
-from launch.distilled import load_distilled
-from launch.runtime import get_runtime
-from recover.config import RecoverConfig
-from recover.engine import run as recover_run
-from relabel.evaluate import learned_params, random_subset
-from relabel.student import StudentSpec, train_student
-from squeeze.inputs import ZCA, ZCA_FILE
-from squeeze.train import channel_stats
-from squeeze.trajectories import TrajectoryConfig
-from squeeze.trajectories import run as record
+from distillset.core.data import ImageSet, Source
+from distillset.core.distilled import load_distilled
+from distillset.core.runtime import get_runtime
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover_run
+from distillset.relabel.evaluate import learned_params, random_subset
+from distillset.relabel.student import StudentSpec, train_student
+from distillset.squeeze.inputs import ZCA, ZCA_FILE
+from distillset.squeeze.train import channel_stats
+from distillset.squeeze.trajectories import TrajectoryConfig
+from distillset.squeeze.trajectories import run as record
 
 DATA = "npz:/work/shared/data/cifar10.npz"
 

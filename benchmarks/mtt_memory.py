@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_buffer(folder: Path, width: int) -> None:
-    from launch.io import save_tensors
-    from squeeze.models import create_model
-    from squeeze.trajectories import FlatModel
+    from distillset.core.io import save_tensors
+    from distillset.squeeze.models import create_model
+    from distillset.squeeze.trajectories import FlatModel
 
     torch.manual_seed(0)
     model = create_model("convnet3", 10, 3, 32, width=width)
@@ -45,8 +45,8 @@ def make_buffer(folder: Path, width: int) -> None:
 
 def measure(buffer: str, tesla: bool, steps: int) -> dict:
     """One loss + backward in this process; returns peak saved-tensor bytes and peak RSS growth."""
-    from recover.base import Context, get
-    from recover.params import PixelSet
+    from distillset.recover.base import Context, get
+    from distillset.recover.params import PixelSet
 
     cls = torch.arange(10).repeat_interleave(2)
     ctx = Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(3, 32, 32),

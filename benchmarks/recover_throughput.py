@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.runtime import Runtime, autocast_dtype
-from recover.config import RecoverConfig
-from recover.engine import Engine, plan_units
-from squeeze.checkpoint import BackboneConfig, load_teacher, save_backbone
-from squeeze.models import create_model
+from distillset.core.runtime import Runtime, autocast_dtype
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import Engine, plan_units
+from distillset.squeeze.checkpoint import BackboneConfig, load_teacher, save_backbone
+from distillset.squeeze.models import create_model
 
 R_BN, FIRST_BN = 1.0, 10.0
 

@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.data import Source
-from launch.runtime import get_runtime
-from relabel.evaluate import random_subset
-from relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta
-from relabel.student import StudentSpec, train_student
-from squeeze.checkpoint import load_teacher
-from squeeze.train import SqueezeConfig
-from squeeze.train import run as squeeze_run
+from distillset.core.data import Source
+from distillset.core.runtime import get_runtime
+from distillset.relabel.evaluate import random_subset
+from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta
+from distillset.relabel.student import StudentSpec, train_student
+from distillset.squeeze.checkpoint import load_teacher
+from distillset.squeeze.train import SqueezeConfig
+from distillset.squeeze.train import run as squeeze_run
 
 DATA = "npz:/work/shared/data/cifar10.npz"
 # (name, topk, quantize); topk 0 = the full distribution

@@ -33,8 +33,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from generative.prior import Prior, register_prior, write_prior_meta
-from launch.errors import DistillError
+from distillset.generative.prior import Prior, register_prior, write_prior_meta
+from distillset.core.errors import DistillError
 
 log = logging.getLogger("distillset.generative")
 
@@ -205,7 +205,7 @@ class GLaDPrior(Prior):
 
     @classmethod
     def load(cls, folder: Path, meta: dict) -> GLaDPrior:
-        spec = meta.get("generator_class", "generative.glad:StyleGenerator")
+        spec = meta.get("generator_class", "distillset.generative.glad:StyleGenerator")
         mod, _, name = spec.partition(":")
         try:
             gcls = getattr(importlib.import_module(mod), name)

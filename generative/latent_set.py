@@ -22,11 +22,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from generative.chunked import chunked_render
-from generative.prior import Prior, from_pretrained
-from launch.errors import DistillError
-from recover.base import Context, Parametrization, register_parametrization
-from recover.params import mix_seed
+from distillset.generative.chunked import chunked_render
+from distillset.generative.prior import Prior, from_pretrained
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Parametrization, register_parametrization
+from distillset.recover.params import mix_seed
 
 log = logging.getLogger("distillset.generative")
 
@@ -248,7 +248,7 @@ def render_saved(folder: str | Path, prior: str | None = None, device: str | tor
 
     ``prior`` overrides the prior folder recorded in the manifest (e.g. when it moved).
     """
-    from launch.io import load_tensors, read_json
+    from distillset.core.io import load_tensors, read_json
 
     folder = Path(folder)
     man = read_json(folder / "manifest.json")

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from launch.errors import DistillError
+from distillset.core.errors import DistillError
 
 log = logging.getLogger("distillset.generative")
 
@@ -210,7 +210,7 @@ def read_prior_meta(folder: str | Path) -> dict:
     path = folder / "prior.json"
     if not path.exists():
         if (folder / "model_index.json").exists():
-            from generative.ld3m import meta_from_diffusers_folder
+            from distillset.generative.ld3m import meta_from_diffusers_folder
 
             return meta_from_diffusers_folder(folder)
         what = " (it looks like a backbone folder from `distillset squeeze`)" if (folder / "config.json").exists() \
@@ -242,8 +242,8 @@ def from_pretrained(folder: str | Path, kind: str | None = None, num_classes: in
         device: where the weights go.
         cache: share one loaded instance per (folder, device) within the process (weights are frozen).
     """
-    import generative.glad
-    import generative.ld3m  # noqa: F401
+    import distillset.generative.glad
+    import distillset.generative.ld3m  # noqa: F401
 
     folder = Path(folder)
     meta = read_prior_meta(folder)
@@ -267,6 +267,6 @@ def from_pretrained(folder: str | Path, kind: str | None = None, num_classes: in
 
 
 def write_prior_meta(folder: str | Path, meta: dict) -> None:
-    from launch.io import write_json
+    from distillset.core.io import write_json
 
     write_json(Path(folder) / "prior.json", {"format": PRIOR_FORMAT, **meta})

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.config import fingerprint, to_dict, write_config
-from launch.data import ImageSet, Source
-from launch.errors import DistillError
-from launch.io import finished_record, read_json
+from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.data import ImageSet, Source
+from distillset.core.errors import DistillError
+from distillset.core.io import finished_record, read_json
 
 log = logging.getLogger("distillset.generative")
 
@@ -159,7 +159,7 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, n: int, g: torch.Generato
 
 def run(cfg: PriorTrainConfig, rt=None) -> dict:
     """Train (or find already trained) a prior; returns its metrics."""
-    from launch.runtime import get_runtime
+    from distillset.core.runtime import get_runtime
 
     rt = rt or get_runtime()
     out = Path(cfg.out)
@@ -191,7 +191,7 @@ def run(cfg: PriorTrainConfig, rt=None) -> dict:
 
 
 def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: DataParallel) -> tuple:
-    from generative.ld3m import build_ld3m, vae_loss
+    from distillset.generative.ld3m import build_ld3m, vae_loss
 
     device = dp.device
     shape = train.image_shape
@@ -303,7 +303,7 @@ def _shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _train_glad(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: DataParallel) -> tuple:
-    from generative.glad import build_glad
+    from distillset.generative.glad import build_glad
 
     device = dp.device
     shape = train.image_shape

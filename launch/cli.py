@@ -13,8 +13,8 @@ import argparse
 import importlib
 import sys
 
-from launch.commands import COMMANDS
-from launch.errors import DistillError
+from distillset.launch.commands import COMMANDS
+from distillset.core.errors import DistillError
 
 
 def _load(target: str):
@@ -23,7 +23,7 @@ def _load(target: str):
 
 
 def _command_parser(name: str) -> argparse.ArgumentParser:
-    from launch.config import add_flags
+    from distillset.core.config import add_flags
 
     cfg_path, _, help_ = COMMANDS[name]
     cls = _load(cfg_path)
@@ -36,7 +36,7 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
 
 def build_config(name: str, argv: list[str]):
     """Parse ``argv`` for command ``name`` into its config dataclass (YAML first, flags override)."""
-    from launch.config import flags_to_dict, from_dict, load_yaml
+    from distillset.core.config import flags_to_dict, from_dict, load_yaml
 
     cfg_path, _, _ = COMMANDS[name]
     cls = _load(cfg_path)
@@ -59,7 +59,7 @@ def run_command(name: str, argv: list[str]):
 
 
 def list_methods() -> str:
-    from recover import base
+    from distillset.recover import base
 
     lines = []
     for kind in ("objective", "parametrization", "augmentation"):
@@ -71,7 +71,7 @@ def list_methods() -> str:
 
 
 def list_models() -> str:
-    from squeeze.models import _MODELS
+    from distillset.squeeze.models import _MODELS
 
     lines = [f"  {n:<18} {'BN ' if e.has_bn else '   '} {e.description}" for n, e in sorted(_MODELS.items())]
     lines += ["  timm:<name>        any timm architecture", "  tv:<name>          any torchvision architecture"]
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         elif argv[0] == "models":
             print(list_models())
         elif argv[0] == "run":
-            from launch.recipe import run_recipe
+            from distillset.launch.recipe import run_recipe
 
             p = argparse.ArgumentParser(prog="distillset run")
             p.add_argument("recipe")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
             if name not in COMMANDS:
-                from launch.errors import unknown_name
+                from distillset.core.errors import unknown_name
 
                 raise unknown_name("command", argv[0], list(COMMANDS) + ["run", "methods", "models"])
             run_command(name, argv[len(name.split()):])

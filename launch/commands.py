@@ -6,13 +6,13 @@ from the config dataclass. Multi-word names (``prior train``) are typed as two w
 from __future__ import annotations
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "squeeze": ("squeeze.train:SqueezeConfig", "squeeze.train:run", "train a backbone on a source"),
-    "squeeze stats": ("squeeze.statistics:StatsConfig", "squeeze.statistics:run", "real-data feature statistics"),
-    "squeeze trajectories": ("squeeze.trajectories:TrajectoryConfig", "squeeze.trajectories:run", "MTT experts"),
-    "recover": ("recover.config:RecoverConfig", "recover.engine:run", "synthesise a distilled set"),
-    "relabel": ("relabel.softlabels:RelabelConfig", "relabel.softlabels:run", "store FKD-style soft labels"),
-    "evaluate": ("relabel.evaluate:EvaluateConfig", "relabel.evaluate:run", "train students, report top-1"),
-    "export": ("launch.export:ExportConfig", "launch.export:run", "export a distilled set"),
-    "shards": ("launch.shards:ShardsConfig", "launch.shards:run", "write a source as webdataset shards"),
-    "prior train": ("generative.train:PriorTrainConfig", "generative.train:run", "train a small generative prior"),
+    "squeeze": ("distillset.squeeze.train:SqueezeConfig", "distillset.squeeze.train:run", "train a backbone on a source"),
+    "squeeze stats": ("distillset.squeeze.statistics:StatsConfig", "distillset.squeeze.statistics:run", "real-data feature statistics"),
+    "squeeze trajectories": ("distillset.squeeze.trajectories:TrajectoryConfig", "distillset.squeeze.trajectories:run", "MTT experts"),
+    "recover": ("distillset.recover.config:RecoverConfig", "distillset.recover.engine:run", "synthesise a distilled set"),
+    "relabel": ("distillset.relabel.softlabels:RelabelConfig", "distillset.relabel.softlabels:run", "store FKD-style soft labels"),
+    "evaluate": ("distillset.relabel.evaluate:EvaluateConfig", "distillset.relabel.evaluate:run", "train students, report top-1"),
+    "export": ("distillset.launch.export:ExportConfig", "distillset.launch.export:run", "export a distilled set"),
+    "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run", "write a source as webdataset shards"),
+    "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run", "train a small generative prior"),
 }

@@ -12,10 +12,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.data import encode_png, write_shard
-from launch.distilled import load_distilled, sample_key
-from launch.errors import DistillError
-from launch.io import write_json
+from distillset.core.data import encode_png, write_shard
+from distillset.core.distilled import load_distilled, sample_key
+from distillset.core.errors import DistillError
+from distillset.core.io import write_json
 
 log = logging.getLogger("distillset.export")
 
@@ -48,7 +48,7 @@ def _safe(name: str) -> str:
 
 
 def run(cfg: ExportConfig, rt=None) -> dict:
-    from launch.runtime import get_runtime
+    from distillset.core.runtime import get_runtime
 
     rt = rt or get_runtime()
     out = Path(cfg.out)

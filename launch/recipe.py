@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from launch.commands import COMMANDS
-from launch.config import from_dict, load_yaml
-from launch.errors import DistillError
+from distillset.launch.commands import COMMANDS
+from distillset.core.config import from_dict, load_yaml
+from distillset.core.errors import DistillError
 
 log = logging.getLogger("distillset.run")
 
@@ -35,7 +35,7 @@ def _command(section: str) -> str:
 
 def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
     """The ordered (section, config) pairs of a recipe with chained defaults filled in."""
-    from launch.cli import _load
+    from distillset.launch.cli import _load
 
     unknown = [k for k in recipe if k not in ORDER and k not in ("name", "out", "description")]
     if unknown:
@@ -78,9 +78,9 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
 
 def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,
                overrides: list[str] | None = None) -> dict:
-    from launch.cli import _load
-    from launch.io import write_text
-    from launch.runtime import get_runtime
+    from distillset.launch.cli import _load
+    from distillset.core.io import write_text
+    from distillset.core.runtime import get_runtime
 
     rt = get_runtime()  # sets up logging before the first stage
     recipe = apply_overrides(load_yaml(path), overrides or [])

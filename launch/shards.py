@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from launch.data import Source, folder_files, read_image_file, write_shard
-from launch.errors import DistillError
-from launch.io import atomic_path, read_json, write_json
-from launch.runtime import get_runtime, progress
+from distillset.core.data import Source, folder_files, read_image_file, write_shard
+from distillset.core.errors import DistillError
+from distillset.core.io import atomic_path, read_json, write_json
+from distillset.core.runtime import get_runtime, progress
 
 log = logging.getLogger("distillset.shards")
 
@@ -117,7 +117,7 @@ def run(cfg: ShardsConfig, rt=None) -> dict:
 
 def _probe_shape(out: Path, info: dict) -> list[int]:
     """Image shape of the first sample of the first shard (the files may be copied, not decoded)."""
-    from launch.data import decode_sample, read_tar_samples
+    from distillset.core.data import decode_sample, read_tar_samples
 
     split = next(iter(info["splits"]))
     first = next(read_tar_samples(str(out / info["splits"][split]["filenames"][0])))

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from launch.errors import DistillError, unknown_name
+from distillset.core.errors import DistillError, unknown_name
 
 ENTRY_POINT_GROUPS = {
     "objective": "distillset.objectives",
@@ -79,7 +79,7 @@ def _load_entry_points(kind: str) -> None:
 
 def registry(kind: str) -> dict[str, type]:
     """All registered classes of ``kind`` (built-ins + entry points)."""
-    import recover.builtins  # noqa: F401  (registers the built-in plugins)
+    import distillset.recover.builtins  # noqa: F401  (registers the built-in plugins)
 
     _load_entry_points(kind)
     return dict(_REGISTRIES[kind])

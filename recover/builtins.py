@@ -9,16 +9,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import recover.augmentations
-import recover.objectives
-import recover.params  # noqa: F401
+from distillset.recover import augmentations, objectives, params  # noqa: F401
 
-for _pkg in (recover.objectives, recover.augmentations):
+for _pkg in (objectives, augmentations):
     for _mod in pkgutil.iter_modules(_pkg.__path__):
         importlib.import_module(f"{_pkg.__name__}.{_mod.name}")
 
 try:  # latent parametrizations (GLaD / LD3M) register themselves when the generative package provides them
-    importlib.import_module("generative.latent_set")
+    importlib.import_module("distillset.generative.latent_set")
 except ModuleNotFoundError as _e:
-    if _e.name != "generative.latent_set":
+    if _e.name != "distillset.generative.latent_set":
         raise

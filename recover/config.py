@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launch.errors import DistillError
+from distillset.core.errors import DistillError
 
 
 @dataclass

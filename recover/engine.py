@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from launch.config import fingerprint, to_dict, write_config
-from launch.data import ImageSet, Source, write_shard
-from launch.distilled import load_distilled, sample_key, save_grid, shard_path
-from launch.errors import DistillError
-from launch.io import read_json, save_tensors, write_json
-from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
-from recover import base
-from recover.config import NON_SEMANTIC, RecoverConfig
-from recover.params import mix_seed
-from recover.real import RealData
-from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
+from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.data import ImageSet, Source, write_shard
+from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path
+from distillset.core.errors import DistillError
+from distillset.core.io import read_json, save_tensors, write_json
+from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
+from distillset.recover import base
+from distillset.recover.config import NON_SEMANTIC, RecoverConfig
+from distillset.recover.params import mix_seed
+from distillset.recover.real import RealData
+from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 
 log = logging.getLogger("distillset.recover")
 
@@ -81,7 +81,7 @@ class Engine:
     """Holds what is shared by all units of a run (teachers, real data, plugins) and optimises units."""
 
     def __init__(self, cfg: RecoverConfig, rt: Runtime):
-        from squeeze.checkpoint import load_teacher
+        from distillset.squeeze.checkpoint import load_teacher
 
         self.cfg, self.rt, self.device = cfg, rt, rt.device
         self.objective_cls = base.get("objective", cfg.method)
@@ -125,7 +125,7 @@ class Engine:
         if needs_real:
             train = self.source.load("train")
             if train.image_shape != self.image_shape:
-                from launch.data import resize_uint8
+                from distillset.core.data import resize_uint8
 
                 if train.image_shape[0] != self.image_shape[0]:
                     raise DistillError(f"data images have {train.image_shape[0]} channels but the teacher takes "
@@ -136,7 +136,7 @@ class Engine:
             train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
             self.real = RealData(train, self.device)
             if not self.teachers:  # networks trained from scratch see the data's channel statistics, as the papers
-                from squeeze.train import channel_stats
+                from distillset.squeeze.train import channel_stats
 
                 self.mean, self.std = channel_stats(train.images)
         self.zca = self._input_space()
@@ -274,7 +274,7 @@ class Engine:
                            "or the objective's weights and run again (finished units are kept).")
 
     def _save_state(self, path: Path, syn, opt, ctx: base.Context, step: int) -> None:
-        from squeeze.checkpoint import save_atomic_state
+        from distillset.squeeze.checkpoint import save_atomic_state
 
         extra = [p for g in opt.param_groups[1:] for p in g["params"]]
         save_atomic_state(path, {"step": step, "syn": syn.state_dict(), "opt": opt.state_dict(),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recover.base import Context, Parametrization, register_parametrization
-from squeeze.inputs import unwhiten, whiten
+from distillset.recover.base import Context, Parametrization, register_parametrization
+from distillset.squeeze.inputs import unwhiten, whiten
 
 
 def mix_seed(*parts: int) -> int:
@@ -43,7 +43,7 @@ class PixelSet(Parametrization):
     def __init__(self, classes: torch.Tensor, indices: torch.Tensor, image_shape: tuple[int, int, int], seed: int,
                  ctx: Context, init: str = "noise", noise_std: float = 1.0, whitened: bool = True):
         super().__init__()
-        from launch.errors import DistillError
+        from distillset.core.errors import DistillError
 
         if init not in ("noise", "real"):
             raise DistillError(f"unknown pixel init '{init}'; use noise or real.")

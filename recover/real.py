@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from launch.data import ImageSet
-from recover.params import mix_seed
+from distillset.core.data import ImageSet
+from distillset.recover.params import mix_seed
 
 
 def init_order(class_index: torch.Tensor, c: int, seed: int) -> torch.Tensor:

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from launch.config import to_dict, write_config
-from launch.data import ImageSet, Source, resize_uint8
-from launch.distilled import load_distilled
-from launch.errors import DistillError
-from launch.io import atomic_path, load_tensors, write_json
-from launch.runtime import get_runtime
-from relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
-from relabel.student import StudentSpec, train_student
-from recover.real import init_order
-from squeeze.inputs import ZCA
+from distillset.core.config import to_dict, write_config
+from distillset.core.data import ImageSet, Source, resize_uint8
+from distillset.core.distilled import load_distilled
+from distillset.core.errors import DistillError
+from distillset.core.io import atomic_path, load_tensors, write_json
+from distillset.core.runtime import get_runtime
+from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
+from distillset.relabel.student import StudentSpec, train_student
+from distillset.recover.real import init_order
+from distillset.squeeze.inputs import ZCA
 
 log = logging.getLogger("distillset.evaluate")
 
@@ -130,7 +130,7 @@ def dd_ranking(full: float | None, hard: float | None, hard_random: float | None
 
 
 def run(cfg: EvaluateConfig, rt=None) -> dict:
-    from squeeze.checkpoint import load_teacher
+    from distillset.squeeze.checkpoint import load_teacher
 
     rt = rt or get_runtime()
     t0 = time.perf_counter()

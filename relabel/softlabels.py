@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from launch.data import ImageSet
-from launch.errors import DistillError
-from launch.io import load_tensors, write_json
-from launch.runtime import autocast_dtype, get_runtime, progress
-from squeeze.augment import affine_crop, sample_crops
+from distillset.core.data import ImageSet
+from distillset.core.errors import DistillError
+from distillset.core.io import load_tensors, write_json
+from distillset.core.runtime import autocast_dtype, get_runtime, progress
+from distillset.squeeze.augment import affine_crop, sample_crops
 
 log = logging.getLogger("distillset.relabel")
 
@@ -76,7 +76,7 @@ class RelabelConfig:
 
 def epoch_crops(n: int, crop_seed: int, epoch: int, min_scale: float, flip: bool) -> dict[str, torch.Tensor]:
     """The crops of epoch ``epoch`` for ``n`` images: identical in relabel and in student training."""
-    from recover.params import mix_seed
+    from distillset.recover.params import mix_seed
 
     g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
     return sample_crops(n, g, (min_scale, 1.0), flip=flip)
@@ -89,7 +89,7 @@ def epoch_crops_range(n: int, crop_seed: int, epoch: int, min_scale: float, flip
     The generator's streams are consumed in the same order and amounts as :func:`epoch_crops` (torch draws uniform
     numbers one after another, so drawing in pieces gives the same numbers); only the slice is kept.
     """
-    from recover.params import mix_seed
+    from distillset.recover.params import mix_seed
 
     g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
 
@@ -248,7 +248,7 @@ def write_block(path: Path, folder: str | Path, n: int, num_classes: int, teache
                 epochs: range, show_progress: bool = True) -> None:
     """Labels of one epoch block written as they are made: images streamed in chunks of ``batch_size`` from the
     shards (decoded once per block), memory bounded by the chunk whatever the number of images."""
-    from relabel.stream import TensorFileWriter, iter_distilled
+    from distillset.relabel.stream import TensorFileWriter, iter_distilled
 
     amp = autocast_dtype(cfg.autocast, device)
     writer = TensorFileWriter(path, _label_specs(cfg, len(epochs), n, num_classes),
@@ -281,7 +281,7 @@ def label_meta(cfg: RelabelConfig, teachers, num_classes: int, n: int) -> dict:
 
 def load_soft_labels(folder: str | Path) -> SoftLabels:
     """Read ``labels/`` of a distilled set (all epoch files, concatenated)."""
-    from launch.io import read_json
+    from distillset.core.io import read_json
 
     folder = Path(folder) / "labels"
     meta_path = folder / "labels.json"
@@ -304,9 +304,9 @@ def read_label_files(folder: Path, meta: dict) -> SoftLabels:
 
 def run(cfg: RelabelConfig, rt=None) -> dict:
     """Relabel a distilled set; epoch blocks are split across processes and skipped when already written."""
-    from launch.distilled import read_manifest
-    from relabel.stream import count_images
-    from squeeze.checkpoint import load_teacher
+    from distillset.core.distilled import read_manifest
+    from distillset.relabel.stream import count_images
+    from distillset.squeeze.checkpoint import load_teacher
 
     rt = rt or get_runtime()
     manifest = read_manifest(cfg.distilled)
@@ -324,7 +324,7 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
     meta["files"] = len(blocks)
     meta_path = folder / "labels.json"
     if meta_path.exists():
-        from launch.io import read_json
+        from distillset.core.io import read_json
 
         old = read_json(meta_path)
         if {k: v for k, v in old.items() if k != "bytes_per_image"} != json_roundtrip(meta):
@@ -351,7 +351,7 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
 
 def label_bytes(folder: Path, meta: dict) -> int:
     """Bytes of all stored label tensors, read from the files' headers (the labels are not loaded)."""
-    from relabel.stream import tensor_file_shapes
+    from distillset.relabel.stream import tensor_file_shapes
 
     files = [folder / f"soft-{i:06d}.safetensors" for i in range(meta["files"])]
     missing = [f for f in files if not f.exists()]

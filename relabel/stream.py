@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.data import decode_sample, read_tar_samples
-from launch.distilled import read_manifest, shard_path
-from launch.errors import DistillError
-from launch.io import atomic_path
+from distillset.core.data import decode_sample, read_tar_samples
+from distillset.core.distilled import read_manifest, shard_path
+from distillset.core.errors import DistillError
+from distillset.core.io import atomic_path
 
 log = logging.getLogger("distillset.relabel")
 
@@ -38,7 +38,7 @@ def _shard_groups(folder: Path, manifest: dict) -> list[list[Path]]:
         raise DistillError(f"{folder}/images holds no shards; the run wrote no images.")
     cfg = manifest.get("config") or {}
     try:
-        from recover.engine import plan_units
+        from distillset.recover.engine import plan_units
 
         units = plan_units(int(manifest["num_classes"]), int(manifest["ipc"]), int(cfg.get("classes_per_unit", 0)),
                            int(cfg.get("ipc_per_unit", 0)))
@@ -66,7 +66,7 @@ def iter_distilled(folder: str | Path, chunk: int, require_complete: bool = True
     groups = _shard_groups(folder, manifest)
     unsorted = next((s for g in groups for s in g if not _keys_sorted(s)), None)
     if unsorted is not None:  # not written by recover: merging needs key-sorted shards, so load them all instead
-        from launch.distilled import load_distilled
+        from distillset.core.distilled import load_distilled
 
         log.warning("shard %s is not in key order; all %s images are held in memory (write shards with keys "
                     "sorted to stream them)", unsorted, folder)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from launch.data import ImageSet
-from launch.errors import DistillError
-from launch.runtime import autocast_dtype
-from relabel.softlabels import SoftLabels, apply_crops, epoch_crops
-from squeeze.inputs import ZCA, InputTransform
-from squeeze.models import create_model
-from squeeze.train import evaluate_model
+from distillset.core.data import ImageSet
+from distillset.core.errors import DistillError
+from distillset.core.runtime import autocast_dtype
+from distillset.relabel.softlabels import SoftLabels, apply_crops, epoch_crops
+from distillset.squeeze.inputs import ZCA, InputTransform
+from distillset.squeeze.models import create_model
+from distillset.squeeze.train import evaluate_model
 
 
 @dataclass
@@ -43,7 +43,7 @@ class StudentSpec:
 
 def _matching_augment():
     try:
-        from recover.augmentations.dsa import dsa_augment  # the DSA plugin, when installed
+        from distillset.recover.augmentations.dsa import dsa_augment  # the DSA plugin, when installed
     except ImportError:
         return None
     return dsa_augment

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.errors import DistillError
-from launch.io import atomic_path, file_sha256, load_tensors, save_tensors, write_json
-from squeeze.models import IMAGENET_MEAN, IMAGENET_STD, create_model, has_batchnorm
+from distillset.core.errors import DistillError
+from distillset.core.io import atomic_path, file_sha256, load_tensors, save_tensors, write_json
+from distillset.squeeze.models import IMAGENET_MEAN, IMAGENET_STD, create_model, has_batchnorm
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.errors import DistillError
-from launch.io import load_tensors, save_tensors
+from distillset.core.errors import DistillError
+from distillset.core.io import load_tensors, save_tensors
 
 
 def whiten(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.errors import DistillError
+from distillset.core.errors import DistillError
 
 log = logging.getLogger("distillset.squeeze")
 
@@ -306,10 +306,10 @@ def batches(source, cfg: StatsConfig, rank: int, world: int) -> Iterator[tuple[t
 
 def run(cfg: StatsConfig, rt=None) -> dict:
     """Compute (or resume) the statistics of ``cfg.teacher`` over ``cfg.data``; returns a summary."""
-    from launch.data import Source, resize_uint8
-    from launch.io import load_tensors, save_tensors
-    from launch.runtime import autocast_dtype, get_runtime
-    from squeeze.checkpoint import load_teacher
+    from distillset.core.data import Source, resize_uint8
+    from distillset.core.io import load_tensors, save_tensors
+    from distillset.core.runtime import autocast_dtype, get_runtime
+    from distillset.squeeze.checkpoint import load_teacher
 
     rt = rt or get_runtime()
     teacher = load_teacher(cfg.teacher, device=rt.device)
@@ -424,7 +424,7 @@ def load_statistics(path: str | Path, teacher) -> TeacherStats:
     """Read a statistics file and check it was computed for ``teacher`` (same weights, same layers)."""
     from safetensors import safe_open
 
-    from launch.io import load_tensors
+    from distillset.core.io import load_tensors
 
     path = Path(path)
     if not path.exists():

@@ -13,9 +13,9 @@ import random
 
 import torch
 
-from launch.data import Source, assign_readers, decode_sample, read_tar_samples
-from launch.errors import DistillError
-from launch.runtime import Runtime
+from distillset.core.data import Source, assign_readers, decode_sample, read_tar_samples
+from distillset.core.errors import DistillError
+from distillset.core.runtime import Runtime
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -56,13 +56,13 @@ def _stats(source: Source, limit: int = 4096) -> tuple[list[float], list[float]]
         xs.append(x)
         if len(xs) >= limit:
             break
-    from squeeze.train import channel_stats
+    from distillset.squeeze.train import channel_stats
 
     return channel_stats(torch.stack(xs))
 
 
 def stream_setup(cfg, rt: Runtime, source: Source):
-    from squeeze.train import TrainData
+    from distillset.squeeze.train import TrainData
 
     shards = source.shards
     urls = shards.urls("train")
@@ -84,7 +84,7 @@ def stream_setup(cfg, rt: Runtime, source: Source):
             yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
 
     def evaluate(model) -> float:
-        from squeeze.train import batch_accuracy
+        from distillset.squeeze.train import batch_accuracy
 
         def batches():  # each test sample exactly once across ranks
             items = source.stream("test", rt.rank, rt.world)

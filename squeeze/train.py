@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launch.config import fingerprint, to_dict, write_config
-from launch.data import ImageSet, Source, resize_uint8
-from launch.errors import DistillError
-from launch.io import finished_record
-from launch.runtime import Runtime, autocast_dtype, get_runtime, progress
-from squeeze.augment import affine_crop
-from squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
-from squeeze.inputs import ZCA, InputTransform
-from squeeze.models import create_model, model_entry
+from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.data import ImageSet, Source, resize_uint8
+from distillset.core.errors import DistillError
+from distillset.core.io import finished_record
+from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
+from distillset.squeeze.augment import affine_crop
+from distillset.squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
+from distillset.squeeze.inputs import ZCA, InputTransform
+from distillset.squeeze.models import create_model, model_entry
 
 log = logging.getLogger("distillset.squeeze")
 
@@ -152,7 +152,7 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     entry = model_entry(cfg.arch)
     source = Source(cfg.data, cfg.image_size or None)
     if source.is_stream:
-        from squeeze.stream import stream_setup
+        from distillset.squeeze.stream import stream_setup
 
         data = stream_setup(cfg, rt, source)
     else:

@@ -27,14 +27,14 @@ from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call
 
-from launch.config import fingerprint, to_dict, write_config
-from launch.data import ImageSet, Source, resize_uint8
-from launch.errors import DistillError
-from launch.io import save_tensors, write_json
-from launch.runtime import Runtime, get_runtime, progress
-from recover.params import mix_seed
-from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
-from squeeze.models import create_model
+from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.data import ImageSet, Source, resize_uint8
+from distillset.core.errors import DistillError
+from distillset.core.io import save_tensors, write_json
+from distillset.core.runtime import Runtime, get_runtime, progress
+from distillset.recover.params import mix_seed
+from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
+from distillset.squeeze.models import create_model
 
 log = logging.getLogger("distillset.squeeze")
 
@@ -144,7 +144,7 @@ def buffer_files(path: str | Path) -> list[Path]:
 
 def load_buffers(path: str | Path, max_experts: int = 0) -> ExpertBuffers:
     """Load expert trajectories (all files of a folder, or one file); they must agree on architecture and size."""
-    from launch.io import load_tensors
+    from distillset.core.io import load_tensors
 
     files = buffer_files(path)
     if max_experts:
@@ -250,13 +250,13 @@ def _augmenter(kind: str, flip: bool):
         return lambda x, g: x
     if kind == "dsa":
         try:
-            from recover.augmentations.dsa import dsa_augment
+            from distillset.recover.augmentations.dsa import dsa_augment
         except ImportError:
-            log.warning("recover.augmentations.dsa is not available; experts use random shift + flip instead")
+            log.warning("distillset.recover.augmentations.dsa is not available; experts use random shift + flip instead")
         else:
             return lambda x, g: dsa_augment(x, g, "color_crop_cutout_flip_scale_rotate" if flip else
                                             "color_crop_cutout_scale_rotate")
-    from squeeze.train import train_augment
+    from distillset.squeeze.train import train_augment
 
     return lambda x, g: train_augment(x, g, flip)
 
@@ -314,7 +314,7 @@ def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, devi
     bar.close()
     top1 = None
     if test is not None:
-        from squeeze.train import evaluate_model
+        from distillset.squeeze.train import evaluate_model
 
         top1 = evaluate_model(model, test, mean, std, device, zca=zca)
     return torch.stack(snaps), top1
@@ -336,7 +336,7 @@ def _load_data(cfg: TrajectoryConfig) -> tuple[ImageSet, ImageSet | None]:
 
 def run(cfg: TrajectoryConfig, rt: Runtime | None = None) -> dict:
     """Record (or finish recording) the experts; returns a summary. Experts are split across ranks (k % world)."""
-    from squeeze.train import channel_stats
+    from distillset.squeeze.train import channel_stats
 
     rt = rt or get_runtime()
     out = Path(cfg.out)

@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory) -> Path:
-    from squeeze.train import SqueezeConfig, run
+    from distillset.squeeze.train import SqueezeConfig, run
 
     out = tmp_path_factory.mktemp("teacher") / "digits_bn"
     run(SqueezeConfig(out=str(out), data="digits", arch="convnet_bn", model_kwargs={"width": 32}, epochs=8,
@@ -30,7 +30,7 @@ def digits_teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_teacher_in(tmp_path_factory) -> Path:
     """A teacher without BatchNorm (instance norm), for the BN-inversion error path."""
-    from squeeze.train import SqueezeConfig, run
+    from distillset.squeeze.train import SqueezeConfig, run
 
     out = tmp_path_factory.mktemp("teacher") / "digits_in"
     run(SqueezeConfig(out=str(out), data="digits", arch="convnet_in", model_kwargs={"width": 16}, epochs=1,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import build_config, main
-from launch.commands import COMMANDS
-from launch.errors import DistillError
-from launch.recipe import resolve, run_recipe
+from distillset.launch.cli import build_config, main
+from distillset.launch.commands import COMMANDS
+from distillset.core.errors import DistillError
+from distillset.launch.recipe import resolve, run_recipe
 from tests.conftest import CIFAR, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_flags_override_yaml_and_bad_input_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_resolves(recipe, tmp_path):
-    from launch.config import load_yaml
+    from distillset.core.config import load_yaml
 
     plan = resolve(load_yaml(recipe), str(tmp_path))
     assert plan, recipe
@@ -80,8 +80,8 @@ def test_cifar_recipe_runs_at_debug_size_on_the_fixture(tmp_path):
 
 
 def test_export_formats_roundtrip(tmp_path, digits_teacher):
-    from launch.data import Source
-    from launch.distilled import load_distilled
+    from distillset.core.data import Source
+    from distillset.core.distilled import load_distilled
 
     d = tmp_path / "d"
     assert main(["recover", "--teachers", str(digits_teacher), "--ipc", "2", "--iterations", "3", "--out", str(d),
@@ -110,7 +110,7 @@ def test_timm_reads_exported_shards(tmp_path, digits_teacher):
 
 
 def test_console_script_entry_point(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "recover", "--ipc", "1", "--out", str(tmp_path / "x")],
+    r = subprocess.run([sys.executable, "-m", "distillset.launch.cli", "recover", "--ipc", "1", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "needs a teacher" in r.stderr
 
@@ -146,7 +146,7 @@ def test_fingerprint_ignores_options_left_at_their_default():
     """A later release that adds an option must still recognise (and resume) the output folders of earlier ones."""
     import dataclasses
 
-    from launch.config import fingerprint
+    from distillset.core.config import fingerprint
 
     @dataclasses.dataclass
     class Old:

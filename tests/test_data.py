@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.data import Source, assign_readers, write_shard
-from launch.errors import DistillError
+from distillset.core.data import Source, assign_readers, write_shard
+from distillset.core.errors import DistillError
 from tests.conftest import ASSETS, CIFAR
 
 
@@ -43,7 +43,7 @@ def test_assign_readers_is_an_exact_partition(num_shards, readers):
 
 
 def _shards(tmp_path, n_shards=3, per_shard=4):
-    from launch.shards import ShardsConfig, run
+    from distillset.launch.shards import ShardsConfig, run
 
     run(ShardsConfig(data="digits", out=str(tmp_path / "wds"), maxcount=450))
     return tmp_path / "wds"
@@ -68,9 +68,9 @@ def test_shards_roundtrip_and_rank_split(tmp_path):
 
 
 def test_shards_from_folder_copy_bytes_and_resume(tmp_path):
-    from launch.export import ExportConfig
-    from launch.export import run as export
-    from launch.shards import ShardsConfig, run
+    from distillset.launch.export import ExportConfig
+    from distillset.launch.export import run as export
+    from distillset.launch.shards import ShardsConfig, run
 
     distilled = _tiny_distilled(tmp_path)
     export(ExportConfig(distilled=str(distilled), out=str(tmp_path / "if"), format="imagefolder"))
@@ -86,8 +86,8 @@ def test_shards_from_folder_copy_bytes_and_resume(tmp_path):
 
 def _tiny_distilled(tmp_path):
     """A distilled-set folder made of real digits, through the engine's writer (random coreset-like)."""
-    from launch.distilled import sample_key
-    from launch.io import write_json
+    from distillset.core.distilled import sample_key
+    from distillset.core.io import write_json
 
     s = Source("digits").load("train")
     folder = tmp_path / "distilled"
@@ -125,7 +125,7 @@ def test_corrupt_and_bad_shards_name_shard_and_key(tmp_path):
 
 
 def _png():
-    from launch.data import encode_png
+    from distillset.core.data import encode_png
 
     return encode_png(torch.zeros(1, 4, 4, dtype=torch.uint8))
 

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from generative.latent_set import GLaDSet, LD3MSet, render_saved
-from generative.train import PriorTrainConfig
-from generative.train import run as train_prior
-from launch.config import from_dict, load_yaml
-from launch.data import ImageSet, Source
-from launch.distilled import load_distilled
-from recover.base import Context
-from recover.config import RecoverConfig
-from recover.engine import run as recover
-from recover.real import RealData
-from squeeze.models import create_model
+from distillset.generative.latent_set import GLaDSet, LD3MSet, render_saved
+from distillset.generative.train import PriorTrainConfig
+from distillset.generative.train import run as train_prior
+from distillset.core.config import from_dict, load_yaml
+from distillset.core.data import ImageSet, Source
+from distillset.core.distilled import load_distilled
+from distillset.recover.base import Context
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover
+from distillset.recover.real import RealData
+from distillset.squeeze.models import create_model
 
 CLASSES = 3
 
@@ -96,8 +96,8 @@ def test_dm_over_latents_lowers_gap_and_saves_latents(setup, kind):
 @pytest.mark.parametrize("name", ["ld3m", "glad"])
 def test_recipes_resolve_and_chain_the_prior(name):
     """The shipped recipes build their configs, and recover reads the prior that prior_train writes."""
-    from launch.config import load_yaml
-    from launch.recipe import resolve
+    from distillset.core.config import load_yaml
+    from distillset.launch.recipe import resolve
 
     recipe = load_yaml(f"recipes/{name}_tiny10.yaml")
     plan = dict(resolve(recipe, recipe["out"]))
@@ -110,7 +110,7 @@ def test_recipes_resolve_and_chain_the_prior(name):
 @pytest.mark.parametrize("method", ["sre2l", "dc", "mtt"])
 def test_other_objectives_run_over_both_priors_from_the_cli(setup, method):
     """BN inversion, DC and MTT over LD3M and GLaD latents through the CLI write images + latents."""
-    from launch.cli import main
+    from distillset.launch.cli import main
 
     root, data, priors = setup
     extra: list[str] = []

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generative.train import PriorTrainConfig
-from generative.train import run as train_prior
+from distillset.generative.train import PriorTrainConfig
+from distillset.generative.train import run as train_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "npz:" + str(ROOT / "tests" / "assets" / "tiny10_small.npz")
@@ -45,7 +45,7 @@ def test_two_processes_train_the_single_process_prior(kind, tmp_path):
     two = tmp_path / "two"
     proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
                            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                           "--dynamo_backend", "no", "-m", "launch.cli", "prior", "train", "--kind", kind,
+                           "--dynamo_backend", "no", "-m", "distillset.launch.cli", "prior", "train", "--kind", kind,
                            "--data", DATA, "--out", str(two), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from generative.chunked import chunked_render
-from generative.glad import build_glad
-from generative.ld3m import build_ld3m
-from generative.prior import from_pretrained
-from generative.train import PriorTrainConfig
-from generative.train import run as train_prior
-from launch.errors import DistillError
-from recover.base import Context
+from distillset.generative.chunked import chunked_render
+from distillset.generative.glad import build_glad
+from distillset.generative.ld3m import build_ld3m
+from distillset.generative.prior import from_pretrained
+from distillset.generative.train import PriorTrainConfig
+from distillset.generative.train import run as train_prior
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context
 
 DATA = "npz:" + str(Path(__file__).parent / "assets" / "tiny10_small.npz")
 TINY = {"data": DATA, "image_size": 16, "flip": False, "batch_size": 16, "width": 8, "unet_width": 8, "down": 2,
@@ -112,7 +112,7 @@ def test_chunked_backprop_equals_direct(kind):
 
 
 def test_chunked_backward_holds_one_chunk_of_activations():
-    from generative.prior import SavedTensorMeter
+    from distillset.generative.prior import SavedTensorMeter
 
     p = _tiny_glad()
     labels = torch.arange(16) % 4
@@ -138,7 +138,7 @@ def test_trained_priors_load_and_fit(priors):
     assert p.meta["latent_shapes"] == {"z_T": [4, 8, 8], "cond": [32]} and p.steps == 3
     assert abs(p.scaling_factor - metrics["scaling_factor"]) < 1e-6
     # the autoencoder learnt something: trained reconstruction beats the untrained autoencoder's on test images
-    from launch.data import Source
+    from distillset.core.data import Source
 
     test = Source(DATA, 16).load("test")
     x = test.images[:16].float() / 255
@@ -188,7 +188,7 @@ def test_bad_prior_folders_fail_in_one_line(priors, tmp_path):
 
 
 def test_latent_set_state_round_trip_and_shape_check(priors):
-    from generative.latent_set import GLaDSet, LD3MSet
+    from distillset.generative.latent_set import GLaDSet, LD3MSet
 
     ctx = Context(device=torch.device("cpu"), classes=torch.tensor([0, 0, 1]), num_classes=10,
                   image_shape=(3, 16, 16), generator=torch.Generator().manual_seed(0))
@@ -218,10 +218,10 @@ def test_latent_set_state_round_trip_and_shape_check(priors):
 def test_step_cache_renders_once_and_gives_the_same_loss_and_gradient(priors, chunk):
     """DM asks for each class's images separately; inside the engine's step cache the prior renders all images in
     one batch, and the loss and the latent gradients equal the per-class path."""
-    from generative.latent_set import LD3MSet
-    from launch.data import Source
-    from recover.objectives.dm import DistributionMatching
-    from recover.real import RealData
+    from distillset.generative.latent_set import LD3MSet
+    from distillset.core.data import Source
+    from distillset.recover.objectives.dm import DistributionMatching
+    from distillset.recover.real import RealData
 
     real = RealData(Source(DATA, 16).load("train"), torch.device("cpu"))
     cls, idx = torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 0, 1, 0])
@@ -256,7 +256,7 @@ def test_a_diffusers_ldm_pipeline_folder_loads_as_an_ld3m_prior(tmp_path):
     (vqvae/ + class-conditional unet/ + scheduler/ + model_index.json) is a prior folder as is."""
     from diffusers import DDIMScheduler, LDMPipeline
 
-    from generative.latent_set import LD3MSet
+    from distillset.generative.latent_set import LD3MSet
 
     p = _tiny_ld3m()
     LDMPipeline(vqvae=p.vae, unet=p.unet, scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(

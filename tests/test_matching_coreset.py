@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from launch.data import Source
-from launch.distilled import load_distilled
-from recover.base import Context, get
-from recover.config import RecoverConfig
-from recover.engine import run
-from recover.real import RealData
+from distillset.core.data import Source
+from distillset.core.distilled import load_distilled
+from distillset.recover.base import Context, get
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run
+from distillset.recover.real import RealData
 
 DATA = "npz:tests/assets/cifar10_small.npz"
 
@@ -98,7 +98,7 @@ def test_engine_writes_herding_selection(real, tmp_path):
 def test_random_baseline_is_the_init_from_real_starting_point(tmp_path):
     """`random`, init-from-real (before any step, whatever the unit layout) and evaluate's random baseline are the
     same real images for one seed, so "distilled vs random" measures what the optimisation added."""
-    from relabel.evaluate import random_subset
+    from distillset.relabel.evaluate import random_subset
 
     common = {"data": DATA, "ipc": 3, "seed": 5, "augmentation": "none", "autocast": "none"}
     run(RecoverConfig(out=str(tmp_path / "random"), method="random", iterations=0, classes_per_unit=10, **common))

@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from launch.data import Source
-from launch.errors import DistillError
-from recover.augmentations.dsa import DSA_RATIOS, FAMILIES, SiameseAug, apply_family, dsa_augment, sample_family
-from recover.base import Context, get
-from squeeze.inputs import ZCA
+from distillset.core.data import Source
+from distillset.core.errors import DistillError
+from distillset.recover.augmentations.dsa import DSA_RATIOS, FAMILIES, SiameseAug, apply_family, dsa_augment, sample_family
+from distillset.recover.base import Context, get
+from distillset.squeeze.inputs import ZCA
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import importlib.metadata
 
 import torch
 
-from launch.config import from_dict, load_yaml
-from launch.data import Source
-from launch.distilled import load_distilled
-from recover import base
-from recover.base import Objective, register_objective
-from recover.config import RecoverConfig
-from recover.engine import run
+from distillset.core.config import from_dict, load_yaml
+from distillset.core.data import Source
+from distillset.core.distilled import load_distilled
+from distillset.recover import base
+from distillset.recover.base import Objective, register_objective
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run
 
 DATA = "npz:tests/assets/cifar10_small.npz"
 

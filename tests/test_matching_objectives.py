@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.data import Source
-from recover.base import Context, get
-from recover.objectives._matching import dc_loops
-from recover.objectives.model_aug import NetSource
-from recover.params import PixelSet
-from recover.real import RealData
+from distillset.core.data import Source
+from distillset.recover.base import Context, get
+from distillset.recover.objectives._matching import dc_loops
+from distillset.recover.objectives.model_aug import NetSource
+from distillset.recover.params import PixelSet
+from distillset.recover.real import RealData
 
 SMALL = {"width": 32, "batch_real": 32}
 CLASSES = 3

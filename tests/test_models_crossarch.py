@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.data import Source
-from relabel.student import StudentSpec, train_student
-from squeeze.models import create_model, has_batchnorm, model_entry
+from distillset.core.data import Source
+from distillset.relabel.student import StudentSpec, train_student
+from distillset.squeeze.models import create_model, has_batchnorm, model_entry
 
 
 @pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "alexnet"])

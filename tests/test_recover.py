@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.distilled import load_distilled
-from launch.errors import DistillError
-from recover.config import RecoverConfig
-from recover.engine import Engine, plan_units, run, units_for_rank
+from distillset.core.distilled import load_distilled
+from distillset.core.errors import DistillError
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import Engine, plan_units, run, units_for_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_units_are_a_pure_function_of_the_config():
 
 
 def test_bn_inversion_lowers_its_loss_and_learns_the_class(digits_teacher, tmp_path):
-    from launch.runtime import get_runtime
+    from distillset.core.runtime import get_runtime
 
     c = cfg(digits_teacher, tmp_path / "a", iterations=60, ipc=3, classes_per_unit=10)
     engine = Engine(c, get_runtime())
@@ -54,7 +54,7 @@ def test_bn_inversion_lowers_its_loss_and_learns_the_class(digits_teacher, tmp_p
 
 
 def test_rerun_skips_finished_units_and_equals_uninterrupted(digits_teacher, tmp_path, monkeypatch):
-    import recover.engine as eng
+    import distillset.recover.engine as eng
 
     ref = run(cfg(digits_teacher, tmp_path / "ref"))
     assert ref["status"] == "complete" and ref["num_images"] == 20
@@ -86,7 +86,7 @@ def test_rerun_skips_finished_units_and_equals_uninterrupted(digits_teacher, tmp
 
 
 def test_mid_unit_checkpoint_resume_is_exact(digits_teacher, tmp_path, monkeypatch):
-    import recover.engine as eng
+    import distillset.recover.engine as eng
 
     ref = cfg(digits_teacher, tmp_path / "ref", classes_per_unit=10, iterations=40)
     run(ref)
@@ -134,7 +134,7 @@ def test_bad_teacher_and_method_errors(digits_teacher, digits_teacher_in, tmp_pa
 
 
 def test_nan_loss_stops_and_keeps_last_good_set(digits_teacher, tmp_path):
-    from recover.base import Objective, register_objective
+    from distillset.recover.base import Objective, register_objective
 
     @register_objective("test_nan_after_10")
     class NanAfter(Objective):  # a plugin defined outside the package; diverges at step 10
@@ -153,7 +153,7 @@ def test_init_from_real_starts_at_real_images(digits_teacher, tmp_path):
     c = cfg(digits_teacher, tmp_path / "r", data="digits", iterations=0, param_options={"init": "real"})
     run(c)
     images, _ = load_distilled(tmp_path / "r")
-    from launch.data import Source
+    from distillset.core.data import Source
 
     real = {bytes(x.numpy()) for x in Source("digits").load("train").images}
     assert all(bytes(x.numpy()) in real for x in images.images)  # 0 steps: exactly real images, losslessly
@@ -166,12 +166,12 @@ def test_two_gloo_processes_produce_the_single_process_images(digits_teacher, tm
     args = ["recover", "--teachers", str(digits_teacher), "--ipc", "2", "--iterations", "20", "--lr", "0.1",
             "--classes-per-unit", "3", "--autocast", "none", "--aug-options", "{final_scale: 0.5, flip: false}"]
     bindir = Path(sys.executable).parent
-    single = subprocess.run([sys.executable, "-m", "launch.cli", *args, "--out", str(tmp_path / "one")], env=env,
+    single = subprocess.run([sys.executable, "-m", "distillset.launch.cli", *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     multi = subprocess.run([str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                            "-m", "launch.cli", *args, "--out", str(tmp_path / "two")],
+                            "-m", "distillset.launch.cli", *args, "--out", str(tmp_path / "two")],
                            env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     import json

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from launch.errors import DistillError
-from recover.config import RecoverConfig
-from recover.engine import run as recover
-from relabel.evaluate import EvaluateConfig, dd_ranking, random_subset
-from relabel.evaluate import run as evaluate
-from relabel.softlabels import RelabelConfig, compress, dense_targets, epoch_crops, load_soft_labels
-from relabel.softlabels import run as relabel
+from distillset.core.errors import DistillError
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover
+from distillset.relabel.evaluate import EvaluateConfig, dd_ranking, random_subset
+from distillset.relabel.evaluate import run as evaluate
+from distillset.relabel.softlabels import RelabelConfig, compress, dense_targets, epoch_crops, load_soft_labels
+from distillset.relabel.softlabels import run as relabel
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def test_crops_are_a_pure_function_of_seed_and_epoch():
 
 
 def test_relabel_stores_teacher_labels_compactly_and_resumes(distilled, digits_teacher, monkeypatch):
-    import relabel.softlabels as sl
-    from launch.distilled import load_distilled
-    from squeeze.checkpoint import load_teacher
+    import distillset.relabel.softlabels as sl
+    from distillset.core.distilled import load_distilled
+    from distillset.squeeze.checkpoint import load_teacher
 
     cfg = RelabelConfig(distilled=str(distilled), epochs=6, topk=3, epochs_per_file=2, min_scale=0.5, flip=False,
                         autocast="none")
@@ -71,7 +71,7 @@ def test_relabel_stores_teacher_labels_compactly_and_resumes(distilled, digits_t
     # the stored label of (epoch 4, image 7) is the teacher's prediction on exactly that crop
     images, _ = load_distilled(distilled)
     t = load_teacher(digits_teacher)
-    from relabel.softlabels import apply_crops
+    from distillset.relabel.softlabels import apply_crops
 
     crops = epoch_crops(30, 0, 4, 0.5, False)
     x = apply_crops(images.images[7:8].float() / 255, crops, torch.tensor([7]))
@@ -101,7 +101,7 @@ def test_evaluate_reports_distilled_and_random_under_one_protocol(distilled, tmp
 
 
 def test_random_subset_and_dd_ranking():
-    from launch.data import Source
+    from distillset.core.data import Source
 
     s = Source("digits").load("train")
     sub = random_subset(s, 4, 0, 10)

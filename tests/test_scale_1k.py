@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from benchmarks.make_synthetic_1k import make_synthetic
-from launch.data import Source
-from launch.distilled import load_distilled
-from launch.errors import DistillError
-from launch.runtime import Runtime
+from distillset.core.data import Source
+from distillset.core.distilled import load_distilled
+from distillset.core.errors import DistillError
+from distillset.core.runtime import Runtime
 from tests.test_scale_stats import make_teacher
 
 CPU = Runtime(None, 0, 1, torch.device("cpu"))
@@ -33,11 +33,11 @@ def _worker(rank: int, world: int, port: int, data: str, teacher: str, out: str)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from launch.runtime import get_runtime
-    from recover.config import RecoverConfig
-    from recover.engine import run as recover_run
-    from squeeze.statistics import StatsConfig
-    from squeeze.statistics import run as stats_run
+    from distillset.core.runtime import get_runtime
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.engine import run as recover_run
+    from distillset.squeeze.statistics import StatsConfig
+    from distillset.squeeze.statistics import run as stats_run
 
     rt = get_runtime()
     assert (rt.rank, rt.world) == (rank, world)
@@ -65,16 +65,16 @@ def syn1k(tmp_path_factory) -> tuple[str, str, Path]:
 def test_1k_classes_two_processes_stats_recover_relabel_evaluate(syn1k):
     from torch.multiprocessing import start_processes
 
-    from launch.distilled import shard_path
-    from recover.config import RecoverConfig
-    from recover.engine import Engine, plan_units
-    from relabel.evaluate import EvaluateConfig
-    from relabel.evaluate import run as evaluate_run
-    from relabel.softlabels import RelabelConfig, load_soft_labels
-    from relabel.softlabels import run as relabel_run
-    from squeeze.checkpoint import load_teacher
-    from squeeze.statistics import StatsConfig, load_statistics
-    from squeeze.statistics import run as stats_run
+    from distillset.core.distilled import shard_path
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.engine import Engine, plan_units
+    from distillset.relabel.evaluate import EvaluateConfig
+    from distillset.relabel.evaluate import run as evaluate_run
+    from distillset.relabel.softlabels import RelabelConfig, load_soft_labels
+    from distillset.relabel.softlabels import run as relabel_run
+    from distillset.squeeze.checkpoint import load_teacher
+    from distillset.squeeze.statistics import StatsConfig, load_statistics
+    from distillset.squeeze.statistics import run as stats_run
 
     data, teacher, root = syn1k
     out = root / "run"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.data import Source
-from launch.errors import DistillError
-from launch.runtime import Runtime
-from recover.config import RecoverConfig
-from recover.engine import Engine, plan_units
-from squeeze.statistics import StatsConfig
-from squeeze.statistics import run as stats_run
+from distillset.core.data import Source
+from distillset.core.errors import DistillError
+from distillset.core.runtime import Runtime
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import Engine, plan_units
+from distillset.squeeze.statistics import StatsConfig
+from distillset.squeeze.statistics import run as stats_run
 from tests.test_scale_stats import CIFAR, make_teacher
 
 CPU = Runtime(None, 0, 1, torch.device("cpu"))
@@ -94,7 +94,7 @@ def test_teacher_sets_must_agree_on_classes_and_resolution(tmp_path, teachers):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_channel_moments_value_and_gradient_equal_var_mean(layout):
-    from recover.objectives.bn_inversion import channel_moments
+    from distillset.recover.objectives.bn_inversion import channel_moments
 
     x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 3).contiguous(memory_format=layout).requires_grad_(True)
     w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)

@@ -9,15 +9,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from launch.data import write_shard
-from launch.distilled import load_distilled, sample_key, shard_path
-from launch.io import load_tensors, write_json
-from recover.engine import plan_units
-from relabel.softlabels import RelabelConfig, epoch_crops, epoch_crops_range, generate, load_soft_labels
-from relabel.softlabels import run as relabel
-from relabel.stream import iter_distilled
-from squeeze.checkpoint import BackboneConfig, load_teacher, save_backbone
-from squeeze.models import create_model
+from distillset.core.data import write_shard
+from distillset.core.distilled import load_distilled, sample_key, shard_path
+from distillset.core.io import load_tensors, write_json
+from distillset.recover.engine import plan_units
+from distillset.relabel.softlabels import RelabelConfig, epoch_crops, epoch_crops_range, generate, load_soft_labels
+from distillset.relabel.softlabels import run as relabel
+from distillset.relabel.stream import iter_distilled
+from distillset.squeeze.checkpoint import BackboneConfig, load_teacher, save_backbone
+from distillset.squeeze.models import create_model
 
 CLASSES, SIZE = 4, 16
 

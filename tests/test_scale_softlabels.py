@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.errors import DistillError
-from relabel.softlabels import RelabelConfig, SoftLabels, compress, dense_targets, dequantize
+from distillset.core.errors import DistillError
+from distillset.relabel.softlabels import RelabelConfig, SoftLabels, compress, dense_targets, dequantize
 
 
 def test_uint8_labels_match_fp16_within_a_quantisation_step_and_are_smaller():

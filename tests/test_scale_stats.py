@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.data import Source
-from launch.errors import DistillError
-from launch.runtime import Runtime
-from squeeze.checkpoint import BackboneConfig, load_teacher, save_backbone
-from squeeze.models import create_model
-from squeeze.statistics import FeatureStats, Moments, StatsConfig, batches, conv_layers, load_statistics, run
+from distillset.core.data import Source
+from distillset.core.errors import DistillError
+from distillset.core.runtime import Runtime
+from distillset.squeeze.checkpoint import BackboneConfig, load_teacher, save_backbone
+from distillset.squeeze.models import create_model
+from distillset.squeeze.statistics import FeatureStats, Moments, StatsConfig, batches, conv_layers, load_statistics, run
 
 CIFAR = "npz:tests/assets/cifar10_small.npz"
 CPU = Runtime(None, 0, 1, torch.device("cpu"))

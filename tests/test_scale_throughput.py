@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from recover.objectives.bn_inversion import channel_moments
-from squeeze.checkpoint import BackboneConfig, Teacher
-from squeeze.models import create_model
+from distillset.recover.objectives.bn_inversion import channel_moments
+from distillset.squeeze.checkpoint import BackboneConfig, Teacher
+from distillset.squeeze.models import create_model
 
 
 def _teacher(arch: str = "resnet18_cifar") -> Teacher:

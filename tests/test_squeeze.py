@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.errors import DistillError
-from squeeze.checkpoint import load_teacher
-from squeeze.models import create_model, has_batchnorm, model_entry
-from squeeze.train import SqueezeConfig, run
+from distillset.core.errors import DistillError
+from distillset.squeeze.checkpoint import load_teacher
+from distillset.squeeze.models import create_model, has_batchnorm, model_entry
+from distillset.squeeze.train import SqueezeConfig, run
 
 
 @pytest.mark.parametrize("name,bn", [("convnet", False), ("convnet_bn", True), ("convnet3", False),
@@ -38,13 +38,13 @@ def test_teacher_is_accurate_and_recorded(digits_teacher):
 
 
 def Source_mean():
-    from launch.data import Source
+    from distillset.core.data import Source
 
     return float(Source("digits").load("train").images.float().div(255).mean())
 
 
 def test_squeeze_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
-    import squeeze.train as st
+    import distillset.squeeze.train as st
 
     kw = dict(data="digits", arch="convnet_bn", model_kwargs={"width": 8}, epochs=3, flip=False, autocast="none",
               batch_size=256)
@@ -99,9 +99,9 @@ def test_torchvision_and_timm_local_files(tmp_path):
 
 
 def test_squeeze_streams_webdataset_shards(tmp_path):
-    from launch.shards import ShardsConfig
-    from launch.shards import run as shards
-    from squeeze.stream import ShardStream
+    from distillset.launch.shards import ShardsConfig
+    from distillset.launch.shards import run as shards
+    from distillset.squeeze.stream import ShardStream
 
     shards(ShardsConfig(data="digits", out=str(tmp_path / "wds"), maxcount=300))
     m = run(SqueezeConfig(out=str(tmp_path / "t"), data=f"wds:{tmp_path / 'wds'}", arch="convnet_bn",
@@ -110,7 +110,7 @@ def test_squeeze_streams_webdataset_shards(tmp_path):
     t = load_teacher(tmp_path / "t", 10)
     assert t.config.class_names == [str(i) for i in range(10)]
     # the stream order is a pure function of (seed, epoch, reader): resume replays the same batches
-    from launch.data import Source
+    from distillset.core.data import Source
 
     urls = Source(f"wds:{tmp_path / 'wds'}").shards.urls("train")
     a = [item for _, item in zip(range(50), ShardStream(urls, 10, 0, 2, 0, 3, buffer=20))]

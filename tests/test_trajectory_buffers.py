@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from launch.errors import DistillError
-from launch.runtime import get_runtime
-from recover.base import get
-from squeeze.models import create_model
-from squeeze.trajectories import buffer_files, check_buffer_matches, load_buffers, run
+from distillset.core.errors import DistillError
+from distillset.core.runtime import get_runtime
+from distillset.recover.base import get
+from distillset.squeeze.models import create_model
+from distillset.squeeze.trajectories import buffer_files, check_buffer_matches, load_buffers, run
 from tests.trajectory_helpers import expert_config, make_ctx
 
 
@@ -39,8 +39,8 @@ def test_trajectories_are_recorded_every_epoch(experts):
     # the experts learned: clearly above chance (10 %) on the held-out digits
     assert summary["test_top1_mean"] > 0.3
     # the recorded final parameters reproduce the expert's accuracy through the flat-parameter model
-    from launch.data import Source
-    from squeeze.trajectories import FlatModel
+    from distillset.core.data import Source
+    from distillset.squeeze.trajectories import FlatModel
 
     test = Source("digits").load("test")
     x = (test.images.float() / 255 - torch.tensor(buf.meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.data import Source
-from launch.io import load_tensors
-from launch.runtime import get_runtime
-from recover.base import get
-from recover.config import RecoverConfig
-from recover.engine import run as recover_run
-from recover.real import RealData
+from distillset.core.data import Source
+from distillset.core.io import load_tensors
+from distillset.core.runtime import get_runtime
+from distillset.recover.base import get
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover_run
+from distillset.recover.real import RealData
 from tests.trajectory_helpers import make_ctx, make_syn, shared_experts
 
 
@@ -100,8 +100,8 @@ def test_dd_learns_images_and_step_sizes(real):
 
 
 def test_datm_resumes_mid_run_to_the_same_result(buffer, tmp_path, monkeypatch):
-    from launch.distilled import load_distilled
-    from recover.objectives.datm import DATM
+    from distillset.core.distilled import load_distilled
+    from distillset.recover.objectives.datm import DATM
 
     def cfg(out):
         return RecoverConfig(out=str(out), data="digits", method="datm",

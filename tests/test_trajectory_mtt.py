@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.distilled import load_distilled
-from launch.io import load_tensors
-from launch.runtime import get_runtime
-from recover.base import get
-from recover.config import RecoverConfig
-from recover.engine import run as recover_run
+from distillset.core.distilled import load_distilled
+from distillset.core.io import load_tensors
+from distillset.core.runtime import get_runtime
+from distillset.recover.base import get
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import run as recover_run
 from tests.trajectory_helpers import SavedTensorMeter, make_ctx, make_syn, shared_experts
 
 
@@ -135,7 +135,7 @@ def test_ema_images_are_written_by_the_finalize_hook(buffer):
 def test_sam_expert_step_uses_the_gradient_at_the_perturbed_point():
     from torch import nn
 
-    from squeeze.trajectories import _sam_grads
+    from distillset.squeeze.trajectories import _sam_grads
 
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
@@ -165,7 +165,7 @@ def test_sam_expert_step_uses_the_gradient_at_the_perturbed_point():
 
 @pytest.mark.parametrize("tesla", [False, True])
 def test_a_diverging_student_surfaces_as_a_non_finite_loss(buffer, tmp_path, tesla):
-    from launch.errors import DistillError
+    from distillset.core.errors import DistillError
 
     cfg = RecoverConfig(out=str(tmp_path / "nan"), data="digits", method="mtt",
                         options={"buffer": buffer, "syn_steps": 6, "expert_epochs": 2, "max_start_epoch": 3,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from launch.config import load_yaml
-from launch.recipe import resolve
-from launch.runtime import get_runtime
-from recover.engine import run as recover_run
-from squeeze.trajectories import run as record
+from distillset.core.config import load_yaml
+from distillset.launch.recipe import resolve
+from distillset.core.runtime import get_runtime
+from distillset.recover.engine import run as recover_run
+from distillset.squeeze.trajectories import run as record
 
 DATA = "npz:tests/assets/cifar10_small.npz"
 

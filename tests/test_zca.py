@@ -8,17 +8,17 @@ import json
 import pytest
 import torch
 
-from launch.data import Source
-from launch.errors import DistillError
-from launch.runtime import get_runtime
-from recover.config import RecoverConfig
-from recover.engine import Engine, plan_units
-from recover.engine import run as recover_run
-from recover.objectives._matching import Normalize
-from squeeze.inputs import ZCA, ZCA_FILE, InputTransform
-from squeeze.train import channel_stats
-from squeeze.trajectories import TrajectoryConfig, load_buffers
-from squeeze.trajectories import run as record
+from distillset.core.data import Source
+from distillset.core.errors import DistillError
+from distillset.core.runtime import get_runtime
+from distillset.recover.config import RecoverConfig
+from distillset.recover.engine import Engine, plan_units
+from distillset.recover.engine import run as recover_run
+from distillset.recover.objectives._matching import Normalize
+from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
+from distillset.squeeze.train import channel_stats
+from distillset.squeeze.trajectories import TrajectoryConfig, load_buffers
+from distillset.squeeze.trajectories import run as record
 from tests.trajectory_helpers import EXPERT_KW, shared_experts
 
 
@@ -57,9 +57,9 @@ def _dm_config(out, **kw) -> RecoverConfig:
 
 
 def test_dm_with_zca_stores_the_whitening_and_evaluate_applies_it(tmp_path, digits, monkeypatch):
-    import relabel.evaluate as ev
-    from launch.export import ExportConfig
-    from launch.export import run as export
+    import distillset.relabel.evaluate as ev
+    from distillset.launch.export import ExportConfig
+    from distillset.launch.export import run as export
 
     cfg = _dm_config(tmp_path / "dm")
     manifest = recover_run(cfg)
@@ -125,9 +125,9 @@ def test_experts_record_their_whitening_and_mtt_distils_in_it(tmp_path, tmp_path
 def test_pixels_are_optimised_in_the_whitened_space(digits):
     """With a ZCA the learnable tensor is the whitened image (KIP/MTT): the networks see exactly it, gradient steps
     act on it directly, and projection keeps the rendered pixels (what the PNGs store) in [0, 1]."""
-    from recover.base import Context
-    from recover.params import PixelSet
-    from recover.real import RealData
+    from distillset.recover.base import Context
+    from distillset.recover.params import PixelSet
+    from distillset.recover.real import RealData
 
     mean, std = channel_stats(digits.images)
     zca = ZCA.fit(digits.images, 0.1, transform=InputTransform(mean, std))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from recover.base import Context, get
-from recover.params import PixelSet
-from squeeze.trajectories import TrajectoryConfig
+from distillset.recover.base import Context, get
+from distillset.recover.params import PixelSet
+from distillset.squeeze.trajectories import TrajectoryConfig
 
 EXPERT_KW = {"data": "digits", "arch": "convnet", "model_kwargs": {"width": 8}, "num_experts": 2, "epochs": 6,
              "batch_size": 64, "lr": 0.05, "augment": "none"}
@@ -35,8 +35,8 @@ _CACHE: dict = {}
 def shared_experts(tmp_path_factory) -> str:
     """Record the tiny digits experts once per test session; returns their folder."""
     if "experts" not in _CACHE:
-        from launch.runtime import get_runtime
-        from squeeze.trajectories import run
+        from distillset.core.runtime import get_runtime
+        from distillset.squeeze.trajectories import run
 
         out = tmp_path_factory.mktemp("shared_experts")
         run(expert_config(out), get_runtime())

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from launch.errors import DistillError
-from recover.base import Augmentation, Context, register_augmentation
-from squeeze.augment import affine_crop, sample_crops  # noqa: F401  (re-exported)
+from distillset.core.errors import DistillError
+from distillset.recover.base import Augmentation, Context, register_augmentation
+from distillset.squeeze.augment import affine_crop, sample_crops  # noqa: F401  (re-exported)
 
 
 def curriculum_min_scale(progress: float, final: float, milestone: float, schedule: str, steps: int = 4) -> float:

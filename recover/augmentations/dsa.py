@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from launch.errors import DistillError
-from recover.base import Augmentation, Context, register_augmentation
+from distillset.core.errors import DistillError
+from distillset.recover.base import Augmentation, Context, register_augmentation
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 DIFFAUGMENT_STRATEGY = "color_translation_cutout"

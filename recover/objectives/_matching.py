@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, get
-from squeeze.inputs import InputTransform
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Objective, Parametrization, get
+from distillset.squeeze.inputs import InputTransform
 
 AUG_CHOICES = ("none", "dsa", "diffaugment", "engine")
 

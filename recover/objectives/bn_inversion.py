@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, register_objective
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Objective, Parametrization, register_objective
 
 
 class _ChannelMoments(torch.autograd.Function):

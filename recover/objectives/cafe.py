@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from launch.errors import DistillError
-from recover.base import Context, Parametrization, register_objective
-from recover.objectives._matching import NetSchedule, ScheduledNetObjective, SiameseAugmenter, class_block_features
-from recover.objectives.model_aug import NetSource
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Parametrization, register_objective
+from distillset.recover.objectives._matching import NetSchedule, ScheduledNetObjective, SiameseAugmenter, class_block_features
+from distillset.recover.objectives.model_aug import NetSource
 
 
 @register_objective("cafe")

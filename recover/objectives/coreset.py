@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Objective, register_objective
-from recover.params import mix_seed
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Objective, register_objective
+from distillset.recover.params import mix_seed
 
 log = logging.getLogger("distillset.recover")
 
@@ -101,8 +101,8 @@ class _FeatureCoreset(_Coreset):
             raise DistillError(f"'{self.name}' with features: teacher needs --teachers PATH.")
         self.kind = kind
         if kind == "random_convnet" and self._net is None:
-            from recover.objectives._matching import Normalize
-            from recover.objectives.model_aug import build_net
+            from distillset.recover.objectives._matching import Normalize
+            from distillset.recover.objectives.model_aug import build_net
 
             self._net = nn.Sequential(Normalize(ctx), build_net("convnet", ctx, mix_seed(self.seed, 11)).eval())
             self._net.to(ctx.device)
@@ -215,8 +215,8 @@ class ForgettingCoreset(_Coreset):
         key = (id(ctx.real), len(ctx.real.labels))
         if self._counts is not None and self._key == key:
             return
-        from recover.objectives._matching import Normalize
-        from recover.objectives.model_aug import build_net
+        from distillset.recover.objectives._matching import Normalize
+        from distillset.recover.objectives.model_aug import build_net
 
         net = build_net("convnet", ctx, mix_seed(self.seed, 13), self.width)
         g = torch.Generator().manual_seed(mix_seed(self.seed, 17))

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Parametrization, register_objective
-from recover.objectives.mtt import MTT
-from recover.params import PixelSet
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Parametrization, register_objective
+from distillset.recover.objectives.mtt import MTT
+from distillset.recover.params import PixelSet
 
 log = logging.getLogger("distillset.recover")
 

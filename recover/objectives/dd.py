@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, register_objective
-from recover.objectives._matching import Normalize
-from recover.params import mix_seed
-from squeeze.models import create_model
-from squeeze.trajectories import FlatModel
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Objective, Parametrization, register_objective
+from distillset.recover.objectives._matching import Normalize
+from distillset.recover.params import mix_seed
+from distillset.squeeze.models import create_model
+from distillset.squeeze.trajectories import FlatModel
 
 
 @register_objective("dd")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, register_objective
-from recover.objectives._matching import Normalize, SiameseAugmenter, class_positions
-from recover.objectives.model_aug import NetSource
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Objective, Parametrization, register_objective
+from distillset.recover.objectives._matching import Normalize, SiameseAugmenter, class_positions
+from distillset.recover.objectives.model_aug import NetSource
 
 
 def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Parametrization, register_objective
-from recover.objectives.bn_inversion import BNInversion, channel_moments
-from squeeze.statistics import TeacherStats, default_stats_path, load_statistics
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Parametrization, register_objective
+from distillset.recover.objectives.bn_inversion import BNInversion, channel_moments
+from distillset.squeeze.statistics import TeacherStats, default_stats_path, load_statistics
 
 
 class ConvStatHook:

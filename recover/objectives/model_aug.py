@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context
-from recover.params import mix_seed
-from squeeze.models import create_model
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context
+from distillset.recover.params import mix_seed
+from distillset.squeeze.models import create_model
 
 log = logging.getLogger("distillset.recover")
 
@@ -133,7 +133,7 @@ class NetSource:
         return pool
 
     def _load_pool(self, ctx: Context) -> list[nn.Module]:
-        from squeeze.checkpoint import load_teacher
+        from distillset.squeeze.checkpoint import load_teacher
 
         root = Path(self.model_pool)
         dirs = sorted(p for p in root.iterdir() if (p / "config.json").exists()) if root.is_dir() else []

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import DistillError
-from recover.base import Context, Objective, Parametrization, register_objective
-from squeeze.inputs import ZCA, InputTransform
-from squeeze.trajectories import ExpertBuffers, FlatModel, check_buffer_matches, load_buffers
+from distillset.core.errors import DistillError
+from distillset.recover.base import Context, Objective, Parametrization, register_objective
+from distillset.squeeze.inputs import ZCA, InputTransform
+from distillset.squeeze.trajectories import ExpertBuffers, FlatModel, check_buffer_matches, load_buffers
 
 log = logging.getLogger("distillset.recover")
 

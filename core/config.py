@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from launch.errors import DistillError, unknown_name
+from distillset.core.errors import DistillError, unknown_name
 
 T = TypeVar("T")
 
@@ -155,6 +155,6 @@ def flags_to_dict(ns: argparse.Namespace, cls: type) -> dict:
 
 
 def write_config(folder: str | Path, cfg: Any) -> None:
-    from launch.io import write_text
+    from distillset.core.io import write_text
 
     write_text(Path(folder) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

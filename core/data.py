@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.errors import DistillError
+from distillset.core.errors import DistillError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 LABEL_EXTS = ("cls", "label", "class")
@@ -359,7 +359,7 @@ class WdsShards:
     """Shards described by an ``_info.json`` (timm's format, plus ``class_names`` and ``image_shape``)."""
 
     def __init__(self, arg: str):
-        from launch.io import read_json
+        from distillset.core.io import read_json
 
         path = Path(arg)
         folder = path if path.is_dir() else path.parent
@@ -431,7 +431,7 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, torch.Tensor, 
     """Write ``(key, uint8 image, label, extra json)`` samples as one tar shard, atomically (PNG, lossless)."""
     import json
 
-    from launch.io import atomic_path
+    from distillset.core.io import atomic_path
 
     with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w") as tar:

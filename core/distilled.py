@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from launch.data import ImageSet, read_tar_samples
-from launch.errors import DistillError
-from launch.io import read_json
+from distillset.core.data import ImageSet, read_tar_samples
+from distillset.core.errors import DistillError
+from distillset.core.io import read_json
 
 SHARD_RE = re.compile(r"shard-(\d{6})\.tar$")
 
@@ -31,7 +31,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 def load_distilled(folder: str | Path, require_complete: bool = True) -> tuple[ImageSet, dict]:
     """All images of a distilled set, sorted by (class, index), and its manifest."""
-    from launch.data import decode_sample
+    from distillset.core.data import decode_sample
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -57,7 +57,7 @@ def save_grid(path: str | Path, images: ImageSet, per_class: int = 10, max_class
     """A PNG grid: one row per class (first ``max_classes``), up to ``per_class`` images each."""
     from PIL import Image
 
-    from launch.io import atomic_path
+    from distillset.core.io import atomic_path
 
     rows = []
     for c in range(min(images.num_classes, max_classes)):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch.errors import DistillError
+from distillset.core.errors import DistillError
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launch.errors import DistillError
+from distillset.core.errors import DistillError
 
 log = logging.getLogger("distillset")
 
