@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distillset.generative.train import PriorTrainConfig
-from distillset.generative.train import run as train_prior
 from distillset.core.data import ImageSet, Source
 from distillset.core.distilled import load_distilled
+from distillset.generative.train import PriorTrainConfig
+from distillset.generative.train import run as train_prior
 from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import run as recover
 from distillset.relabel.evaluate import random_subset

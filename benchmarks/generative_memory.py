@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distillset.core.data import ImageSet, Source
 from distillset.generative.glad import build_glad
-from distillset.generative.latent_set import GLaDSet, LD3MSet
+from distillset.recover.latent import GLaDSet, LD3MSet
 from distillset.generative.ld3m import build_ld3m
 from distillset.generative.prior import SavedTensorMeter
-from distillset.core.data import ImageSet, Source
 from distillset.recover.base import Context
 from distillset.recover.objectives.dm import DistributionMatching
 from distillset.recover.params import PixelSet

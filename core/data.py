@@ -300,6 +300,21 @@ def expand_pattern(pattern: str) -> list[str]:
     return [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
 
 
+def member_key(name: str) -> tuple[str, str]:
+    """``(sample key, extension)`` of a tar member: the key is the path up to the first dot of the file name (the
+    webdataset rule), so ``a/b.c.png`` is key ``a/b``, extension ``c.png``. Every reader uses this one rule."""
+    base = os.path.basename(name)
+    key, _, ext = base.partition(".")
+    return os.path.join(os.path.dirname(name), key), ext
+
+
+def member_name(key: str, ext: str) -> str:
+    """The tar member name of ``key``'s ``ext`` file; keys must not contain dots (they would change the key)."""
+    if "." in os.path.basename(key):
+        raise ValueError(f"webdataset keys must not contain dots: {key}")
+    return f"{key}.{ext}"
+
+
 def read_tar_samples(url: str) -> Iterator[dict]:
     """Group a tar's members into samples by key (name up to the first dot), reporting corrupt shards clearly."""
     current: dict | None = None
@@ -309,9 +324,7 @@ def read_tar_samples(url: str) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                key = os.path.join(os.path.dirname(member.name), key)
+                key, ext = member_key(member.name)
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise EOFError(f"member {member.name} has {len(data)} of {member.size} bytes")
@@ -436,12 +449,10 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, torch.Tensor, 
     with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w") as tar:
             for key, image, label, extra in samples:
-                if "." in key:
-                    raise ValueError(f"webdataset keys must not contain dots: {key}")
                 files = {"png": encode_png(image), "cls": str(int(label)).encode()}
                 if extra is not None:
                     files["json"] = json.dumps(extra, sort_keys=True).encode()
                 for ext, data in files.items():
-                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti = tarfile.TarInfo(member_name(key, ext))
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # fixed mtime: byte-identical re-runs
                     tar.addfile(ti, io.BytesIO(data))

@@ -33,8 +33,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from distillset.generative.prior import Prior, register_prior, write_prior_meta
 from distillset.core.errors import DistillError
+from distillset.generative.prior import Prior, register_prior, write_prior_meta
 
 log = logging.getLogger("distillset.generative")
 

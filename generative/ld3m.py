@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from distillset.generative.prior import Prior, register_prior, write_prior_meta
 from distillset.core.errors import DistillError
+from distillset.generative.prior import Prior, register_prior, write_prior_meta
 
 log = logging.getLogger("distillset.generative")
 

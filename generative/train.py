@@ -31,6 +31,7 @@ from distillset.core.config import fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
 from distillset.core.io import finished_record, read_json
+from distillset.core.schedule import cosine
 
 log = logging.getLogger("distillset.generative")
 
@@ -209,7 +210,7 @@ def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: Data
         x, _ = _batch(train.images, train.labels, cfg.batch_size, g, cfg.flip, device)
         eps = torch.randn(cfg.batch_size, *lat_shape, generator=g).to(device)  # the KL posterior's sample noise
         for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * _cosine(step, cfg.ae_steps)
+            grp["lr"] = cfg.lr * cosine(step, cfg.ae_steps)
         loss = vae_loss(vae, dp.part(x), cfg.kl_weight, dp.part(eps)) * share
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,7 +242,7 @@ def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: Data
         a = ac[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * _cosine(step, cfg.unet_steps)
+            grp["lr"] = cfg.lr * cosine(step, cfg.unet_steps)
         loss = F.mse_loss(unet(dp.part(zt), dp.part(t), class_labels=dp.part(y)).sample, dp.part(noise)) * share
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,12 +260,6 @@ def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: Data
         ld3m_mse = float(F.mse_loss(prior.render({"z_T": z}, prior.conditioning(y)), x))
     return prior, {"unet_loss": float(loss.detach()) / share if cfg.unet_steps else 0.0, "test_ae_mse": ae_mse,
                    "test_ld3m_render_mse": ld3m_mse, "scaling_factor": sf}
-
-
-def _cosine(step: int, total: int) -> float:
-    import math
-
-    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
 # ------------------------------------------------------------------------------------------------------------ GLaD

@@ -10,16 +10,11 @@ Errors users can fix are printed as one line (``error: ...``) with exit code 2; 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from distillset.launch.commands import COMMANDS
 from distillset.core.errors import DistillError
-
-
-def _load(target: str):
-    mod, _, attr = target.partition(":")
-    return getattr(importlib.import_module(mod), attr)
+from distillset.launch.commands import COMMANDS
+from distillset.launch.commands import load as _load
 
 
 def _command_parser(name: str) -> argparse.ArgumentParser:

@@ -5,14 +5,30 @@ from the config dataclass. Multi-word names (``prior train``) are typed as two w
 
 from __future__ import annotations
 
+import importlib
+
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "squeeze": ("distillset.squeeze.train:SqueezeConfig", "distillset.squeeze.train:run", "train a backbone on a source"),
-    "squeeze stats": ("distillset.squeeze.statistics:StatsConfig", "distillset.squeeze.statistics:run", "real-data feature statistics"),
-    "squeeze trajectories": ("distillset.squeeze.trajectories:TrajectoryConfig", "distillset.squeeze.trajectories:run", "MTT experts"),
-    "recover": ("distillset.recover.config:RecoverConfig", "distillset.recover.engine:run", "synthesise a distilled set"),
-    "relabel": ("distillset.relabel.softlabels:RelabelConfig", "distillset.relabel.softlabels:run", "store FKD-style soft labels"),
-    "evaluate": ("distillset.relabel.evaluate:EvaluateConfig", "distillset.relabel.evaluate:run", "train students, report top-1"),
+    "squeeze": ("distillset.squeeze.train:SqueezeConfig", "distillset.squeeze.train:run",
+                 "train a backbone on a source"),
+    "squeeze stats": ("distillset.squeeze.statistics:StatsConfig", "distillset.squeeze.statistics:run",
+                       "real-data feature statistics"),
+    "squeeze trajectories": ("distillset.squeeze.trajectories:TrajectoryConfig", "distillset.squeeze.trajectories:run",
+                              "MTT experts"),
+    "recover": ("distillset.recover.config:RecoverConfig", "distillset.recover.engine:run",
+                 "synthesise a distilled set"),
+    "relabel": ("distillset.relabel.softlabels:RelabelConfig", "distillset.relabel.softlabels:run",
+                 "store FKD-style soft labels"),
+    "evaluate": ("distillset.relabel.evaluate:EvaluateConfig", "distillset.relabel.evaluate:run",
+                  "train students, report top-1"),
     "export": ("distillset.launch.export:ExportConfig", "distillset.launch.export:run", "export a distilled set"),
-    "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run", "write a source as webdataset shards"),
-    "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run", "train a small generative prior"),
+    "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run",
+                "write a source as webdataset shards"),
+    "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
+                     "train a small generative prior"),
 }
+
+
+def load(target: str):
+    """The object a lazy ``module:attr`` string names (imported on first use)."""
+    mod, _, attr = target.partition(":")
+    return getattr(importlib.import_module(mod), attr)

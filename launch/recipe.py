@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from distillset.launch.commands import COMMANDS
 from distillset.core.config import from_dict, load_yaml
 from distillset.core.errors import DistillError
+from distillset.launch.commands import COMMANDS
+from distillset.launch.commands import load as _load
 
 log = logging.getLogger("distillset.run")
 
@@ -35,8 +36,6 @@ def _command(section: str) -> str:
 
 def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
     """The ordered (section, config) pairs of a recipe with chained defaults filled in."""
-    from distillset.launch.cli import _load
-
     unknown = [k for k in recipe if k not in ORDER and k not in ("name", "out", "description")]
     if unknown:
         raise DistillError(f"recipe has unknown section '{unknown[0]}'; sections are {', '.join(ORDER)}.")
@@ -78,10 +77,8 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
 
 def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,
                overrides: list[str] | None = None) -> dict:
-    from distillset.launch.cli import _load
     from distillset.core.io import write_text
     from distillset.core.runtime import get_runtime
-
     rt = get_runtime()  # sets up logging before the first stage
     recipe = apply_overrides(load_yaml(path), overrides or [])
     root = out_root or recipe.get("out") or f"output/{Path(path).stem}"

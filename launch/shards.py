@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from distillset.core.data import Source, folder_files, read_image_file, write_shard
+from distillset.core.data import Source, folder_files, member_name, read_image_file, write_shard
 from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, read_json, write_json
 from distillset.core.runtime import get_runtime, progress
@@ -70,7 +70,7 @@ def _write_raw_shard(path: Path, samples: list[tuple[str, bytes, str, int]]) -> 
         with tarfile.open(tmp, "w") as tar:
             for key, data, ext, label in samples:
                 for e, payload in ((ext, data), ("cls", str(label).encode())):
-                    ti = tarfile.TarInfo(f"{key}.{e}")
+                    ti = tarfile.TarInfo(member_name(key, e))
                     ti.size, ti.mtime, ti.mode = len(payload), 0, 0o644
                     tar.addfile(ti, io.BytesIO(payload))
 

@@ -13,7 +13,6 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,46 +22,15 @@ from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path
 from distillset.core.errors import DistillError
 from distillset.core.io import read_json, save_tensors, write_json
+from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
+from distillset.core.schedule import cosine
 from distillset.recover import base
 from distillset.recover.config import NON_SEMANTIC, RecoverConfig
-from distillset.recover.params import mix_seed
 from distillset.recover.real import RealData
 from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 
 log = logging.getLogger("distillset.recover")
-
-
-@dataclass(frozen=True)
-class Unit:
-    index: int
-    c0: int
-    c1: int
-    i0: int
-    i1: int
-
-    def classes_and_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cls = torch.arange(self.c0, self.c1).repeat_interleave(self.i1 - self.i0)
-        idx = torch.arange(self.i0, self.i1).repeat(self.c1 - self.c0)
-        return cls, idx
-
-
-def plan_units(num_classes: int, ipc: int, classes_per_unit: int, ipc_per_unit: int) -> list[Unit]:
-    """Units in class-major order (a pure function of the config, never of the number of processes)."""
-    cpu = classes_per_unit or num_classes
-    ipu = ipc_per_unit or ipc
-    units = []
-    for c0 in range(0, num_classes, cpu):
-        for i0 in range(0, ipc, ipu):
-            units.append(Unit(len(units), c0, min(c0 + cpu, num_classes), i0, min(i0 + ipu, ipc)))
-    return units
-
-
-def units_for_rank(n_units: int, rank: int, world: int) -> range:
-    """Contiguous, balanced block of unit indices for ``rank`` (sizes differ by at most one)."""
-    base_, extra = divmod(n_units, world)
-    start = rank * base_ + min(rank, extra)
-    return range(start, start + base_ + (1 if rank < extra else 0))
 
 
 def _versions() -> dict:
@@ -236,7 +204,7 @@ class Engine:
         t0 = time.perf_counter()
         for step in range(start, cfg.iterations):
             ctx.step = step
-            scale = 0.5 * (1 + math.cos(math.pi * step / cfg.iterations)) if cfg.schedule == "cosine" else 1.0
+            scale = cosine(step, cfg.iterations) if cfg.schedule == "cosine" else 1.0
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
             with syn.step_cache():

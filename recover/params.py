@@ -5,18 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distillset.core.partition import mix_seed  # noqa: F401  (re-exported for plugins)
 from distillset.recover.base import Context, Parametrization, register_parametrization
 from distillset.squeeze.inputs import unwhiten, whiten
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 steps), so seeds are a pure function of (seed, class, index)."""
-    z = 0x9E3779B97F4A7C15
-    for p in parts:
-        z = (z ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        z ^= z >> 31
-    return z & 0x7FFFFFFFFFFFFFFF
 
 
 @register_parametrization("pixel")

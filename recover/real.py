@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 
 from distillset.core.data import ImageSet
-from distillset.recover.params import mix_seed
-
-
-def init_order(class_index: torch.Tensor, c: int, seed: int) -> torch.Tensor:
-    """The indices of class ``c``'s real images in the seeded order init-from-real and the random baseline use."""
-    g = torch.Generator().manual_seed(mix_seed(seed, 3, c))
-    return class_index[torch.randperm(class_index.numel(), generator=g)]
+from distillset.core.partition import init_order
 
 
 class RealData:

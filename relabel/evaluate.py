@@ -25,10 +25,10 @@ from distillset.core.data import ImageSet, Source, resize_uint8
 from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, load_tensors, write_json
+from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime
 from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
 from distillset.relabel.student import StudentSpec, train_student
-from distillset.recover.real import init_order
 from distillset.squeeze.inputs import ZCA
 
 log = logging.getLogger("distillset.evaluate")

@@ -76,7 +76,7 @@ class RelabelConfig:
 
 def epoch_crops(n: int, crop_seed: int, epoch: int, min_scale: float, flip: bool) -> dict[str, torch.Tensor]:
     """The crops of epoch ``epoch`` for ``n`` images: identical in relabel and in student training."""
-    from distillset.recover.params import mix_seed
+    from distillset.core.partition import mix_seed
 
     g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
     return sample_crops(n, g, (min_scale, 1.0), flip=flip)
@@ -89,7 +89,7 @@ def epoch_crops_range(n: int, crop_seed: int, epoch: int, min_scale: float, flip
     The generator's streams are consumed in the same order and amounts as :func:`epoch_crops` (torch draws uniform
     numbers one after another, so drawing in pieces gives the same numbers); only the slice is kept.
     """
-    from distillset.recover.params import mix_seed
+    from distillset.core.partition import mix_seed
 
     g = torch.Generator().manual_seed(mix_seed(crop_seed, 7, epoch))
 

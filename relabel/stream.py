@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillset.core.data import decode_sample, read_tar_samples
+from distillset.core.data import decode_sample, member_key, read_tar_samples
 from distillset.core.distilled import read_manifest, shard_path
 from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path
@@ -38,7 +38,7 @@ def _shard_groups(folder: Path, manifest: dict) -> list[list[Path]]:
         raise DistillError(f"{folder}/images holds no shards; the run wrote no images.")
     cfg = manifest.get("config") or {}
     try:
-        from distillset.recover.engine import plan_units
+        from distillset.core.partition import plan_units
 
         units = plan_units(int(manifest["num_classes"]), int(manifest["ipc"]), int(cfg.get("classes_per_unit", 0)),
                            int(cfg.get("ipc_per_unit", 0)))
@@ -98,7 +98,7 @@ def _keys_sorted(shard: Path) -> bool:
             for m in tar:
                 if not m.isfile():
                     continue
-                key = os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
+                key = member_key(m.name)[0]
                 if key < last:
                     return False
                 last = key

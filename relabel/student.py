@@ -4,7 +4,7 @@ Two protocols, because published numbers use two (REFERENCE.md, "Comparing fairl
     ``sre2l``     AdamW (lr 1e-3, wd 0.01), cosine, RandomResizedCrop + flip; KD from stored soft labels (the crops
                   are the ones the labels were computed on) or cross-entropy with hard labels.
     ``matching``  SGD (momentum 0.9, wd 5e-4, lr 0.01 or the learned lr of MTT/DATM), lr x0.1 at half, DSA
-                  augmentation (when the DSA plugin is installed, else crop + flip); hard labels, or learned soft
+                  augmentation (:func:`distillset.squeeze.dsa.dsa_augment`); hard labels, or learned soft
                   labels (DATM).
 """
 
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from distillset.core.data import ImageSet
 from distillset.core.errors import DistillError
 from distillset.core.runtime import autocast_dtype
+from distillset.core.schedule import cosine
 from distillset.relabel.softlabels import SoftLabels, apply_crops, epoch_crops
+from distillset.squeeze.dsa import dsa_augment
 from distillset.squeeze.inputs import ZCA, InputTransform
 from distillset.squeeze.models import create_model
 from distillset.squeeze.train import evaluate_model
@@ -41,13 +43,6 @@ class StudentSpec:
     autocast: str = "auto"
 
 
-def _matching_augment():
-    try:
-        from distillset.recover.augmentations.dsa import dsa_augment  # the DSA plugin, when installed
-    except ImportError:
-        return None
-    return dsa_augment
-
 
 def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std, seed: int, device,
                   soft: SoftLabels | None = None, soft_targets: torch.Tensor | None = None,
@@ -66,11 +61,11 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
     total = steps_per_epoch * spec.epochs
     if spec.protocol == "sre2l":
         opt = torch.optim.AdamW(model.parameters(), lr=spec.lr or 1e-3, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total))
     else:
         opt = torch.optim.SGD(model.parameters(), lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
-    dsa = _matching_augment() if spec.protocol == "matching" else None
+    dsa = dsa_augment if spec.protocol == "matching" else None
     amp = autocast_dtype(spec.autocast, torch.device(device))
     norm = InputTransform(mean, std, zca).to(device)
     x_all = train.images.to(device).float() / 255

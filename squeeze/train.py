@@ -16,6 +16,7 @@ from distillset.core.data import ImageSet, Source, resize_uint8
 from distillset.core.errors import DistillError
 from distillset.core.io import finished_record
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
+from distillset.core.schedule import cosine
 from distillset.squeeze.augment import affine_crop
 from distillset.squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
 from distillset.squeeze.inputs import ZCA, InputTransform
@@ -109,9 +110,7 @@ def make_optimizer(params, name: str, lr: float, wd: float):
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return cosine(step, total, warmup)
 
 
 @torch.no_grad()

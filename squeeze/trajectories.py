@@ -31,10 +31,12 @@ from distillset.core.config import fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, resize_uint8
 from distillset.core.errors import DistillError
 from distillset.core.io import save_tensors, write_json
+from distillset.core.partition import mix_seed
 from distillset.core.runtime import Runtime, get_runtime, progress
-from distillset.recover.params import mix_seed
+from distillset.squeeze.dsa import dsa_augment
 from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 from distillset.squeeze.models import create_model
+from distillset.squeeze.train import train_augment
 
 log = logging.getLogger("distillset.squeeze")
 
@@ -245,18 +247,12 @@ NON_SEMANTIC = ("out", "num_experts", "eval_test")
 
 
 def _augmenter(kind: str, flip: bool):
-    """``f(x, generator) -> x`` for normalised batches. DSA comes from :mod:`recover.augmentations.dsa` when present."""
+    """``f(x, generator) -> x`` for normalised batches: DSA's ops (as MTT's experts), random shift + flip, or none."""
     if kind == "none":
         return lambda x, g: x
     if kind == "dsa":
-        try:
-            from distillset.recover.augmentations.dsa import dsa_augment
-        except ImportError:
-            log.warning("distillset.recover.augmentations.dsa is not available; experts use random shift + flip instead")
-        else:
-            return lambda x, g: dsa_augment(x, g, "color_crop_cutout_flip_scale_rotate" if flip else
-                                            "color_crop_cutout_scale_rotate")
-    from distillset.squeeze.train import train_augment
+        return lambda x, g: dsa_augment(x, g, "color_crop_cutout_flip_scale_rotate" if flip else
+                                        "color_crop_cutout_scale_rotate")
 
     return lambda x, g: train_augment(x, g, flip)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from distillset.core.errors import DistillError
 from distillset.launch.cli import build_config, main
 from distillset.launch.commands import COMMANDS
-from distillset.core.errors import DistillError
 from distillset.launch.recipe import resolve, run_recipe
 from tests.conftest import CIFAR, TINY
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from distillset.generative.latent_set import GLaDSet, LD3MSet, render_saved
-from distillset.generative.train import PriorTrainConfig
-from distillset.generative.train import run as train_prior
 from distillset.core.config import from_dict, load_yaml
 from distillset.core.data import ImageSet, Source
 from distillset.core.distilled import load_distilled
+from distillset.generative.train import PriorTrainConfig
+from distillset.generative.train import run as train_prior
 from distillset.recover.base import Context
 from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import run as recover
+from distillset.recover.latent import GLaDSet, LD3MSet, render_saved
 from distillset.recover.real import RealData
 from distillset.squeeze.models import create_model
 

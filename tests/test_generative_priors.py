@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from distillset.core.errors import DistillError
 from distillset.generative.chunked import chunked_render
 from distillset.generative.glad import build_glad
 from distillset.generative.ld3m import build_ld3m
 from distillset.generative.prior import from_pretrained
 from distillset.generative.train import PriorTrainConfig
 from distillset.generative.train import run as train_prior
-from distillset.core.errors import DistillError
 from distillset.recover.base import Context
 
 DATA = "npz:" + str(Path(__file__).parent / "assets" / "tiny10_small.npz")
@@ -188,7 +188,7 @@ def test_bad_prior_folders_fail_in_one_line(priors, tmp_path):
 
 
 def test_latent_set_state_round_trip_and_shape_check(priors):
-    from distillset.generative.latent_set import GLaDSet, LD3MSet
+    from distillset.recover.latent import GLaDSet, LD3MSet
 
     ctx = Context(device=torch.device("cpu"), classes=torch.tensor([0, 0, 1]), num_classes=10,
                   image_shape=(3, 16, 16), generator=torch.Generator().manual_seed(0))
@@ -218,8 +218,8 @@ def test_latent_set_state_round_trip_and_shape_check(priors):
 def test_step_cache_renders_once_and_gives_the_same_loss_and_gradient(priors, chunk):
     """DM asks for each class's images separately; inside the engine's step cache the prior renders all images in
     one batch, and the loss and the latent gradients equal the per-class path."""
-    from distillset.generative.latent_set import LD3MSet
     from distillset.core.data import Source
+    from distillset.recover.latent import LD3MSet
     from distillset.recover.objectives.dm import DistributionMatching
     from distillset.recover.real import RealData
 
@@ -256,7 +256,7 @@ def test_a_diffusers_ldm_pipeline_folder_loads_as_an_ld3m_prior(tmp_path):
     (vqvae/ + class-conditional unet/ + scheduler/ + model_index.json) is a prior folder as is."""
     from diffusers import DDIMScheduler, LDMPipeline
 
-    from distillset.generative.latent_set import LD3MSet
+    from distillset.recover.latent import LD3MSet
 
     p = _tiny_ld3m()
     LDMPipeline(vqvae=p.vae, unet=p.unet, scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(

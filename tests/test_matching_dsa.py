@@ -9,7 +9,14 @@ import torch
 
 from distillset.core.data import Source
 from distillset.core.errors import DistillError
-from distillset.recover.augmentations.dsa import DSA_RATIOS, FAMILIES, SiameseAug, apply_family, dsa_augment, sample_family
+from distillset.recover.augmentations.dsa import (
+    DSA_RATIOS,
+    FAMILIES,
+    SiameseAug,
+    apply_family,
+    dsa_augment,
+    sample_family,
+)
 from distillset.recover.base import Context, get
 from distillset.squeeze.inputs import ZCA
 

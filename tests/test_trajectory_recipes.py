@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from distillset.core.config import load_yaml
-from distillset.launch.recipe import resolve
 from distillset.core.runtime import get_runtime
+from distillset.launch.recipe import resolve
 from distillset.recover.engine import run as recover_run
 from distillset.squeeze.trajectories import run as record
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from distillset.core.errors import DistillError
+from distillset.core.schedule import cosine_ramp
 from distillset.recover.base import Augmentation, Context, register_augmentation
 from distillset.squeeze.augment import affine_crop, sample_crops  # noqa: F401  (re-exported)
 
@@ -22,7 +23,7 @@ def curriculum_min_scale(progress: float, final: float, milestone: float, schedu
     if schedule == "linear":
         f = t
     elif schedule == "cosine":
-        f = 0.5 * (1 - math.cos(math.pi * t))
+        f = cosine_ramp(t)
     elif schedule == "step":
         f = math.floor(t * steps) / steps
     else:

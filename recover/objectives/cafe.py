@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Parametrization, register_objective
-from distillset.recover.objectives._matching import NetSchedule, ScheduledNetObjective, SiameseAugmenter, class_block_features
+from distillset.recover.objectives._matching import (
+    NetSchedule,
+    ScheduledNetObjective,
+    SiameseAugmenter,
+    class_block_features,
+)
 from distillset.recover.objectives.model_aug import NetSource
 
 

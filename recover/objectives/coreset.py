@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillset.core.errors import DistillError
+from distillset.core.partition import mix_seed
 from distillset.recover.base import Context, Objective, register_objective
-from distillset.recover.params import mix_seed
 
 log = logging.getLogger("distillset.recover")
 

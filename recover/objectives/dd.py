@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillset.core.errors import DistillError
+from distillset.core.partition import mix_seed
 from distillset.recover.base import Context, Objective, Parametrization, register_objective
 from distillset.recover.objectives._matching import Normalize
-from distillset.recover.params import mix_seed
 from distillset.squeeze.models import create_model
 from distillset.squeeze.trajectories import FlatModel
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillset.core.errors import DistillError
+from distillset.core.partition import mix_seed
 from distillset.recover.base import Context
-from distillset.recover.params import mix_seed
 from distillset.squeeze.models import create_model
 
 log = logging.getLogger("distillset.recover")

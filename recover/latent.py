@@ -22,13 +22,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from distillset.core.errors import DistillError
+from distillset.core.partition import mix_seed
 from distillset.generative.chunked import chunked_render
 from distillset.generative.prior import Prior, from_pretrained
-from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Parametrization, register_parametrization
-from distillset.recover.params import mix_seed
 
-log = logging.getLogger("distillset.generative")
+log = logging.getLogger("distillset.recover")
 
 
 def _parse_learn(learn, names: tuple[str, ...], kind: str) -> set[str]:
