@@ -42,6 +42,19 @@ class Runtime:
         dist.all_gather_object(out, obj)
         return out
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over every rank (a new tensor on ``t``'s device; ``t`` itself when ``world == 1``).
+
+        The collective runs on the runtime's device (NCCL needs CUDA tensors; gloo takes CPU ones), and the result
+        comes back to where ``t`` lives, so callers keep their accumulators on the CPU."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        buf = t.to(self.device, copy=True)  # never sum into the caller's tensor
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.to(t.device)
+
 
 _RUNTIME: Runtime | None = None
 

@@ -127,7 +127,7 @@ class DataParallel:
     """This process's share of every global batch, and the gradient sum over processes (see the module docstring)."""
 
     def __init__(self, rt):
-        self.rank, self.world, self.device = rt.rank, rt.world, rt.device
+        self.rt, self.rank, self.world, self.device = rt, rt.rank, rt.world, rt.device
 
     def part(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.rank::self.world]
@@ -140,11 +140,8 @@ class DataParallel:
         """Sum the gradients of ``params`` over processes (one flat all-reduce)."""
         if self.world == 1:
             return
-        import torch.distributed as dist
-
         grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        flat = self.rt.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
         for g, v in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(v.view_as(g))
 

@@ -306,9 +306,8 @@ def batches(source, cfg: StatsConfig, rank: int, world: int) -> Iterator[tuple[t
 
 def run(cfg: StatsConfig, rt=None) -> dict:
     """Compute (or resume) the statistics of ``cfg.teacher`` over ``cfg.data``; returns a summary."""
-    from distillset.core.data import Source, resize_uint8
-    from distillset.core.io import load_tensors, save_tensors
-    from distillset.core.runtime import autocast_dtype, get_runtime
+    from distillset.core.data import Source
+    from distillset.core.runtime import get_runtime
     from distillset.squeeze.checkpoint import load_teacher
 
     rt = rt or get_runtime()
@@ -324,18 +323,54 @@ def run(cfg: StatsConfig, rt=None) -> dict:
     ckpt = out.with_name(f"{out.stem}.rank{rt.rank}of{rt.world}.ckpt.safetensors")
     stats = FeatureStats(teacher, cfg.patch_grid, cfg.class_conditional)
     keys = expected_keys(teacher, tc.img_size, cfg.patch_grid, cfg.class_conditional)
-    consumed = 0
-    if ckpt.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(ckpt), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("fingerprint") == fp:
-            stats.load_state(load_tensors(ckpt))
-            consumed = stats.samples = int(meta["consumed"])
-            log.info("stats: rank %d resumes after %d samples", rt.rank, consumed)
-    amp = autocast_dtype(cfg.autocast, rt.device)
     t0 = time.perf_counter()
+    _accumulate(stats, source, cfg, teacher, rt, _resume(stats, ckpt, fp, rt), ckpt, fp)
+    if sorted(stats.acc) != keys:  # a rank with no samples still takes part in every collective
+        for key in keys:
+            if key not in stats.acc:
+                stats.acc[key] = _empty_like_key(key, teacher, tc.img_size, cfg.patch_grid)
+    total = int(rt.all_reduce_sum(torch.tensor([stats.samples], dtype=torch.float64)).item())
+    if rt.world > 1:
+        stats.all_reduce_(rt.all_reduce_sum, keys)
+    if total == 0:
+        raise DistillError(f"{cfg.data} yielded no {cfg.split} samples; check the source.")
+    if rt.is_main:
+        _write(out, stats, cfg, teacher, total)
+        log.info("stats: %d samples through %s -> %s (%d layers) in %.1fs", total, tc.arch, out,
+                 len(stats.layers), time.perf_counter() - t0)
+    rt.wait()
+    if ckpt.exists():
+        ckpt.unlink()
+    return {"path": str(out), "num_samples": total, "layers": len(stats.layers), "seconds": time.perf_counter() - t0}
+
+
+def _resume(stats: FeatureStats, ckpt: Path, fp: str, rt) -> int:
+    """Load this rank's checkpointed sums when they belong to this run; the number of samples already in them."""
+    from safetensors import safe_open
+
+    from distillset.core.io import load_tensors
+
+    if not ckpt.exists():
+        return 0
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("fingerprint") != fp:
+        return 0
+    stats.load_state(load_tensors(ckpt))
+    stats.samples = int(meta["consumed"])
+    log.info("stats: rank %d resumes after %d samples", rt.rank, stats.samples)
+    return stats.samples
+
+
+def _accumulate(stats: FeatureStats, source, cfg: StatsConfig, teacher, rt, consumed: int, ckpt: Path,
+                fp: str) -> None:
+    """Stream this rank's share of the images through the teacher, skipping the ``consumed`` already summed."""
+    from distillset.core.data import resize_uint8
+    from distillset.core.io import save_tensors
+    from distillset.core.runtime import autocast_dtype
+
+    tc = teacher.config
+    amp = autocast_dtype(cfg.autocast, rt.device)
     seen = batches_done = 0
     for x, y in batches(source, cfg, rt.rank, rt.world):
         if cfg.max_samples and seen >= cfg.max_samples:
@@ -358,37 +393,17 @@ def run(cfg: StatsConfig, rt=None) -> dict:
         batches_done += 1
         if cfg.checkpoint_every and batches_done % cfg.checkpoint_every == 0:
             save_tensors(ckpt, stats.state(), {"fingerprint": fp, "consumed": str(stats.samples)})
-    if sorted(stats.acc) != keys:  # a rank with no samples still takes part in every collective
-        for key in keys:
-            if key not in stats.acc:
-                stats.acc[key] = _empty_like_key(key, teacher, tc.img_size, cfg.patch_grid)
-    if rt.world > 1:
-        import torch.distributed as dist
 
-        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(rt.device)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            return t.cpu()
 
-        local = torch.tensor([stats.samples], dtype=torch.float64)
-        total = int(reduce_sum(local).item())
-        stats.all_reduce_(reduce_sum, keys)
-    else:
-        total = stats.samples
-    if total == 0:
-        raise DistillError(f"{cfg.data} yielded no {cfg.split} samples; check the source.")
+def _write(out: Path, stats: FeatureStats, cfg: StatsConfig, teacher, total: int) -> None:
+    from distillset.core.io import save_tensors
+
+    tc = teacher.config
     meta = {"format": FORMAT, "teacher_sha256": teacher.sha256, "teacher_arch": tc.arch, "teacher": cfg.teacher,
             "num_classes": str(tc.num_classes), "img_size": str(tc.img_size), "patch_grid": str(cfg.patch_grid),
             "class_conditional": str(cfg.class_conditional), "num_samples": str(total), "data": cfg.data,
             "split": cfg.split}
-    if rt.is_main:
-        save_tensors(out, stats.result(), meta)
-        log.info("stats: %d samples through %s -> %s (%d layers) in %.1fs", total, tc.arch, out,
-                 len(stats.layers), time.perf_counter() - t0)
-    rt.wait()
-    if ckpt.exists():
-        ckpt.unlink()
-    return {"path": str(out), "num_samples": total, "layers": len(stats.layers), "seconds": time.perf_counter() - t0}
+    save_tensors(out, stats.result(), meta)
 
 
 def _empty_like_key(key: str, teacher, img_size: int, grid: int) -> Moments:
