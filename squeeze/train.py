@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distillset.core.config import fingerprint, to_dict, write_config
-from distillset.core.data import ImageSet, Source, resize_uint8
+from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
 from distillset.core.io import finished_record
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
@@ -192,10 +192,7 @@ def memory_setup(cfg: SqueezeConfig, rt: Runtime, source: Source) -> TrainData:
     train, test = source.load("train"), source.load("test")
     if cfg.max_train:
         train = train.subset(torch.arange(min(cfg.max_train, len(train))))
-    train.require_classes(1, "training")
-    if cfg.image_size and train.image_shape[-1] != cfg.image_size:
-        train = ImageSet(resize_uint8(train.images, cfg.image_size), train.labels, train.class_names)
-        test = ImageSet(resize_uint8(test.images, cfg.image_size), test.labels, test.class_names)
+    train.require_classes(1, "training")  # images come at cfg.image_size: the Source resizes them
     mean, std = channel_stats(train.images)
     steps, batches = memory_batches(train, cfg, rt)
     return TrainData(train.class_names, train.image_shape, mean, std, len(train), steps, batches,

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from distillset.core.config import fingerprint, to_dict, write_config
-from distillset.core.data import ImageSet, Source, resize_uint8
+from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
 from distillset.core.io import save_tensors, write_json
 from distillset.core.partition import mix_seed
@@ -322,11 +322,7 @@ def _load_data(cfg: TrajectoryConfig) -> tuple[ImageSet, ImageSet | None]:
     test = source.load("test") if cfg.eval_test else None
     if cfg.max_train:
         train = train.subset(torch.arange(min(cfg.max_train, len(train))))
-    train.require_classes(1, "expert training")
-    if cfg.image_size and train.image_shape[-1] != cfg.image_size:
-        train = ImageSet(resize_uint8(train.images, cfg.image_size), train.labels, train.class_names)
-        if test is not None:
-            test = ImageSet(resize_uint8(test.images, cfg.image_size), test.labels, test.class_names)
+    train.require_classes(1, "expert training")  # images come at cfg.image_size: the Source resizes them
     return train, test
 
 
