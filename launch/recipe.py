@@ -14,10 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
 from distillset.launch.commands import COMMANDS
-from distillset.core.config import from_dict, load_yaml
+from distillset.core.config import from_dict, load_yaml, parse_yaml_value
 from distillset.core.errors import DistillError
 
 log = logging.getLogger("distillset.run")
@@ -72,7 +70,7 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
         section, dot, field = key.partition(".")
         if not sep or not dot:
             raise DistillError(f"--set expects STAGE.FIELD=VALUE, got '{item}'.")
-        recipe.setdefault(section, {})[field] = yaml.safe_load(value)
+        recipe.setdefault(section, {})[field] = parse_yaml_value(value, "set")
     return recipe
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from distillset.core.config import to_dict, write_config
+from distillset.core.config import check_number, to_dict, write_config
 from distillset.core.data import ImageSet, Source, resize_uint8
 from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError
@@ -80,8 +80,11 @@ class EvaluateConfig:
             raise DistillError(f"unknown labels '{self.labels}'; use hard, soft or both.")
         if self.protocol not in ("sre2l", "matching"):
             raise DistillError(f"unknown protocol '{self.protocol}'; use sre2l or matching.")
-        if self.students < 1 or self.epochs < 1:
-            raise DistillError("students and epochs must be >= 1.")
+        if self.students < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise DistillError("students, epochs and batch_size must be >= 1.")
+        check_number(self.lr, "lr (0 = the protocol's)", high=1e4, allow_low=True)
+        if not 0 < self.min_scale <= 1:
+            raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
 
 
 def random_subset(train: ImageSet, ipc: int, seed: int, num_classes: int) -> ImageSet:
