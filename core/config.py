@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -65,10 +66,16 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = value.split(",")
-        return tuple(_convert(v, a, name) for v, a in zip(value, args))
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise DistillError(f"config '{name}' needs {len(args)} values (e.g. {','.join(['0.5'] * len(args))}), "
+                               f"got {len(value)}: {value!r}.")
+        types_ = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args) or [Any] * len(value)
+        return tuple(_convert(v, a, name) for v, a in zip(value, types_))
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value) or {}
+            value = parse_yaml_value(value, name) or {}
         if not isinstance(value, dict):
             raise DistillError(f"config '{name}' must be a mapping, got {value!r}.")
         return dict(value)
@@ -88,6 +95,25 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise DistillError(f"config '{name}' must be {tp.__name__}, got {value!r}.") from None
     return value
+
+
+def parse_yaml_value(text: str, name: str) -> Any:
+    """A flag's value parsed as YAML (``{a: 1}``, ``[x, y]``); bad YAML is a one-line error naming the flag."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistillError(f"--{name.replace('_', '-')} {text!r} is not valid YAML ({first}); write a mapping as "
+                           "'{key: value}' or a list as '[a, b]'.") from None
+
+
+def check_number(value: float, name: str, low: float = 0.0, high: float = 1e6, allow_low: bool = False) -> None:
+    """Refuse a non-finite ``value`` or one outside ``(low, high]`` (``[low, high]`` with ``allow_low``), e.g. an
+    ``lr`` of -1, nan or 1e38 that would otherwise train to NaN or silently do nothing."""
+    ok = math.isfinite(value) and (value >= low if allow_low else value > low) and value <= high
+    if not ok:
+        bound = f"{'[' if allow_low else '('}{low:g}, {high:g}]"
+        raise DistillError(f"{name} must be a finite number in {bound}, got {value!r}.")
 
 
 def from_dict(cls: type[T], data: dict | None) -> T:
@@ -150,7 +176,7 @@ def flags_to_dict(ns: argparse.Namespace, cls: type) -> dict:
     for f in dataclasses.fields(cls):
         v = getattr(ns, f"cfg_{f.name}", None)
         if v is not None:
-            out[f.name] = yaml.safe_load(v) if isinstance(v, str) and v[:1] in "{[" else v
+            out[f.name] = parse_yaml_value(v, f.name) if isinstance(v, str) and v[:1] in "{[" else v
     return out
 
 

@@ -48,8 +48,9 @@ class ImageSet:
                                "every image needs exactly one label.")
         self.labels = self.labels.long()
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise DistillError(f"labels span {int(self.labels.min())}..{int(self.labels.max())} but there are "
-                               f"{len(self.class_names)} classes; labels must be 0..num_classes-1.")
+            bad = int(self.labels.min()) if self.labels.min() < 0 else int(self.labels.max())
+            raise DistillError(f"label {bad} out of range for {len(self.class_names)} classes (labels span "
+                               f"{int(self.labels.min())}..{int(self.labels.max())}); labels must be 0..num_classes-1.")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -95,24 +96,71 @@ def _digits(split: str) -> ImageSet:
     return ImageSet(torch.from_numpy(x[keep]), torch.from_numpy(y[keep]), [str(i) for i in range(10)])
 
 
+def _npz_labels(path: Path, key: str, y: np.ndarray) -> np.ndarray:
+    """Integer labels of an npz split; float labels are accepted only when they hold whole numbers."""
+    if y.ndim != 1:
+        raise DistillError(f"{path}: {key} must be a 1-d array of class labels, got shape {y.shape}.")
+    if y.dtype.kind == "f":
+        bad = y[~np.isfinite(y) | (y != np.round(y))] if y.size else y
+        if bad.size:
+            raise DistillError(f"{path}: {key} holds non-integer labels (e.g. {float(bad[0])}); store class indices as "
+                               "integers (y.astype(np.int64)), not probabilities or scores.")
+    elif y.dtype.kind not in "iub":
+        raise DistillError(f"{path}: {key} must hold integer class labels, got dtype {y.dtype}.")
+    return y.astype(np.int64)
+
+
+def _npz_class_names(path: Path, labels: list[np.ndarray]) -> list[str]:
+    """Class names ``0..K-1`` inferred from the labels of both splits when the file gives no ``class_names``.
+
+    Inferred classes must be contiguous: a stray label (99 in a 10-class set) is reported as out of range rather than
+    as 89 empty classes.
+    """
+    used = np.unique(np.concatenate([y for y in labels if y.size] or [np.zeros(0, np.int64)]))
+    if used.size == 0:
+        return []
+    if used[0] < 0:
+        raise DistillError(f"{path}: label {int(used[0])} out of range; labels must be 0..num_classes-1.")
+    missing = np.setdiff1d(np.arange(int(used[-1]) + 1), used)
+    if missing.size:
+        first_gap = int(missing[0])
+        stray = [int(v) for v in used[used > first_gap]]
+        raise DistillError(f"{path}: label {stray[-1]} out of range: labels 0..{first_gap - 1} are used, then "
+                           f"{stray[:3]} with no class {first_gap} in between; labels must be 0..num_classes-1 "
+                           "(or list every class in class_names).")
+    return [str(i) for i in range(int(used[-1]) + 1)]
+
+
+def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images of an npz split (NHW grayscale gets a channel axis), as NCHW."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise DistillError(f"{path}: {key} must be uint8 (N, H, W, C), got {x.shape} {x.dtype}.")
+    if x.shape[-1] not in (1, 3, 4):
+        hint = (" it looks like (N, C, H, W): store x.transpose(0, 2, 3, 1)" if x.shape[1] in (1, 3, 4)
+                else " images need 1 (gray), 3 (RGB) or 4 channels last")
+        raise DistillError(f"{path}: {key} has shape {x.shape}, not (N, H, W, C) with C in 1, 3, 4;{hint}.")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def _npz(path: Path, split: str) -> ImageSet:
     if not path.exists():
         raise DistillError(f"npz file {path} does not exist; check the path (see ../shared/data/README.md).")
     try:
         z = np.load(path, allow_pickle=False)
         x, y = z[f"x_{split}"], z[f"y_{split}"]
+        other = z[f"y_{'test' if split == 'train' else 'train'}"]
         names = [str(s) for s in z["class_names"]] if "class_names" in z.files else None
     except KeyError as e:
         raise DistillError(f"{path} has no key {e}; an npz source needs x_train, y_train, x_test, y_test.") from None
     except Exception as e:
         raise DistillError(f"{path} is not a readable .npz file ({e}); re-create or re-download it.") from None
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.dtype != np.uint8:
-        raise DistillError(f"{path}: x_{split} must be uint8 (N, H, W, C), got {x.shape} {x.dtype}.")
-    names = names or [str(i) for i in range(int(y.max()) + 1)]
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                    torch.from_numpy(y.astype(np.int64)), names)
+    images = _npz_images(path, f"x_{split}", x)
+    y = _npz_labels(path, f"y_{split}", y)
+    if names is None:  # both splits: a test split without the last class must not shrink the class list
+        names = _npz_class_names(path, [y, _npz_labels(path, "y_other", other)])
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(y), names)
 
 
 def _pil_to_uint8(img, channels: int | None, size: int | None) -> np.ndarray:
@@ -205,6 +253,8 @@ class Source:
 
     def __init__(self, spec: str, image_size: int | None = None):
         self.spec = spec
+        if image_size is not None and image_size < 1:
+            raise DistillError(f"image_size must be >= 1 (or 0 = keep the source's size), got {image_size}.")
         self.image_size = image_size
         kind, _, arg = spec.partition(":")
         if kind not in ("digits", "npz", "folder", "hf", "wds"):
@@ -238,8 +288,19 @@ class Source:
                 raise DistillError(f"source '{self.spec}' has no {split} images.")
             if self.image_size and s.images.shape[-1] != self.image_size and self.kind != "folder":
                 s = ImageSet(resize_uint8(s.images, self.image_size), s.labels, s.class_names)
+            self._check_splits_agree(split, s)
             self._cache[split] = s
         return self._cache[split]
+
+    def _check_splits_agree(self, split: str, s: ImageSet) -> None:
+        """Train and test of one source must have the same channels (one model sees both)."""
+        other = next((o for k, o in self._cache.items() if k != split), None)
+        if other is None:
+            return
+        if other.image_shape[0] != s.image_shape[0]:
+            raise DistillError(f"source '{self.spec}': {split} images have {s.image_shape[0]} channels but the other "
+                               f"split's have {other.image_shape[0]}; convert both splits to the same channels "
+                               "(grayscale or RGB).")
 
     def info(self) -> dict:
         """Class names and image shape without loading a stream source."""

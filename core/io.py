@@ -100,3 +100,14 @@ def finished_record(path: str | os.PathLike, fingerprint: str, what: str) -> dic
         raise DistillError(f"{path.parent} holds {what} trained with another config; choose another --out or delete "
                            "that folder.")
     return done
+
+
+def require_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as an output folder: refused in one line when it names an existing file (or lies under one)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DistillError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}.")
+            break
+    return path

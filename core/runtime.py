@@ -114,3 +114,25 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+FALLBACK_MEMORY = 16 * 2**30  # when neither the accelerator nor the OS says how much memory is free
+
+
+def available_memory(device: torch.device | str | None = None) -> tuple[int, str]:
+    """Bytes free for tensors on ``device`` and what they are: the accelerator's free memory on CUDA, otherwise the
+    OS's available RAM (``/proc/meminfo`` MemAvailable, then ``os.sysconf``), else a fixed 16 GiB."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0]), f"{device} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "RAM"
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_MEMORY, "memory (assumed)"

@@ -21,16 +21,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.config import check_number, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
-from distillset.core.io import finished_record, read_json
+from distillset.core.io import finished_record, read_json, require_folder
 from distillset.core.schedule import cosine
 
 log = logging.getLogger("distillset.generative")
@@ -103,6 +102,7 @@ class PriorTrainConfig:
             raise DistillError("batch_size, width, unet_width, sample_steps and train_timesteps must be >= 1.")
         if min(self.ae_steps, self.unet_steps, self.gan_steps) < 0:
             raise DistillError("training steps must be >= 0.")
+        check_number(self.lr, "lr", high=100.0)
 
 
 NON_SEMANTIC = ("out",)
@@ -160,7 +160,7 @@ def run(cfg: PriorTrainConfig, rt=None) -> dict:
     from distillset.core.runtime import get_runtime
 
     rt = rt or get_runtime()
-    out = Path(cfg.out)
+    out = require_folder(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
     done = finished_record(out / "prior.json", fp, "a prior")
     if done is not None:

@@ -17,12 +17,19 @@ from distillset.launch.commands import COMMANDS
 from distillset.launch.commands import load as _load
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a one-line :class:`DistillError` (exit 2, no usage dump)."""
+
+    def error(self, message: str):
+        raise DistillError(f"{self.prog}: {message}; see `{self.prog} --help`.")
+
+
 def _command_parser(name: str) -> argparse.ArgumentParser:
     from distillset.core.config import add_flags
 
     cfg_path, _, help_ = COMMANDS[name]
     cls = _load(cfg_path)
-    p = argparse.ArgumentParser(prog=f"distillset {name}", description=(cls.__doc__ or help_).split("\n")[0])
+    p = _Parser(prog=f"distillset {name}", description=(cls.__doc__ or help_).split("\n")[0])
     p.add_argument("--config", help="YAML file of options (a recipe section or a saved config.yaml)")
     p.add_argument("--section", help="read this section of the YAML (default: the command name, if present)")
     add_flags(p, cls)
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         elif argv[0] == "run":
             from distillset.launch.recipe import run_recipe
 
-            p = argparse.ArgumentParser(prog="distillset run")
+            p = _Parser(prog="distillset run")
             p.add_argument("recipe")
             p.add_argument("--stages", default="", help="comma-separated subset of stages to run")
             p.add_argument("--out", default="", help="output root (default: the recipe's out)")

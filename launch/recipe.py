@@ -14,9 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
-from distillset.core.config import from_dict, load_yaml
+from distillset.core.config import from_dict, load_yaml, parse_yaml_value
 from distillset.core.errors import DistillError
 from distillset.launch.commands import COMMANDS
 from distillset.launch.commands import load as _load
@@ -71,7 +69,7 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
         section, dot, field = key.partition(".")
         if not sep or not dot:
             raise DistillError(f"--set expects STAGE.FIELD=VALUE, got '{item}'.")
-        recipe.setdefault(section, {})[field] = yaml.safe_load(value)
+        recipe.setdefault(section, {})[field] = parse_yaml_value(value, "set")
     return recipe
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distillset.core.config import check_number
 from distillset.core.errors import DistillError
 
 
@@ -87,7 +88,16 @@ class RecoverConfig:
             raise DistillError("classes_per_unit and ipc_per_unit must be >= 0 (0 = all).")
         if self.zca_reg <= 0:
             raise DistillError(f"zca_reg must be > 0, got {self.zca_reg}.")
+        check_number(self.lr, "lr")  # MTT-family pixel learning rates reach 1000 in normalised units
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise DistillError(f"betas must be two numbers in [0, 1) (e.g. 0.5,0.9), got {self.betas}.")
+        if not 0 <= self.momentum < 1:
+            raise DistillError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if min(self.image_size, self.checkpoint_every, self.max_classes) < 0:
+            raise DistillError("image_size, checkpoint_every and max_classes must be >= 0 (0 = default/off).")
+        if self.log_every < 1:
+            raise DistillError(f"log_every must be >= 1, got {self.log_every}.")
 
 
 # options that do not change the result: a re-run with other values continues the same run

@@ -21,7 +21,7 @@ from distillset.core.config import fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path
 from distillset.core.errors import DistillError
-from distillset.core.io import read_json, save_tensors, write_json
+from distillset.core.io import read_json, require_folder, save_tensors, write_json
 from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
@@ -45,6 +45,24 @@ def _versions() -> dict:
     return out
 
 
+def check_options(cls: type, options: dict, what: str, flag: str, skip: int = 0) -> None:
+    """Refuse option names the plugin's constructor does not take (after its ``skip`` positional engine arguments),
+    in one line listing those it does, before any work starts."""
+    import difflib
+    import inspect
+
+    params = list(inspect.signature(cls).parameters.values())[skip:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise DistillError(f"unknown --{flag.replace('_', '-')} key '{key}' for {what}.{hint} "
+                               f"Known: {', '.join(sorted(known)) or 'none'}.")
+
+
 class Engine:
     """Holds what is shared by all units of a run (teachers, real data, plugins) and optimises units."""
 
@@ -55,6 +73,11 @@ class Engine:
         self.objective_cls = base.get("objective", cfg.method)
         self.param_cls = base.get("parametrization", cfg.parametrization)
         aug_cls = base.get("augmentation", cfg.augmentation)
+        check_options(aug_cls, cfg.aug_options, f"augmentation '{cfg.augmentation}'", "aug_options")
+        check_options(self.objective_cls, cfg.options, f"objective '{cfg.method}'", "options")
+        # the parametrization is built per unit: its options are checked now, before anything is written
+        check_options(self.param_cls, cfg.param_options, f"parametrization '{cfg.parametrization}'", "param_options",
+                      skip=5)
         self.augment = aug_cls(**cfg.aug_options)
         self.objective = self.objective_cls(**cfg.options)
         oc = self.objective_cls
@@ -280,6 +303,28 @@ class Engine:
         return torch.cat(picked)
 
 
+def check_unit_memory(units: list[Unit], image_shape: tuple[int, int, int], cfg: RecoverConfig, device,
+                      selects: bool = False) -> None:
+    """Refuse, before anything is allocated or written, a work unit whose tensors alone exceed the memory available.
+
+    The estimate is a lower bound: the unit's images in float32 times the copies the loop keeps (the learnable
+    tensor, its gradient, the optimiser's moments, the rendered and augmented batch); the networks' activations come
+    on top. A coreset method only holds the chosen uint8 images.
+    """
+    from distillset.core.runtime import available_memory
+
+    n = max((u.c1 - u.c0) * (u.i1 - u.i0) for u in units)
+    per_image = math.prod(image_shape)
+    copies = 1 if selects else (4 if cfg.optimizer == "adam" else 3) + 2
+    need = n * per_image * (1 if selects else 4) * copies
+    avail, where = available_memory(device)
+    if need > avail:
+        fits = max(1, int(avail // (per_image * (1 if selects else 4) * copies)))
+        raise DistillError(f"a work unit of {n} images ({'x'.join(map(str, image_shape))}) needs at least "
+                           f"{need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB of {where} is available; lower --ipc "
+                           f"or set --ipc-per-unit/--classes-per-unit so a unit holds at most {fits} images.")
+
+
 def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: Runtime) -> dict:
     fp = fingerprint(cfg, NON_SEMANTIC)
     path = out / "manifest.json"
@@ -310,16 +355,17 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
 def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
     """Run (or resume) a recover job; returns the final manifest."""
     rt = rt or get_runtime()
-    out = Path(cfg.out)
+    out = require_folder(cfg.out)
     engine = Engine(cfg, rt)
     if engine.objective_cls.joint_classes and cfg.classes_per_unit not in (0, engine.num_classes):
         cfg = dataclasses.replace(cfg, classes_per_unit=0)
         engine.cfg = cfg
+    units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
+    check_unit_memory(units, engine.image_shape, cfg, rt.device, engine.objective_cls.selects)
     manifest = _check_or_write_manifest(out, cfg, engine, rt)
     if engine.zca is not None and rt.is_main and not (out / ZCA_FILE).exists():
         engine.zca.save(out / ZCA_FILE)  # before any unit: a partial set is evaluated in the right space too
     rt.wait()
-    units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
     mine = units_for_rank(len(units), rt.rank, rt.world)
     t0 = time.perf_counter()
     done = skipped = 0

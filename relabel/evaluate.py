@@ -10,7 +10,10 @@ mean +- std. Also reported: the teacher's full-data accuracy and DD-Ranking's IO
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 import statistics
@@ -20,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from distillset.core.config import to_dict, write_config
+from distillset.core.config import check_number, to_dict, write_config
 from distillset.core.data import ImageSet, Source, resize_uint8
 from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError
-from distillset.core.io import atomic_path, load_tensors, write_json
+from distillset.core.io import atomic_path, load_tensors, require_folder, write_json
 from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime
 from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
@@ -43,7 +46,8 @@ class EvaluateConfig:
         out: where metrics.json / metrics.csv go (default: DISTILLED/eval).
         data: the real data (test split; random-real baseline); default: the source recorded in the manifest.
         archs: student architectures (default: the teacher's architecture, or convnet for teacher-free methods).
-        model_kwargs: extra keyword arguments of the student architectures.
+        model_kwargs: keyword arguments of every student architecture (e.g. width); when not given, the teacher's
+            architecture gets the teacher's own and other architectures none. ``{}`` means none for all.
         students: students (seeds) per setting.
         epochs: student training epochs (soft labels cover at most as many epochs as relabel stored; they repeat).
         protocol: sre2l (AdamW + KD) or matching (SGD + DSA, lr x0.1 at half).
@@ -62,7 +66,7 @@ class EvaluateConfig:
     out: str = ""
     data: str = ""
     archs: list[str] = field(default_factory=list)
-    model_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict | None = None
     students: int = 3
     epochs: int = 300
     protocol: str = "sre2l"
@@ -80,8 +84,11 @@ class EvaluateConfig:
             raise DistillError(f"unknown labels '{self.labels}'; use hard, soft or both.")
         if self.protocol not in ("sre2l", "matching"):
             raise DistillError(f"unknown protocol '{self.protocol}'; use sre2l or matching.")
-        if self.students < 1 or self.epochs < 1:
-            raise DistillError("students and epochs must be >= 1.")
+        if self.students < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise DistillError("students, epochs and batch_size must be >= 1.")
+        check_number(self.lr, "lr (0 = the protocol's)", high=1e4, allow_low=True)
+        if not 0 < self.min_scale <= 1:
+            raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
 
 
 def random_subset(train: ImageSet, ipc: int, seed: int, num_classes: int) -> ImageSet:
@@ -129,33 +136,82 @@ def dd_ranking(full: float | None, hard: float | None, hard_random: float | None
     return out
 
 
-def run(cfg: EvaluateConfig, rt=None) -> dict:
+@dataclass
+class Job:
+    """One student: architecture, image set, label mode and seed (its result is cached under ``key``)."""
+
+    arch: str
+    set: str
+    labels: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.arch)
+        return f"{safe}__{self.set}__{self.labels}__seed{self.seed}"
+
+
+@dataclass
+class Plan:
+    """Everything an evaluation needs, read and checked before any student is trained or any label computed."""
+
+    folder: Path
+    out: Path
+    distilled: ImageSet
+    manifest: dict
+    source: Source
+    test: ImageSet
+    ipc: int
+    mean: list[float]
+    std: list[float]
+    zca: ZCA | None
+    soft: SoftLabels | None
+    learned: dict[str, torch.Tensor]
+    full: float | None
+    archs: list[str]
+    model_kwargs: dict[str, dict]
+    relabel_teachers: list[str]
+    jobs: list[Job]
+    fingerprint: str
+
+    def fit(self, s: ImageSet) -> ImageSet:
+        return plan_fit(s, self.distilled.image_shape[-1])
+
+
+def student_kwargs(archs: list[str], given: dict | None, teacher_arch: str | None, teacher_kwargs: dict) -> dict:
+    """Model kwargs per student architecture: ``--model-kwargs`` when given (even ``{}``) for every arch; otherwise
+    the teacher's kwargs for the teacher's own architecture and none for the others (they were made for it)."""
+    if given is not None:
+        return {a: dict(given) for a in archs}
+    return {a: dict(teacher_kwargs) if a == teacher_arch else {} for a in archs}
+
+
+def _check_arch(arch: str, kwargs: dict, num_classes: int, image_shape: tuple[int, int, int]) -> None:
+    """Build the student once (CPU, random weights) so a wrong name or keyword fails before any work."""
+    from distillset.squeeze.models import create_model, model_entry
+
+    model_entry(arch)  # unknown names: the registry's own one-line error
+    try:
+        create_model(arch, num_classes, image_shape[0], image_shape[-1], **kwargs)
+    except TypeError as e:  # a keyword the architecture's constructor does not take
+        raise DistillError(f"student arch '{arch}' does not take model_kwargs {kwargs} ({e}); pass --model-kwargs "
+                           "with that architecture's own options (or '{}').") from None
+
+
+def plan(cfg: EvaluateConfig, rt) -> Plan:
+    """Read the set, the test split, labels and teachers; resolve archs and their kwargs; list the students."""
     from distillset.squeeze.checkpoint import load_teacher
 
-    rt = rt or get_runtime()
-    t0 = time.perf_counter()
     folder = Path(cfg.distilled)
     distilled, manifest = load_distilled(folder)
-    out = Path(cfg.out or folder / "eval")
+    out = require_folder(cfg.out or folder / "eval")
     data = cfg.data or manifest.get("data")
     if not data:
         raise DistillError(f"{folder} does not record its data source; pass --data SPEC for the test split.")
     source = Source(data)
-    size = distilled.image_shape[-1]
-
-    def fit(s: ImageSet) -> ImageSet:
-        return s if s.image_shape[-1] == size else ImageSet(resize_uint8(s.images, size), s.labels, s.class_names)
-
-    test = fit(source.load("test"))
-    keep = test.labels < distilled.num_classes
-    test = test.subset(torch.nonzero(keep).flatten())
-    ipc = int(manifest["ipc"])
-    mean, std = manifest.get("mean") or [0.5] * distilled.image_shape[0], manifest.get("std")
-    std = std or [0.5] * distilled.image_shape[0]
+    c = distilled.image_shape[0]
+    mean, std = manifest.get("mean") or [0.5] * c, manifest.get("std") or [0.5] * c
     zca = ZCA.load(folder / manifest["zca"]) if manifest.get("zca") else None  # distilled in whitened space
-    if zca is not None:
-        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", folder / manifest["zca"])
-    teachers_info = manifest.get("teachers", [])
     soft = None
     if cfg.labels in ("soft", "both"):
         if (folder / "labels" / "labels.json").exists():
@@ -163,62 +219,125 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
         elif cfg.labels == "soft":
             raise DistillError(f"{folder} has no soft labels; run `distillset relabel --distilled {folder}` first.")
     learned = learned_params(folder)
-    archs = cfg.archs
-    model_kwargs = cfg.model_kwargs
-    full = None
+    teachers_info = manifest.get("teachers", [])
+    full, teacher_arch, teacher_kwargs = None, None, {}
     if teachers_info:
         t = load_teacher(teachers_info[0]["path"], distilled.num_classes)
-        archs = archs or [t.config.arch]
-        model_kwargs = model_kwargs or t.config.model_kwargs
+        teacher_arch, teacher_kwargs = t.config.arch, t.config.model_kwargs or {}
         full = t.config.metrics.get("test_top1")
-    archs = archs or ["convnet"]
-
-    sets: dict[str, tuple[ImageSet, SoftLabels | None]] = {"distilled": (distilled, soft)}
+    archs = cfg.archs or [teacher_arch or "convnet"]
+    kwargs = student_kwargs(archs, cfg.model_kwargs, teacher_arch, teacher_kwargs)
+    for arch in archs:
+        _check_arch(arch, kwargs[arch], distilled.num_classes, distilled.image_shape)
+    test = plan_fit(source.load("test"), distilled.image_shape[-1])
+    test = test.subset(torch.nonzero(test.labels < distilled.num_classes).flatten())
+    if test.image_shape[0] != c:
+        raise DistillError(f"the test images of '{data}' have {test.image_shape[0]} channels but the distilled set "
+                           f"has {c}; evaluate on the data the set was distilled from.")
+    relabel_teachers = []
+    sets = ["distilled"]
     if cfg.baseline:
-        # the images an init-from-real run of this set started from: distilled vs random shows what distilling added
-        rand_seed = int(manifest.get("seeds", {}).get("base", cfg.seed))
-        rand = random_subset(fit(source.load("train")), ipc, rand_seed, distilled.num_classes)
-        rand_soft = None
+        sets.append("random")
         if soft is not None:
-            specs = cfg.teachers or [t["path"] for t in soft.meta["teachers"]]
-            teachers = [load_teacher(s, distilled.num_classes, rt.device) for s in specs]
-            m = soft.meta
-            rcfg = RelabelConfig(epochs=int(m["epochs"]), topk=int(m["topk"]), temperature=float(m["temperature"]),
-                                 min_scale=float(m["min_scale"]), flip=bool(m["flip"]), crop_seed=int(m["crop_seed"]),
-                                 quantize=m.get("quantize", "fp16"))
-            tensors = generate(rand, teachers, rcfg, rt.device, show_progress=False)
-            rand_soft = SoftLabels(tensors["values"], tensors.get("indices"),
-                                   label_meta(rcfg, teachers, distilled.num_classes, len(rand)), tensors.get("scale"))
-        sets["random"] = (rand, rand_soft)
-
+            relabel_teachers = cfg.teachers or [t["path"] for t in soft.meta["teachers"]]
+            for spec in relabel_teachers:  # loadable and of the right classes, before any work
+                load_teacher(spec, distilled.num_classes)
     jobs = []
     for arch in archs:
-        for name, (images, labels) in sets.items():
-            modes = [m for m in ("hard", "soft") if cfg.labels in (m, "both")]
-            for mode in modes:
-                if mode == "soft" and labels is None and not (name == "distilled" and "soft_labels" in learned):
-                    continue
-                for k in range(cfg.students):
-                    jobs.append((arch, name, mode, k))
-    results = []
-    for j, (arch, name, mode, k) in enumerate(jobs):
-        if j % rt.world != rt.rank:
-            continue
-        images, labels = sets[name]
-        lr = cfg.lr or (float(learned["lr"].reshape(-1)[0]) if name == "distilled" and "lr" in learned else None)
-        spec = StudentSpec(arch, model_kwargs if arch == archs[0] else cfg.model_kwargs, cfg.epochs, cfg.protocol,
-                           cfg.batch_size, lr, min_scale=cfg.min_scale, flip=cfg.flip)
-        soft_targets = None
-        if mode == "soft" and labels is None:  # DATM-style learned soft labels (logits) of the distilled set
-            soft_targets = torch.softmax(learned["soft_labels"].float(), 1).to(rt.device)
-        acc = train_student(images, test, spec, mean, std, cfg.seed + 1000 * k, rt.device,
-                            soft=labels if mode == "soft" else None, soft_targets=soft_targets, zca=zca)
-        results.append({"arch": arch, "set": name, "labels": mode, "seed": cfg.seed + 1000 * k, "top1": acc})
-        log.info("evaluate: %s %s %s student %d: top-1 %.4f", arch, name, mode, k, acc)
-    results = [r for part in rt.gather_object(results) for r in part]
-    summary = []
-    for arch in archs:
         for name in sets:
+            for mode in (m for m in ("hard", "soft") if cfg.labels in (m, "both")):
+                has_labels = soft is not None or (name == "distilled" and "soft_labels" in learned)
+                if mode == "soft" and not has_labels:
+                    continue
+                jobs += [Job(arch, name, mode, cfg.seed + 1000 * k) for k in range(cfg.students)]
+    key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("out", "students")},
+           "set": manifest.get("fingerprint"), "num_images": len(distilled), "model_kwargs": kwargs,
+           "soft": soft.meta if soft is not None else None}
+    fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Plan(folder, out, distilled, manifest, source, test, int(manifest["ipc"]), mean, std, zca, soft, learned,
+                full, archs, kwargs, relabel_teachers, jobs, fp)
+
+
+def plan_fit(s: ImageSet, size: int) -> ImageSet:
+    """``s`` resized to the distilled set's resolution (students train and test at one size)."""
+    return s if s.image_shape[-1] == size else ImageSet(resize_uint8(s.images, size), s.labels, s.class_names)
+
+
+def student_path(p: Plan, job: Job) -> Path:
+    return p.out / "students" / f"{job.key}.json"
+
+
+def finished_student(p: Plan, job: Job) -> float | None:
+    """The top-1 a previous run of this evaluation (same fingerprint) recorded for ``job``, if any."""
+    path = student_path(p, job)
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError:  # a record is written atomically; a damaged one is simply redone
+        return None
+    return float(rec["top1"]) if rec.get("fingerprint") == p.fingerprint else None
+
+
+def baseline(p: Plan, cfg: EvaluateConfig, rt, need_soft: bool) -> tuple[ImageSet, SoftLabels | None]:
+    """The random-real set at the same IPC, relabelled with the set's teachers when a pending student needs it."""
+    from distillset.squeeze.checkpoint import load_teacher
+
+    # the images an init-from-real run of this set started from: distilled vs random shows what distilling added
+    rand_seed = int(p.manifest.get("seeds", {}).get("base", cfg.seed))
+    rand = random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
+    if p.soft is None or not need_soft:
+        return rand, None
+    teachers = [load_teacher(s, p.distilled.num_classes, rt.device) for s in p.relabel_teachers]
+    m = p.soft.meta
+    rcfg = RelabelConfig(epochs=int(m["epochs"]), topk=int(m["topk"]), temperature=float(m["temperature"]),
+                         min_scale=float(m["min_scale"]), flip=bool(m["flip"]), crop_seed=int(m["crop_seed"]),
+                         quantize=m.get("quantize", "fp16"))
+    tensors = generate(rand, teachers, rcfg, rt.device, show_progress=False)
+    return rand, SoftLabels(tensors["values"], tensors.get("indices"),
+                            label_meta(rcfg, teachers, p.distilled.num_classes, len(rand)), tensors.get("scale"))
+
+
+def train_one(p: Plan, cfg: EvaluateConfig, job: Job, images: ImageSet, labels: SoftLabels | None, rt) -> float:
+    """Train the student of ``job`` and record its top-1 at once (atomically), so a killed run keeps it."""
+    learned_lr = job.set == "distilled" and "lr" in p.learned
+    lr = cfg.lr or (float(p.learned["lr"].reshape(-1)[0]) if learned_lr else None)
+    spec = StudentSpec(job.arch, p.model_kwargs[job.arch], cfg.epochs, cfg.protocol, cfg.batch_size, lr,
+                       min_scale=cfg.min_scale, flip=cfg.flip)
+    soft_targets = None
+    if job.labels == "soft" and labels is None:  # DATM-style learned soft labels (logits) of the distilled set
+        soft_targets = torch.softmax(p.learned["soft_labels"].float(), 1).to(rt.device)
+    acc = train_student(images, p.test, spec, p.mean, p.std, job.seed, rt.device,
+                        soft=labels if job.labels == "soft" else None, soft_targets=soft_targets, zca=p.zca)
+    write_json(student_path(p, job), {"fingerprint": p.fingerprint, **dataclasses.asdict(job), "top1": acc})
+    return acc
+
+
+def students(p: Plan, cfg: EvaluateConfig, rt) -> list[dict]:
+    """Every student of the plan (this rank's share trained, or read back when a previous run finished it)."""
+    mine = [job for j, job in enumerate(p.jobs) if j % rt.world == rt.rank]
+    done = {job.key: finished_student(p, job) for job in mine}
+    pending = [job for job in mine if done[job.key] is None]
+    if len(pending) < len(mine):
+        log.info("evaluate: %d of %d students already finished in %s", len(mine) - len(pending), len(mine), p.out)
+    sets: dict[str, tuple[ImageSet, SoftLabels | None]] = {"distilled": (p.distilled, p.soft)}
+    if any(job.set == "random" for job in pending):
+        sets["random"] = baseline(p, cfg, rt, any(j.set == "random" and j.labels == "soft" for j in pending))
+    results = []
+    for job in mine:
+        acc = done[job.key]
+        if acc is None:
+            acc = train_one(p, cfg, job, *sets[job.set], rt)
+            log.info("evaluate: %s %s %s seed %d: top-1 %.4f", job.arch, job.set, job.labels, job.seed, acc)
+        results.append({"arch": job.arch, "set": job.set, "labels": job.labels, "seed": job.seed, "top1": acc})
+    return [r for part in rt.gather_object(results) for r in part]
+
+
+def summarize(p: Plan, cfg: EvaluateConfig, results: list[dict], seconds: float) -> dict:
+    """Mean +- std per (arch, set, labels), DD-Ranking scores, and the evaluation's metadata."""
+    summary = []
+    for arch in p.archs:
+        for name in ("distilled", "random"):
             for mode in ("hard", "soft"):
                 accs = [r["top1"] for r in results if (r["arch"], r["set"], r["labels"]) == (arch, name, mode)]
                 if accs:
@@ -227,27 +346,43 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
                                     "n": len(accs), "accs": accs})
 
     def get(name, mode):
-        return next((s["mean"] for s in summary if (s["arch"], s["set"], s["labels"]) == (archs[0], name, mode)),
+        return next((s["mean"] for s in summary if (s["arch"], s["set"], s["labels"]) == (p.archs[0], name, mode)),
                     None)
 
-    metrics = {
-        "ipc": ipc, "num_classes": distilled.num_classes, "protocol": cfg.protocol, "epochs": cfg.epochs,
-        "full_data_top1": full, "summary": summary, "runs": results, "zca": zca is not None,
-        "soft_label_bytes_per_image": soft.bytes_per_image() if soft is not None else None,
-        "dd_ranking": dd_ranking(full, get("distilled", "hard"), get("random", "hard"), get("distilled", "soft"),
+    return {
+        "ipc": p.ipc, "num_classes": p.distilled.num_classes, "protocol": cfg.protocol, "epochs": cfg.epochs,
+        "full_data_top1": p.full, "summary": summary, "runs": results, "zca": p.zca is not None,
+        "soft_label_bytes_per_image": p.soft.bytes_per_image() if p.soft is not None else None,
+        "dd_ranking": dd_ranking(p.full, get("distilled", "hard"), get("random", "hard"), get("distilled", "soft"),
                                  get("random", "soft")),
-        "seconds": time.perf_counter() - t0, "config": to_dict(cfg),
+        "seconds": seconds, "config": to_dict(cfg), "fingerprint": p.fingerprint,
     }
+
+
+def write_metrics(out: Path, cfg: EvaluateConfig, metrics: dict) -> None:
+    write_json(out / "metrics.json", metrics)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["arch", "set", "labels", "mean", "std", "n"])
+    for s in metrics["summary"]:
+        w.writerow([s["arch"], s["set"], s["labels"], f"{s['mean']:.4f}", f"{s['std']:.4f}", s["n"]])
+    with atomic_path(out / "metrics.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    write_config(out, cfg)
+
+
+def run(cfg: EvaluateConfig, rt=None) -> dict:
+    """Evaluate a distilled set: plan (everything checked first), baseline, students (resumable), summary."""
+    rt = rt or get_runtime()
+    t0 = time.perf_counter()
+    p = plan(cfg, rt)
+    if p.zca is not None:
+        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled",
+                 p.folder / p.manifest["zca"])
+    results = students(p, cfg, rt)
+    metrics = summarize(p, cfg, results, time.perf_counter() - t0)
     if rt.is_main:
-        write_json(out / "metrics.json", metrics)
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["arch", "set", "labels", "mean", "std", "n"])
-        for s in summary:
-            w.writerow([s["arch"], s["set"], s["labels"], f"{s['mean']:.4f}", f"{s['std']:.4f}", s["n"]])
-        with atomic_path(out / "metrics.csv") as tmp:
-            tmp.write_text(buf.getvalue())
-        write_config(out, cfg)
+        write_metrics(p.out, cfg, metrics)
         log.info("evaluate:\n%s", format_summary(metrics))
     rt.wait()
     return metrics

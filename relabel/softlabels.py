@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from distillset.core.config import check_number
 from distillset.core.data import ImageSet
 from distillset.core.errors import DistillError
 from distillset.core.io import load_tensors, write_json
@@ -70,6 +71,9 @@ class RelabelConfig:
             raise DistillError(f"topk must be >= 0 (0 = full distribution), got {self.topk}.")
         if not 0 < self.min_scale <= 1:
             raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
+        check_number(self.temperature, "temperature", high=1e3)
+        if self.batch_size < 1:
+            raise DistillError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.quantize not in ("fp16", "uint8"):
             raise DistillError(f"unknown quantize '{self.quantize}'; use fp16 or uint8.")
 

@@ -1,7 +1,8 @@
 """Training a backbone on a streamed (webdataset) source: bounded memory, equal steps on every rank.
 
-Each rank x dataloader worker reads an endless, reseeded stream of its own shards (``assign_readers``), shuffled
-through a bounded buffer; every rank takes exactly ``num_samples // (batch x world)`` batches per epoch, so uneven
+Each rank reads an endless, reseeded stream of its own shards (``assign_readers``), shuffled through a bounded
+buffer, and cut into batches that dataloader workers decode in turn (so the result does not depend on ``workers``);
+every rank takes exactly ``num_samples // (batch x world)`` batches per epoch, so uneven
 shard sizes never leave one rank waiting in a collective. The loader is not passed to ``accelerator.prepare``: it
 already splits by rank, and preparing it would drop samples (REFERENCE.md, pitfall 3).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 
 import torch
 
@@ -19,19 +21,25 @@ from distillset.core.runtime import Runtime
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless shuffled samples of this reader's shards; the order is a pure function of (seed, epoch, reader)."""
+    """Endless shuffled batches of this rank's shards, the same whatever the number of dataloader workers.
+
+    The rank's sample order is a pure function of (seed, epoch, rank, world): its shards (``assign_readers`` over
+    ranks only) in a seeded order, through a seeded shuffle buffer of undecoded samples. Batch ``b`` is that order's
+    samples ``[b * batch, (b + 1) * batch)``. With ``W`` workers, worker ``w`` walks the same order and decodes only
+    the batches ``b % W == w``; the DataLoader asks its workers in turn, so batches come back as ``0, 1, 2, ...``.
+    The price is that every worker reads (not decodes) all of the rank's shards; decoding is what the workers share.
+    Without ``batch_size`` single ``(image, label)`` samples are yielded, dealt to workers the same way.
+    """
 
     def __init__(self, urls: list[str], num_classes: int, rank: int, world: int, seed: int, epoch: int,
-                 buffer: int = 2000):
+                 batch_size: int | None = None, buffer: int = 2000):
         self.urls, self.num_classes, self.rank, self.world = urls, num_classes, rank, world
-        self.seed, self.epoch, self.buffer = seed, epoch, buffer
+        self.seed, self.epoch, self.batch_size, self.buffer = seed, epoch, batch_size, buffer
 
-    def __iter__(self):
-        wi = torch.utils.data.get_worker_info()
-        reader, readers = ((self.rank, self.world) if wi is None else
-                           (self.rank * wi.num_workers + wi.id, self.world * wi.num_workers))
-        shards, stride, offset = assign_readers(len(self.urls), reader, readers)
-        rng = random.Random(f"{self.seed}-{self.epoch}-{reader}")
+    def samples(self) -> Iterator[dict]:
+        """The rank's endless stream of undecoded samples (independent of dataloader workers)."""
+        shards, stride, offset = assign_readers(len(self.urls), self.rank, self.world)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}")
         buf: list = []
         while True:
             order = shards[:]
@@ -40,13 +48,26 @@ class ShardStream(torch.utils.data.IterableDataset):
                 for i, sample in enumerate(read_tar_samples(self.urls[s])):
                     if i % stride != offset:
                         continue
-                    item = decode_sample(sample, self.num_classes)
                     if len(buf) < self.buffer:
-                        buf.append(item)
+                        buf.append(sample)
                         continue
                     k = rng.randrange(len(buf))
-                    buf[k], item = item, buf[k]
-                    yield item
+                    buf[k], sample = sample, buf[k]
+                    yield sample
+
+    def __iter__(self):
+        wi = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if wi is None else (wi.id, wi.num_workers)
+        size = self.batch_size or 1
+        batch: list = []
+        for pos, sample in enumerate(self.samples()):
+            mine = (pos // size) % workers == worker
+            batch.append(decode_sample(sample, self.num_classes) if mine else None)
+            if len(batch) == size:
+                if mine:
+                    yield (torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])) \
+                        if self.batch_size else batch[0]
+                batch = []
 
 
 def _stats(source: Source, limit: int = 4096) -> tuple[list[float], list[float]]:
@@ -76,8 +97,9 @@ def stream_setup(cfg, rt: Runtime, source: Source):
     info = source.info()
 
     def batches(epoch: int, g: torch.Generator):
-        ds = ShardStream(urls, len(info["class_names"]), rt.rank, rt.world, cfg.seed, epoch)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers)
+        ds = ShardStream(urls, len(info["class_names"]), rt.rank, rt.world, cfg.seed, epoch, cfg.batch_size)
+        # batch_size=None: the stream assembles batches itself, so their content does not depend on the workers
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.workers)
         it = iter(loader)
         for _ in range(steps):
             x, y = next(it)

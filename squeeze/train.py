@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.config import check_number, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
-from distillset.core.io import finished_record
+from distillset.core.io import finished_record, require_folder
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
 from distillset.squeeze.augment import affine_crop
@@ -74,6 +74,12 @@ class SqueezeConfig:
             raise DistillError("epochs and batch_size must be >= 1.")
         if self.optimizer not in ("sgd", "adamw"):
             raise DistillError(f"unknown optimizer '{self.optimizer}'; use sgd or adamw.")
+        check_number(self.lr, "lr", high=100.0)
+        check_number(self.weight_decay, "weight_decay", high=1.0, allow_low=True)
+        if not 0 <= self.label_smoothing < 1:
+            raise DistillError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if min(self.image_size, self.max_train, self.steps_per_epoch, self.workers) < 0:
+            raise DistillError("image_size, max_train, steps_per_epoch and workers must be >= 0 (0 = default).")
 
 
 NON_SEMANTIC = ("out", "workers")
@@ -142,7 +148,7 @@ def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | Non
 def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     """Train (or resume) a backbone; returns its metrics. The folder is complete once config.json exists."""
     rt = rt or get_runtime()
-    out = Path(cfg.out)
+    out = require_folder(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
     done = finished_record(out / "config.json", fp, "a backbone")
     if done is not None:

@@ -27,10 +27,10 @@ from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call
 
-from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.config import check_number, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
-from distillset.core.io import save_tensors, write_json
+from distillset.core.io import require_folder, save_tensors, write_json
 from distillset.core.partition import mix_seed
 from distillset.core.runtime import Runtime, get_runtime, progress
 from distillset.squeeze.dsa import dsa_augment
@@ -228,8 +228,7 @@ class TrajectoryConfig:
     def __post_init__(self):
         if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1:
             raise DistillError("num_experts, epochs and batch_size must be >= 1.")
-        if self.lr <= 0:
-            raise DistillError(f"lr must be > 0, got {self.lr}.")
+        check_number(self.lr, "lr", high=100.0)
         if not 0 <= self.momentum < 1:
             raise DistillError(f"momentum must be in [0, 1), got {self.momentum}.")
         if self.sam_rho < 0:
@@ -331,7 +330,7 @@ def run(cfg: TrajectoryConfig, rt: Runtime | None = None) -> dict:
     from distillset.squeeze.train import channel_stats
 
     rt = rt or get_runtime()
-    out = Path(cfg.out)
+    out = require_folder(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
     train, test = _load_data(cfg)
     mean, std = channel_stats(train.images)

@@ -116,3 +116,28 @@ def test_squeeze_streams_webdataset_shards(tmp_path):
     a = [item for _, item in zip(range(50), ShardStream(urls, 10, 0, 2, 0, 3, buffer=20))]
     b = [item for _, item in zip(range(50), ShardStream(urls, 10, 0, 2, 0, 3, buffer=20))]
     assert [y for _, y in a] == [y for _, y in b] and all(torch.equal(x, z) for (x, _), (z, _) in zip(a, b))
+
+
+def test_squeeze_on_shards_does_not_depend_on_the_number_of_workers(tmp_path):
+    from distillset.launch.cli import main
+    from distillset.squeeze.stream import ShardStream
+
+    assert main(["shards", "--data", "digits", "--out", str(tmp_path / "wds"), "--maxcount", "200"]) == 0
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        run(SqueezeConfig(out=str(out), data=f"wds:{tmp_path / 'wds'}", arch="convnet_bn", model_kwargs={"width": 8},
+                          epochs=2, batch_size=32, steps_per_epoch=6, max_train=192, flip=False, autocast="none",
+                          workers=workers))
+        weights.append(load_teacher(out).model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # the batches themselves: workers only share the decoding, never change what a batch holds
+    from distillset.core.data import Source
+
+    urls = Source(f"wds:{tmp_path / 'wds'}").shards.urls("train")
+    for workers in (1, 3):
+        ds = ShardStream(urls, 10, 0, 1, 5, 1, batch_size=16, buffer=50)
+        ref = [b for _, b in zip(range(7), ds)]
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+        got = [b for _, b in zip(range(7), loader)]
+        assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(ref, got))
