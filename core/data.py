@@ -300,8 +300,12 @@ def expand_pattern(pattern: str) -> list[str]:
     return [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
 
 
-def read_tar_samples(url: str) -> Iterator[dict]:
-    """Group a tar's members into samples by key (name up to the first dot), reporting corrupt shards clearly."""
+def read_tar_samples(url: str, advice: str = "re-create it with `distillset shards`") -> Iterator[dict]:
+    """Group a tar's members into samples by key (name up to the first dot), reporting corrupt shards clearly.
+
+    ``advice`` says how to repair a damaged shard (a source's shards are re-made with ``distillset shards``, a
+    distilled set's by re-running recover).
+    """
     current: dict | None = None
     last_key = "(start)"
     try:
@@ -325,8 +329,8 @@ def read_tar_samples(url: str) -> Iterator[dict]:
             if os.path.getsize(url) < tar.offset + 1024:
                 raise EOFError("end-of-archive marker missing")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DistillError(f"shard {url} is corrupt or truncated after sample '{last_key}' ({e}); "
-                           "re-create it with `distillset shards`.") from None
+        raise DistillError(f"shard {url} is corrupt or truncated after sample '{last_key}' ({e}); {advice}.") \
+            from None
     if current is not None:
         yield current
 

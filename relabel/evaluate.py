@@ -130,7 +130,8 @@ def dd_ranking(full: float | None, hard: float | None, hard_random: float | None
 
 
 def run(cfg: EvaluateConfig, rt=None) -> dict:
-    from distillset.squeeze.checkpoint import load_teacher
+    from distillset.core.io import inside
+    from distillset.squeeze.checkpoint import load_recorded_teacher, load_teacher
 
     rt = rt or get_runtime()
     t0 = time.perf_counter()
@@ -152,9 +153,11 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
     ipc = int(manifest["ipc"])
     mean, std = manifest.get("mean") or [0.5] * distilled.image_shape[0], manifest.get("std")
     std = std or [0.5] * distilled.image_shape[0]
-    zca = ZCA.load(folder / manifest["zca"]) if manifest.get("zca") else None  # distilled in whitened space
+    zca_path = inside(folder, manifest["zca"], "manifest.json 'zca'", must_exist=True) if manifest.get("zca") \
+        else None
+    zca = ZCA.load(zca_path) if zca_path else None  # distilled in whitened space
     if zca is not None:
-        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", folder / manifest["zca"])
+        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", zca_path)
     teachers_info = manifest.get("teachers", [])
     soft = None
     if cfg.labels in ("soft", "both"):
@@ -167,7 +170,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
     model_kwargs = cfg.model_kwargs
     full = None
     if teachers_info:
-        t = load_teacher(teachers_info[0]["path"], distilled.num_classes)
+        t = load_recorded_teacher(teachers_info[0], f"{folder}/manifest.json", distilled.num_classes)
         archs = archs or [t.config.arch]
         model_kwargs = model_kwargs or t.config.model_kwargs
         full = t.config.metrics.get("test_top1")
@@ -180,8 +183,9 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
         rand = random_subset(fit(source.load("train")), ipc, rand_seed, distilled.num_classes)
         rand_soft = None
         if soft is not None:
-            specs = cfg.teachers or [t["path"] for t in soft.meta["teachers"]]
-            teachers = [load_teacher(s, distilled.num_classes, rt.device) for s in specs]
+            teachers = ([load_teacher(s, distilled.num_classes, rt.device) for s in cfg.teachers] if cfg.teachers
+                        else [load_recorded_teacher(t, f"{folder}/labels/labels.json", distilled.num_classes,
+                                                    rt.device) for t in soft.meta["teachers"]])
             m = soft.meta
             rcfg = RelabelConfig(epochs=int(m["epochs"]), topk=int(m["topk"]), temperature=float(m["temperature"]),
                                  min_scale=float(m["min_scale"]), flip=bool(m["flip"]), crop_seed=int(m["crop_seed"]),
