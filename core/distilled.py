@@ -91,7 +91,8 @@ def distilled_shards(folder: str | Path, manifest: dict) -> list[tuple[Path, dic
     folder = Path(folder)
     units = manifest_units(folder, manifest)
     if units is None:
-        shards = [inside(folder, p.relative_to(folder), "shard") for p in sorted((folder / "images").glob("shard-*.tar"))]
+        shards = [inside(folder, p.relative_to(folder), "shard")
+                  for p in sorted((folder / "images").glob("shard-*.tar"))]
         if not shards:
             raise DistillError(f"{folder}/images holds no shards; the run wrote no images.")
         return [(s, None) for s in shards]

@@ -391,7 +391,12 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
             if rt.is_main:
                 write_json(path, old)
         return old
-    if out.exists() and any(p for p in out.iterdir() if p.name != "config.yaml" and not is_temp(p.name)):
+    def foreign(p: Path) -> bool:  # our config copy, our temp files and empty folders are not someone else's data
+        if p.is_dir() and not p.is_symlink():
+            return any(foreign(q) for q in p.iterdir())
+        return p.name != "config.yaml" and not is_temp(p.name)
+
+    if out.exists() and any(foreign(p) for p in out.iterdir()):
         raise DistillError(f"{out} is not empty and holds no distillset manifest; choose another --out.")
     manifest = {
         "format": "distillset/1", "status": "running", "fingerprint": fp, "method": cfg.method,
