@@ -199,15 +199,30 @@ def folder_files(root: Path, split: str) -> tuple[list[str], list[tuple[Path, in
         if split == "test":
             raise DistillError(f"{root} has no test/ or val/ folder; add one or evaluate on another source.")
         base = root
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    tree = root.resolve()
+    outside: list[Path] = []
+
+    def within(p: Path) -> bool:  # a symbolic link may embed any readable file into shards a user then shares
+        if p.is_symlink() and tree not in p.resolve().parents:
+            outside.append(p)
+            return False
+        return True
+
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and within(p))
     if not classes:
         raise DistillError(f"{base} holds no class folders; expected {base}/<class>/<image>.")
     items = []
     for c, name in enumerate(classes):
-        files = sorted(f for f in (base / name).iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+        files = sorted(f for f in (base / name).iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS and within(f))
         if not files:
             raise DistillError(f"class folder {base / name} is empty; remove it or add images.")
         items += [(f, c) for f in files]
+    if outside:
+        import logging
+
+        logging.getLogger("distillset.data").warning(
+            "skipped %d symbolic link(s) in %s that lead outside it (first: %s -> %s); copy those files into the "
+            "tree to use them", len(outside), root, outside[0], outside[0].resolve())
     return classes, items
 
 
@@ -376,8 +391,12 @@ def member_name(key: str, ext: str) -> str:
     return f"{key}.{ext}"
 
 
-def read_tar_samples(url: str) -> Iterator[dict]:
-    """Group a tar's members into samples by key (name up to the first dot), reporting corrupt shards clearly."""
+def read_tar_samples(url: str, advice: str = "re-create it with `distillset shards`") -> Iterator[dict]:
+    """Group a tar's members into samples by key (name up to the first dot), reporting corrupt shards clearly.
+
+    ``advice`` says how to repair a damaged shard (a source's shards are re-made with ``distillset shards``, a
+    distilled set's by re-running recover).
+    """
     current: dict | None = None
     last_key = "(start)"
     try:
@@ -399,8 +418,8 @@ def read_tar_samples(url: str) -> Iterator[dict]:
             if os.path.getsize(url) < tar.offset + 1024:
                 raise EOFError("end-of-archive marker missing")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DistillError(f"shard {url} is corrupt or truncated after sample '{last_key}' ({e}); "
-                           "re-create it with `distillset shards`.") from None
+        raise DistillError(f"shard {url} is corrupt or truncated after sample '{last_key}' ({e}); {advice}.") \
+            from None
     if current is not None:
         yield current
 
@@ -460,7 +479,9 @@ class WdsShards:
             names = expand_pattern(files) if isinstance(files, str) else list(files)
         else:
             raise DistillError(f"shards in {self.folder} have no '{split}' split (have {sorted(splits)}).")
-        urls = [str(self.folder / u) for u in names]
+        from distillset.core.io import inside
+
+        urls = [str(inside(self.folder, u, f"_info.json split '{split}' file name")) for u in names]
         missing = [u for u in urls if not os.path.exists(u)]
         if missing:
             raise DistillError(f"shard {missing[0]} is missing ({len(missing)} of {len(urls)}); check the pattern.")

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,93 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distillset.core.errors import DistillError
+
+# the temporary names atomic_path gives: ".NAME.XXXXXXXX.tmp" (mkstemp's 8 random characters)
+TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def is_temp(name: str) -> bool:
+    """Whether ``name`` is the temporary name of one of distillset's own atomic writes (left by a killed run)."""
+    return bool(TEMP_RE.match(name))
+
+
+def clean_temp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files killed writes left anywhere under ``folder``; returns what was removed.
+
+    Only call this where no other process writes into ``folder`` (concurrent runs into one folder are not supported).
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.rglob(".*.tmp")):
+        if is_temp(p.name) and (p.is_file() or p.is_symlink()):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def inside(folder: str | os.PathLike, name: str | os.PathLike, what: str, must_exist: bool = False) -> Path:
+    """The file ``name`` (read from a file in ``folder``: a manifest, prior.json, _info.json, labels.json, ...)
+    resolved inside ``folder``; a name that leaves it is an error.
+
+    A name is relative to ``folder``. ``..`` that climbs out, an absolute path outside the folder and a symbolic
+    link resolving outside it are refused; an absolute path that points inside the folder (older manifests stored
+    some names that way) is accepted as that name.
+
+    Args:
+        folder: the folder the describing file lives in.
+        name: the name as read from the file.
+        what: what the name is for, e.g. ``"manifest.json 'zca'"`` (used in the error message).
+        must_exist: also require a file of that name.
+
+    Returns:
+        The resolved path.
+    """
+    folder = Path(folder)
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise DistillError(f"{what} in {folder} is {name!r}, not a file name; the file describing {folder} is "
+                           "damaged or crafted: re-create it with the stage that writes it.")
+    root = folder.resolve()
+    raw = Path(name)
+    target = (raw if raw.is_absolute() else root / raw).resolve()
+    if target != root and root not in target.parents:
+        raise DistillError(f"{what} names '{name}', which is outside {folder}; a folder may only refer to files "
+                           "inside it (the file is damaged or crafted: re-create it with the stage that writes it).")
+    if must_exist and not target.is_file():
+        raise DistillError(f"{what} names '{name}', which is not a file in {folder}; re-run the stage that wrote "
+                           f"{folder} to write it again.")
+    return target
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+# files that identify a model, a prior, statistics or experts (logs, CSVs and YAML copies of a config are not read)
+CONTENT_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".npy", ".msgpack")
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of what a file or folder holds, so an input is identified by its content and not by its path.
+
+    A file hashes its bytes; a folder hashes the relative names and hashes of its weight and metadata files
+    (:data:`CONTENT_SUFFIXES`, recursively, hidden and temporary files skipped). Each file's hash is cached by
+    (path, size, mtime) within the process, so checking the inputs of a resumed run again is cheap.
+    """
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            _HASHES[key] = file_sha256(path)
+        return _HASHES[key]
+    if not path.is_dir():
+        raise DistillError(f"{path} does not exist; check the path.")
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or p.suffix not in CONTENT_SUFFIXES:
+            continue
+        h.update(f"{rel.as_posix()}\0{content_sha256(p)}\n".encode())
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

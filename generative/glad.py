@@ -17,7 +17,9 @@ Any generator works that exposes (duck-typed; :class:`StyleGenerator` is the bui
 A prior folder holds ``prior.json`` (``"kind": "glad"``, ``"generator_class": "module:Class"``, ``"layer"``) and
 ``generator/`` (the generator's ``save_pretrained`` output). To use another generator (e.g. a StyleGAN port), wrap it
 in a module with the entry points above, save it with ``save_pretrained`` and write its import path in
-``generator_class``.
+``generator_class``; then either register the class in code (:func:`register_generator_class`) or allow importing
+the module a prior.json names with ``--trust-code`` (``DISTILLSET_TRUST_CODE=1``): a prior folder is data, and
+the module it names is only imported when its user says so.
 """
 
 from __future__ import annotations
@@ -141,6 +143,40 @@ def glad_meta(g, layer: int, truncation: float = 0.7, class_names=None) -> dict:
             "class_names": class_names or [str(i) for i in range(g.num_classes)]}
 
 
+# generator classes a prior.json may name without --trust-code: the built-in one (under the name written before
+# and after the namespace move) and those registered in code
+GENERATOR_CLASSES: dict[str, type] = {}
+TRUST_ENV = "DISTILLSET_TRUST_CODE"
+
+
+def register_generator_class(cls: type, name: str | None = None) -> type:
+    """Allow ``prior.json`` to name ``cls`` (as ``module:Class``, or ``name``) without trusting arbitrary code."""
+    GENERATOR_CLASSES[name or f"{cls.__module__}:{cls.__qualname__}"] = cls
+    return cls
+
+
+def generator_class(spec: str, folder: Path) -> type:
+    """The generator class ``prior.json`` names: a registered one, or (only with --trust-code) any importable one."""
+    import os
+
+    if spec in GENERATOR_CLASSES:
+        return GENERATOR_CLASSES[spec]
+    if os.environ.get(TRUST_ENV, "") not in ("1", "true", "yes"):
+        raise DistillError(f"{folder}/prior.json names generator class '{spec}', which is not a registered generator "
+                           f"({', '.join(sorted(GENERATOR_CLASSES))}); importing it runs its code: pass --trust-code "
+                           f"(or set {TRUST_ENV}=1) if you trust that folder.")
+    mod, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        raise DistillError(f"{folder}/prior.json names generator class '{spec}', which cannot be imported; "
+                           "install the package that provides it.") from None
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise DistillError(f"{folder}/prior.json names '{spec}', which is not a generator class (no from_pretrained); "
+                           "see generative/glad.py for what a GLaD generator provides.")
+    return cls
+
+
 @register_prior("glad")
 class GLaDPrior(Prior):
     """A generator split at ``layer``: latents ``w`` (W+ codes of the remaining layers) and ``f`` (features)."""
@@ -205,13 +241,8 @@ class GLaDPrior(Prior):
 
     @classmethod
     def load(cls, folder: Path, meta: dict) -> GLaDPrior:
-        spec = meta.get("generator_class", "distillset.generative.glad:StyleGenerator")
-        mod, _, name = spec.partition(":")
-        try:
-            gcls = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            raise DistillError(f"{folder}/prior.json names generator class '{spec}', which cannot be imported; "
-                               "install the package that provides it.") from None
+        spec = str(meta.get("generator_class", "distillset.generative.glad:StyleGenerator"))
+        gcls = generator_class(spec, folder)
         if not (folder / "generator").exists():
             raise DistillError(f"{folder} is missing generator/; a GLaD prior folder holds prior.json and the "
                                "generator's save_pretrained output in generator/.")
@@ -231,3 +262,7 @@ class GLaDPrior(Prior):
             raise DistillError(f"{folder}/prior.json says latents {meta['latent_shapes']} but the generator makes "
                                f"{fresh['latent_shapes']}; the folder mixes parts of different priors, re-train it.")
         return cls(g, {**fresh, **meta})
+
+
+register_generator_class(StyleGenerator, "distillset.generative.glad:StyleGenerator")
+register_generator_class(StyleGenerator, "generative.glad:StyleGenerator")  # folders written before the namespace move

@@ -3,6 +3,7 @@
     distillset <command> [--config FILE.yaml] [--field value ...]   one stage (flags override the YAML)
     distillset run RECIPE.yaml [--stages a,b] [--out DIR]            chain the stages of a recipe
     distillset methods | models                                      list plugins / backbones
+    --trust-code (any command)  allow a prior folder's prior.json to name a generator module to import
 
 Errors users can fix are printed as one line (``error: ...``) with exit code 2; no finished output is touched.
 """
@@ -91,6 +92,11 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--trust-code" in argv:  # any command: allow importing the code a prior folder names (see generative.glad)
+        import os
+
+        argv.remove("--trust-code")
+        os.environ["DISTILLSET_TRUST_CODE"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from distillset.core.data import encode_png, write_shard
 from distillset.core.distilled import load_distilled, sample_key
 from distillset.core.errors import DistillError
-from distillset.core.io import write_json
+from distillset.core.io import inside, write_json
 
 log = logging.getLogger("distillset.export")
 
@@ -89,9 +89,13 @@ def run(cfg: ExportConfig, rt=None) -> dict:
                 "image_shape": list(images.image_shape),
                 "splits": {"train": {"name": "train", "num_samples": len(images), "filenames": files,
                                      "shard_lengths": lengths}}})
-        write_json(tmp / "manifest.json", manifest)
         if manifest.get("zca"):  # the set lives in whitened space: whoever trains on it needs the same transform
-            shutil.copy2(Path(cfg.distilled) / manifest["zca"], tmp / manifest["zca"])
+            src = inside(cfg.distilled, manifest["zca"], "manifest.json 'zca'", must_exist=True)
+            name = src.relative_to(Path(cfg.distilled).resolve())
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / name)
+            manifest = {**manifest, "zca": name.as_posix()}  # the name inside the export folder, never a path
+        write_json(tmp / "manifest.json", manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

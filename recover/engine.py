@@ -19,10 +19,10 @@ import torch
 
 from distillset.core.config import fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, write_shard
-from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path
+from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
 from distillset.core.errors import DistillError
-from distillset.core.io import read_json, require_folder, save_tensors, write_json
 from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
+from distillset.core.io import read_json, require_folder, save_tensors, write_json, clean_temp, content_sha256, is_temp
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
 from distillset.recover import base
@@ -326,15 +326,92 @@ def check_unit_memory(units: list[Unit], image_shape: tuple[int, int, int], cfg:
 
 
 def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: Runtime) -> dict:
+
+def _path_of(spec: str) -> Path | None:
+    """The file or folder a teacher spec or a path-valued option names (``None`` if it names none on disk)."""
+    if not isinstance(spec, str) or not spec or "\n" in spec:
+        return None
+    for prefix in ("local-dir:",):
+        spec = spec.removeprefix(prefix)
+    if spec.startswith(("tv:", "timm:")) and "=" in spec:
+        spec = spec.partition("=")[2]
+    try:
+        p = Path(spec)
+        return p if p.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def input_hashes(cfg: RecoverConfig, out: Path) -> dict:
+    """What the run reads from disk, bound by content: teachers, and every option naming a file or folder
+    (statistics, expert trajectories, a prior, a zca file, a model pool).
+
+    A resume compares these, so an input changed in place between a kill and a re-run (a retrained teacher) is
+    refused instead of mixing units made from two inputs under one manifest.
+    """
+    named = [(f"teacher {i}", t) for i, t in enumerate(cfg.teachers)]
+    for group in ("options", "param_options", "aug_options"):
+        for k, v in sorted(getattr(cfg, group).items()):
+            for j, x in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+                named.append((f"{group}.{k}" + (f"[{j}]" if isinstance(v, (list, tuple)) else ""), x))
+    if cfg.zca != "fit":
+        named.append(("zca", cfg.zca))
+    inputs = {}
+    root = out.resolve()
+    for name, spec in named:
+        path = _path_of(spec)
+        if path is None or path.resolve() == root or root in path.resolve().parents:
+            continue  # not a path, or a file this run writes itself
+        inputs[name] = {"path": str(spec), "sha256": content_sha256(path)}
+    return inputs
+
+
+def _check_inputs(out: Path, old: dict, inputs: dict, engine: Engine) -> None:
+    recorded = old.get("inputs")
+    if recorded is None:  # written before inputs were bound by content: the teachers' weights hashes are recorded
+        for i, (t, rec) in enumerate(zip(engine.teachers, old.get("teachers", []))):
+            if rec.get("sha256") and rec["sha256"] != t.sha256:
+                raise DistillError(f"input teacher {i} ({t.path}) changed since this run in {out} started (weights "
+                                   f"sha256 {rec['sha256'][:12]} then, {t.sha256[:12]} now); restore it, or delete "
+                                   f"{out} to start over with the new one.")
+        return
+    for name in sorted(set(recorded) | set(inputs)):
+        then, now = recorded.get(name, {}).get("sha256"), inputs.get(name, {}).get("sha256")
+        if then != now:
+            where = inputs.get(name, recorded.get(name, {})).get("path", "")
+            raise DistillError(f"input {name} ({where}) changed since this run in {out} started (content sha256 "
+                               f"{(then or 'none')[:12]} then, {(now or 'none')[:12]} now); restore it, or delete "
+                               f"{out} to start over with the new one.")
+
+
+def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: Runtime, units: list[Unit]) -> dict:
     fp = fingerprint(cfg, NON_SEMANTIC)
     path = out / "manifest.json"
+    if rt.is_main:  # a killed write leaves its temporary file: ours, so it never blocks the folder
+        for p in clean_temp(out):
+            log.info("removed %s, left by a killed write", p)
+    inputs = input_hashes(cfg, out)
+    records = [unit_record(u.index, u.c0, u.c1, u.i0, u.i1) for u in units]
     if path.exists():
         old = read_json(path)
         if old.get("fingerprint") != fp:
             raise DistillError(f"{out} holds a different run (method {old.get('method')}, fingerprint "
                                f"{old.get('fingerprint')} vs {fp}); choose another --out or delete that folder.")
+        _check_inputs(out, old, inputs, engine)
+        if old.get("units") not in (None, records):
+            raise DistillError(f"{out}/manifest.json lists another unit layout than this run's; the manifest is "
+                               "damaged: delete the folder and re-run.")
+        if old.get("inputs") is None or old.get("units") is None:  # an older manifest gains both as it resumes
+            old = {**old, "inputs": inputs, "units": records}
+            if rt.is_main:
+                write_json(path, old)
         return old
-    if out.exists() and any(p for p in out.iterdir() if p.name != "config.yaml"):
+    def foreign(p: Path) -> bool:  # our config copy, our temp files and empty folders are not someone else's data
+        if p.is_dir() and not p.is_symlink():
+            return any(foreign(q) for q in p.iterdir())
+        return p.name != "config.yaml" and not is_temp(p.name)
+
+    if out.exists() and any(foreign(p) for p in out.iterdir()):
         raise DistillError(f"{out} is not empty and holds no distillset manifest; choose another --out.")
     manifest = {
         "format": "distillset/1", "status": "running", "fingerprint": fp, "method": cfg.method,
@@ -344,7 +421,7 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
         "seeds": {"base": cfg.seed, "image": "mix_seed(seed, class, index)",
                   "unit": "mix_seed(seed, 1, c0, c1, i0, i1)"},
         "data": cfg.data, "versions": _versions(), "mean": engine.mean, "std": engine.std,
-        "zca": ZCA_FILE if engine.zca is not None else None,
+        "zca": ZCA_FILE if engine.zca is not None else None, "inputs": inputs, "units": records,
     }
     if rt.is_main:
         write_json(path, manifest)
@@ -362,7 +439,7 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
         engine.cfg = cfg
     units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
     check_unit_memory(units, engine.image_shape, cfg, rt.device, engine.objective_cls.selects)
-    manifest = _check_or_write_manifest(out, cfg, engine, rt)
+    manifest = _check_or_write_manifest(out, cfg, engine, rt, units)
     if engine.zca is not None and rt.is_main and not (out / ZCA_FILE).exists():
         engine.zca.save(out / ZCA_FILE)  # before any unit: a partial set is evaluated in the right space too
     rt.wait()

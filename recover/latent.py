@@ -248,19 +248,34 @@ def render_saved(folder: str | Path, prior: str | None = None, device: str | tor
 
     ``prior`` overrides the prior folder recorded in the manifest (e.g. when it moved).
     """
-    from distillset.core.io import load_tensors, read_json
+    from distillset.core.distilled import manifest_units, read_manifest
+    from distillset.core.io import content_sha256, inside, load_tensors
 
     folder = Path(folder)
-    man = read_json(folder / "manifest.json")
+    man = read_manifest(folder)
     kind = man.get("parametrization")
     cls = {"ld3m": LD3MSet, "glad": GLaDSet}.get(kind)
     if cls is None:
         raise DistillError(f"{folder} was made with parametrization '{kind}', which has no latents to re-render.")
     opts = dict(man.get("config", {}).get("param_options", {}))
+    recorded = (man.get("inputs") or {}).get("param_options.prior")
+    if prior is None and recorded and content_sha256(Path(str(opts.get("prior", "")))) != recorded.get("sha256"):
+        # the prior lives outside the set: the recorded folder is used only if it still holds what was distilled
+        raise DistillError(f"the prior {opts.get('prior')} named by {folder}/manifest.json is not the one the set "
+                           "was distilled with (its content changed); pass prior=PATH to use another one.")
     p = from_pretrained(prior or opts.get("prior", ""), kind=kind, device=device)
     if kind == "glad" and int(opts.get("layer", -1)) >= 0:
         p = p.with_layer(int(opts["layer"]))
-    files = sorted((folder / "latents").glob("unit-*.safetensors"))
+    units = manifest_units(folder, man)
+    if units is not None:  # every unit's latents, as the manifest lists them
+        files = [inside(folder, f"latents/unit-{u['index']:06d}.safetensors", "latents") for u in units]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise DistillError(f"latents file {missing[0]} is missing ({len(missing)} of {len(files)}); re-run the "
+                               "same `distillset recover` command to write it again.")
+    else:
+        files = [inside(folder, f.relative_to(folder), "latents")
+                 for f in sorted((folder / "latents").glob("unit-*.safetensors"))]
     if not files:
         raise DistillError(f"{folder}/latents holds no unit-*.safetensors; the run did not save latents.")
     images, labels = [], []

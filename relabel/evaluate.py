@@ -170,7 +170,7 @@ class Plan:
     full: float | None
     archs: list[str]
     model_kwargs: dict[str, dict]
-    relabel_teachers: list[str]
+    relabel_teachers: list[str | dict]  # --teachers specs, or labels.json records (loaded only if unchanged)
     jobs: list[Job]
     fingerprint: str
 
@@ -200,7 +200,8 @@ def _check_arch(arch: str, kwargs: dict, num_classes: int, image_shape: tuple[in
 
 def plan(cfg: EvaluateConfig, rt) -> Plan:
     """Read the set, the test split, labels and teachers; resolve archs and their kwargs; list the students."""
-    from distillset.squeeze.checkpoint import load_teacher
+    from distillset.core.io import inside
+    from distillset.squeeze.checkpoint import load_recorded_teacher
 
     folder = Path(cfg.distilled)
     distilled, manifest = load_distilled(folder)
@@ -211,7 +212,8 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
     source = Source(data)
     c = distilled.image_shape[0]
     mean, std = manifest.get("mean") or [0.5] * c, manifest.get("std") or [0.5] * c
-    zca = ZCA.load(folder / manifest["zca"]) if manifest.get("zca") else None  # distilled in whitened space
+    zca = ZCA.load(inside(folder, manifest["zca"], "manifest.json 'zca'", must_exist=True)) if manifest.get("zca") \
+        else None  # distilled in whitened space
     soft = None
     if cfg.labels in ("soft", "both"):
         if (folder / "labels" / "labels.json").exists():
@@ -222,7 +224,7 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
     teachers_info = manifest.get("teachers", [])
     full, teacher_arch, teacher_kwargs = None, None, {}
     if teachers_info:
-        t = load_teacher(teachers_info[0]["path"], distilled.num_classes)
+        t = load_recorded_teacher(teachers_info[0], f"{folder}/manifest.json", distilled.num_classes)
         teacher_arch, teacher_kwargs = t.config.arch, t.config.model_kwargs or {}
         full = t.config.metrics.get("test_top1")
     archs = cfg.archs or [teacher_arch or "convnet"]
@@ -239,9 +241,9 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
     if cfg.baseline:
         sets.append("random")
         if soft is not None:
-            relabel_teachers = cfg.teachers or [t["path"] for t in soft.meta["teachers"]]
-            for spec in relabel_teachers:  # loadable and of the right classes, before any work
-                load_teacher(spec, distilled.num_classes)
+            relabel_teachers = list(cfg.teachers) or list(soft.meta["teachers"])
+            for spec in relabel_teachers:  # loadable, unchanged and of the right classes, before any work
+                _relabel_teacher(spec, folder, distilled.num_classes)
     jobs = []
     for arch in archs:
         for name in sets:
@@ -279,16 +281,24 @@ def finished_student(p: Plan, job: Job) -> float | None:
     return float(rec["top1"]) if rec.get("fingerprint") == p.fingerprint else None
 
 
+def _relabel_teacher(spec: str | dict, folder: Path, num_classes: int, device="cpu"):
+    """A teacher for relabelling the random baseline: a ``--teachers`` spec as given, or a labels.json record
+    loaded only if its weights are still the recorded ones."""
+    from distillset.squeeze.checkpoint import load_recorded_teacher, load_teacher
+
+    if isinstance(spec, dict):
+        return load_recorded_teacher(spec, f"{folder}/labels/labels.json", num_classes, device)
+    return load_teacher(spec, num_classes, device)
+
+
 def baseline(p: Plan, cfg: EvaluateConfig, rt, need_soft: bool) -> tuple[ImageSet, SoftLabels | None]:
     """The random-real set at the same IPC, relabelled with the set's teachers when a pending student needs it."""
-    from distillset.squeeze.checkpoint import load_teacher
-
     # the images an init-from-real run of this set started from: distilled vs random shows what distilling added
     rand_seed = int(p.manifest.get("seeds", {}).get("base", cfg.seed))
     rand = random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
     if p.soft is None or not need_soft:
         return rand, None
-    teachers = [load_teacher(s, p.distilled.num_classes, rt.device) for s in p.relabel_teachers]
+    teachers = [_relabel_teacher(s, p.folder, p.distilled.num_classes, rt.device) for s in p.relabel_teachers]
     m = p.soft.meta
     rcfg = RelabelConfig(epochs=int(m["epochs"]), topk=int(m["topk"]), temperature=float(m["temperature"]),
                          min_scale=float(m["min_scale"]), flip=bool(m["flip"]), crop_seed=int(m["crop_seed"]),
@@ -377,8 +387,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
     t0 = time.perf_counter()
     p = plan(cfg, rt)
     if p.zca is not None:
-        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled",
-                 p.folder / p.manifest["zca"])
+        log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", p.manifest["zca"])
     results = students(p, cfg, rt)
     metrics = summarize(p, cfg, results, time.perf_counter() - t0)
     if rt.is_main:

@@ -294,11 +294,22 @@ def load_soft_labels(folder: str | Path) -> SoftLabels:
     return read_label_files(folder, read_json(meta_path))
 
 
+def label_files(folder: Path, meta: dict) -> list[Path]:
+    """The soft-label files ``labels.json`` announces, all present (their count is bounded by what the folder
+    holds, never taken from the file alone)."""
+    n = meta.get("files")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DistillError(f"{folder}/labels.json has no valid 'files' count ({n!r}); delete {folder} and relabel.")
+    present = len(list(folder.glob("soft-*.safetensors")))
+    for i in range(min(n, present + 1)):  # at most present + 1 names to find the first missing one
+        f = folder / f"soft-{i:06d}.safetensors"
+        if not f.is_file():
+            raise DistillError(f"soft-label file {f} is missing; re-run the same relabel command to finish.")
+    return [folder / f"soft-{i:06d}.safetensors" for i in range(n)]
+
+
 def read_label_files(folder: Path, meta: dict) -> SoftLabels:
-    files = [folder / f"soft-{i:06d}.safetensors" for i in range(meta["files"])]
-    missing = [f for f in files if not f.exists()]
-    if missing:
-        raise DistillError(f"soft-label file {missing[0]} is missing; re-run the same relabel command to finish.")
+    files = label_files(folder, meta)
     parts = [load_tensors(f) for f in files]
     values = torch.cat([p["values"] for p in parts])
     indices = torch.cat([p["indices"] for p in parts]) if "indices" in parts[0] else None
@@ -310,7 +321,7 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
     """Relabel a distilled set; epoch blocks are split across processes and skipped when already written."""
     from distillset.core.distilled import read_manifest
     from distillset.relabel.stream import count_images
-    from distillset.squeeze.checkpoint import load_teacher
+    from distillset.squeeze.checkpoint import load_recorded_teacher, load_teacher
 
     rt = rt or get_runtime()
     manifest = read_manifest(cfg.distilled)
@@ -318,10 +329,11 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
         raise DistillError(f"{cfg.distilled} is an unfinished run (status {manifest.get('status')}); re-run the same "
                            "recover command to finish it.")
     num_classes, n = len(manifest["class_names"]), count_images(cfg.distilled)
-    specs = cfg.teachers or [t["path"] for t in manifest.get("teachers", [])]
-    if not specs:
+    recorded = manifest.get("teachers", [])
+    if not cfg.teachers and not recorded:
         raise DistillError(f"no teacher to relabel {cfg.distilled} with; pass --teachers PATH.")
-    teachers = [load_teacher(s, num_classes, rt.device) for s in specs]
+    teachers = ([load_teacher(s, num_classes, rt.device) for s in cfg.teachers] if cfg.teachers else
+                [load_recorded_teacher(t, f"{cfg.distilled}/manifest.json", num_classes, rt.device) for t in recorded])
     folder = Path(cfg.distilled) / "labels"
     meta = label_meta(cfg, teachers, num_classes, n)
     blocks = [range(s, min(cfg.epochs, s + cfg.epochs_per_file)) for s in range(0, cfg.epochs, cfg.epochs_per_file)]
@@ -357,10 +369,7 @@ def label_bytes(folder: Path, meta: dict) -> int:
     """Bytes of all stored label tensors, read from the files' headers (the labels are not loaded)."""
     from distillset.relabel.stream import tensor_file_shapes
 
-    files = [folder / f"soft-{i:06d}.safetensors" for i in range(meta["files"])]
-    missing = [f for f in files if not f.exists()]
-    if missing:
-        raise DistillError(f"soft-label file {missing[0]} is missing; re-run the same relabel command to finish.")
+    files = label_files(folder, meta)
     return sum(nbytes for f in files for _, nbytes in tensor_file_shapes(f).values())
 
 

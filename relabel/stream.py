@@ -1,7 +1,7 @@
 """Bounded-memory IO for relabelling: distilled images streamed in chunks, safetensors files written piecewise.
 
 Relabel memory must not grow with the number of distilled images: images are decoded from the shards a chunk at a
-time (in the order :func:`launch.distilled.load_distilled` gives them) and each epoch block's labels go straight to
+time (in the order :func:`distillset.core.distilled.load_distilled` gives them) and each epoch block's labels go straight to
 their place in the output file, whose size is known in advance.
 """
 
@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillset.core.data import decode_sample, member_key, read_tar_samples
-from distillset.core.distilled import read_manifest, shard_path
+from distillset.core.data import decode_sample, read_tar_samples
+from distillset.core.distilled import (
+    SHARD_ADVICE,
+    check_shard_keys,
+    check_total,
+    distilled_shards,
+    num_images,
+    read_manifest,
+    shard_keys,
+)
 from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path
 
@@ -30,25 +38,20 @@ _ST_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8", tor
 def _shard_groups(folder: Path, manifest: dict) -> list[list[Path]]:
     """Shards grouped so that sorted keys never interleave across groups (one group per class block of units).
 
-    Units are class blocks x index blocks (recover.engine.plan_units); a class block's shards must be merged by key,
-    consecutive class blocks follow each other. Without the run's config, all shards form one merged group.
+    The groups come from the manifest's unit list (the writer's layout; nothing is recomputed here): a class
+    block's shards are merged by key, consecutive class blocks follow each other. A folder written before the unit
+    list was recorded has all its shards in one merged group.
     """
-    shards = sorted((folder / "images").glob("shard-*.tar"))
-    if not shards:
-        raise DistillError(f"{folder}/images holds no shards; the run wrote no images.")
-    cfg = manifest.get("config") or {}
-    try:
-        from distillset.core.partition import plan_units
-
-        units = plan_units(int(manifest["num_classes"]), int(manifest["ipc"]), int(cfg.get("classes_per_unit", 0)),
-                           int(cfg.get("ipc_per_unit", 0)))
-    except (KeyError, TypeError, ValueError):
-        return [shards]
-    if {shard_path(folder, u.index) for u in units} != set(shards):
-        return [shards]
+    shards = distilled_shards(folder, manifest)
+    for path, unit in shards:
+        keys = shard_keys(path)
+        check_shard_keys(path, unit, keys)
+    if any(unit is None for _, unit in shards):
+        check_total(folder, manifest, sum(len(shard_keys(p)) for p, _ in shards))
+        return [[p for p, _ in shards]]
     groups: dict[tuple[int, int], list[Path]] = {}
-    for u in units:
-        groups.setdefault((u.c0, u.c1), []).append(shard_path(folder, u.index))
+    for path, unit in shards:
+        groups.setdefault(tuple(unit["classes"]), []).append(path)
     return [groups[k] for k in sorted(groups)]
 
 
@@ -77,7 +80,7 @@ def iter_distilled(folder: str | Path, chunk: int, require_complete: bool = True
     buf: list[torch.Tensor] = []
     start = 0
     for group in groups:
-        streams = [read_tar_samples(str(s)) for s in group]
+        streams = [read_tar_samples(str(s), advice=SHARD_ADVICE) for s in group]
         for sample in heapq.merge(*streams, key=lambda s: s["__key__"]):
             buf.append(decode_sample(sample, num_classes)[0])
             if len(buf) == chunk:
@@ -90,36 +93,14 @@ def iter_distilled(folder: str | Path, chunk: int, require_complete: bool = True
 
 def _keys_sorted(shard: Path) -> bool:
     """Whether a shard's sample keys increase (member headers only; nothing is decoded)."""
-    import tarfile
-
-    last = ""
-    try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key = member_key(m.name)[0]
-                if key < last:
-                    return False
-                last = key
-    except (tarfile.TarError, OSError, EOFError):
-        return True  # reading it for real reports the corrupt shard clearly (read_tar_samples)
-    return True
+    keys = shard_keys(shard)
+    return all(a <= b for a, b in zip(keys, keys[1:]))
 
 
 def count_images(folder: str | Path) -> int:
-    """Number of images of a distilled set (from the manifest, else by reading the shards' member names)."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if "num_images" in manifest:
-        return int(manifest["num_images"])
-    import tarfile
-
-    n = 0
-    for s in sorted((folder / "images").glob("shard-*.tar")):
-        with tarfile.open(s, mode="r|*") as tar:
-            n += sum(1 for m in tar if m.isfile() and m.name.endswith(".cls"))
-    return n
+    """Number of images of a distilled set: what its shards hold (member headers only), checked against the
+    manifest, so a number in the manifest never sizes a label file on its own."""
+    return num_images(folder)
 
 
 class TensorFileWriter:

@@ -168,6 +168,44 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
     return teacher.to(device)
 
 
+def _weights_file(spec: str) -> Path | None:
+    """The weights file a teacher spec loads (what its recorded sha256 identifies)."""
+    if spec.startswith("local-dir:"):
+        folder = Path(spec.removeprefix("local-dir:"))
+        return next((p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.exists()), None)
+    if spec.startswith(("tv:", "timm:")) and "=" in spec:
+        return Path(spec.partition("=")[2])
+    return Path(spec) / "model.safetensors"
+
+
+def load_recorded_teacher(record: dict, where: str, num_classes: int | None = None,
+                          device: str | torch.device = "cpu") -> Teacher:
+    """A teacher named by a file (a manifest's or labels.json's ``teachers`` entry), loaded only if its weights
+    are the ones recorded.
+
+    A teacher lives outside the folder that names it, so the name alone is not trusted: the weights file must
+    exist and hash to the recorded sha256 before anything else is read. A crafted entry can then only point at
+    weights whose hash its author already knows, and a teacher retrained in place is never used silently.
+
+    Args:
+        record: ``{"path": spec, "sha256": ...}`` as :meth:`Teacher.describe` wrote it.
+        where: the file the record was read from (for the error message).
+        num_classes: classes the teacher must predict.
+        device: where the weights go.
+    """
+    spec, sha = (record.get("path"), record.get("sha256")) if isinstance(record, dict) else (None, None)
+    if not isinstance(spec, str) or not spec or not isinstance(sha, str) or not sha:
+        raise DistillError(f"{where} names a teacher without a path and sha256 ({record!r}); pass --teachers PATH.")
+    weights = _weights_file(spec)
+    if weights is None or not weights.is_file():
+        raise DistillError(f"{where} names teacher {spec}, whose weights are not there; pass --teachers PATH.")
+    if file_sha256(weights) != sha:
+        raise DistillError(f"teacher {spec} named by {where} is not the one recorded there (weights sha256 "
+                           f"{sha[:12]} recorded, {file_sha256(weights)[:12]} found: retrained or replaced); "
+                           "pass --teachers PATH to use it anyway.")
+    return load_teacher(spec, num_classes, device)
+
+
 def _load_own(folder: Path) -> Teacher:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():

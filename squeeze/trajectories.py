@@ -100,7 +100,12 @@ class ExpertBuffers:
     @property
     def zca_path(self) -> Path | None:
         """The ZCA file the experts' inputs were whitened with, or None."""
-        return self.paths[0].parent / self.meta["zca"] if self.meta.get("zca") else None
+        if not self.meta.get("zca"):
+            return None
+        from distillset.core.io import inside
+
+        return inside(self.paths[0].parent, self.meta["zca"], f"expert buffer {self.paths[0].name} metadata 'zca'",
+                      must_exist=True)
 
     def check_task(self, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         m = self.meta

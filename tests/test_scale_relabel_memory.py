@@ -41,7 +41,8 @@ def _distilled(folder, ipc: int, teacher: str, classes_per_unit: int = 2, ipc_pe
                                                   for k, (c, i) in enumerate(zip(cls.tolist(), idx.tolist()))])
     write_json(folder / "manifest.json", {
         "status": "complete", "class_names": [str(i) for i in range(CLASSES)], "num_classes": CLASSES, "ipc": ipc,
-        "num_images": CLASSES * ipc, "image_shape": [3, SIZE, SIZE], "teachers": [{"path": teacher}],
+        "num_images": CLASSES * ipc, "image_shape": [3, SIZE, SIZE],
+        "teachers": [{"path": teacher, "sha256": load_teacher(teacher).sha256}],  # as the engine records a teacher
         "config": {"classes_per_unit": classes_per_unit, "ipc_per_unit": ipc_per_unit}})
     return folder
 
