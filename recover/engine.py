@@ -21,8 +21,8 @@ from distillset.core.config import fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
 from distillset.core.errors import DistillError
+from distillset.core.io import clean_temp, content_sha256, is_temp, read_json, require_folder, save_tensors, write_json
 from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
-from distillset.core.io import read_json, require_folder, save_tensors, write_json, clean_temp, content_sha256, is_temp
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
 from distillset.recover import base
@@ -324,8 +324,6 @@ def check_unit_memory(units: list[Unit], image_shape: tuple[int, int, int], cfg:
                            f"{need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB of {where} is available; lower --ipc "
                            f"or set --ipc-per-unit/--classes-per-unit so a unit holds at most {fits} images.")
 
-
-def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: Runtime) -> dict:
 
 def _path_of(spec: str) -> Path | None:
     """The file or folder a teacher spec or a path-valued option names (``None`` if it names none on disk)."""
