@@ -102,7 +102,7 @@ def options_of(cls: type) -> list[Option]:
     docs = field_docs(cls)
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that cannot be evaluated here: show it as written
+    except Exception:  # noqa: BLE001  (an annotation that cannot be evaluated here: show it as written)
         hints = {}
     out = []
     for f in dataclasses.fields(cls):
@@ -117,7 +117,11 @@ def options_of(cls: type) -> list[Option]:
 
 
 def _first_line(obj: Any) -> str:
-    return (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+    """The first sentence of the docstring's first paragraph."""
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    para = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())
+    head, sep, _ = para.partition(". ")
+    return head + ("." if sep else "")
 
 
 def _package_of(ep) -> str:
@@ -204,7 +208,7 @@ class Registry:
             obj = ep.load()
         except DistillError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (a plugin may fail in any way; it becomes one line)
             raise DistillError(f"{self.kind} '{ep.name}' comes from plugin package '{pkg}' ({ep.value}), which "
                                f"fails to import ({type(e).__name__}: {e}); fix or uninstall '{pkg}'.") from None
         finally:
@@ -241,7 +245,8 @@ class Registry:
         eps = self._entry_points(name)
         if eps:
             return self._load_plugin(eps[0])
-        raise unknown_name(self.kind, name, self.names())
+        # the names of installed plugins are read from their metadata: nothing is imported to list them here
+        raise unknown_name(self.kind, name, sorted(set(self._entries) | {ep.name for ep in self._entry_points()}))
 
     def get(self, name: str) -> Any:
         """The class or builder registered under ``name`` (see :meth:`entry`)."""

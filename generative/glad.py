@@ -141,7 +141,8 @@ def glad_meta(g, layer: int, truncation: float = 0.7, class_names=None) -> dict:
             "class_names": class_names or [str(i) for i in range(g.num_classes)]}
 
 
-@register_prior("glad")
+@register_prior("glad", paper="Cazenavette et al. 2023, Generalizing Dataset Distillation via Deep Generative Prior "
+                "(arXiv:2305.01649)")
 class GLaDPrior(Prior):
     """A generator split at ``layer``: latents ``w`` (W+ codes of the remaining layers) and ``f`` (features)."""
 

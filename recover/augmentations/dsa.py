@@ -196,7 +196,7 @@ class DSAConfig:
     """Options of the DSA-family augmentations.
 
     Attributes:
-        strategy: op families joined by ``_`` ("" = the augmentation's default: color_crop_cutout_flip_scale_rotate
+        strategy: op families joined by ``_`` (unset = the augmentation's default: color_crop_cutout_flip_scale_rotate
             for dsa, color_translation_cutout for diffaugment).
         one_op: sample one family per step (DSA) or apply them all (DiffAugment); unset = the augmentation's default.
         siamese: one draw for the whole batch, or per-image draws; unset = the augmentation's default.
