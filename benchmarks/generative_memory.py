@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distillset.core.data import ImageSet, Source
 from distillset.generative.glad import build_glad
-from distillset.recover.latent import GLaDSet, LD3MSet
 from distillset.generative.ld3m import build_ld3m
 from distillset.generative.prior import SavedTensorMeter
 from distillset.recover.base import Context
+from distillset.recover.latent import GLaDSet, LD3MSet
 from distillset.recover.objectives.dm import DistributionMatching
 from distillset.recover.params import PixelSet
 from distillset.recover.real import RealData
@@ -41,13 +41,13 @@ def one_step(kind: str, folder: str, ipc: int, chunk: int, real: RealData, size:
     cls = torch.zeros(ipc, dtype=torch.long)
     idx = torch.arange(ipc)
     ctx = Context(device=device, classes=cls.to(device), num_classes=10, image_shape=(3, size, size),
-                  generator=torch.Generator().manual_seed(0), real=real, options={"mean": [0.5] * 3, "std": [0.5] * 3})
+                  generator=torch.Generator().manual_seed(0), real=real, mean=[0.5] * 3, std=[0.5] * 3)
     if kind == "pixel":  # the objective's own memory (its network over the synthetic images), for reference
-        syn = PixelSet(cls.to(device), idx, (3, size, size), 0, ctx).to(device)
+        syn = PixelSet.from_options(cls.to(device), idx, (3, size, size), 0, ctx).to(device)
     else:
         set_cls = LD3MSet if kind == "ld3m" else GLaDSet
-        syn = set_cls(cls.to(device), idx, (3, size, size), 0, ctx, prior=folder, chunk=chunk, init="noise").to(device)
-    obj = DistributionMatching(batch_real=64, aug="none", width=64)
+        syn = set_cls.from_options(cls.to(device), idx, (3, size, size), 0, ctx, prior=folder, chunk=chunk, init="noise").to(device)
+    obj = DistributionMatching.from_options(batch_real=64, aug="none", width=64)
     obj.setup(ctx)
     if device.type == "cuda":
         torch.cuda.synchronize()

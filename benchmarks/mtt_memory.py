@@ -51,8 +51,9 @@ def measure(buffer: str, tesla: bool, steps: int) -> dict:
     cls = torch.arange(10).repeat_interleave(2)
     ctx = Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(3, 32, 32),
                   generator=torch.Generator().manual_seed(0), augment=None)
-    syn = PixelSet(cls, torch.arange(2).repeat(10), (3, 32, 32), 0, ctx)
-    obj = get("objective", "mtt")(buffer=buffer, tesla=tesla, syn_steps=steps, expert_epochs=2, max_start_epoch=2)
+    syn = PixelSet.from_options(cls, torch.arange(2).repeat(10), (3, 32, 32), 0, ctx)
+    obj = get("objective", "mtt").from_options(buffer=buffer, tesla=tesla, syn_steps=steps, expert_epochs=2,
+                                               max_start_epoch=2)
     obj.setup(ctx)
     state = {"live": 0, "peak": 0}
     refs: dict[int, int] = {}

@@ -168,7 +168,7 @@ def bench(arch: str, n_images: int, iters: int, repeats: int, root: Path) -> dic
     engine = Engine(cfg, rt)
     unit = plan_units(classes, ipc, 0, 0)[0]
     cls, idx = unit.classes_and_indices()
-    init = engine.param_cls(cls, idx, engine.image_shape, cfg.seed, engine.context(unit)).data.detach().clone()
+    init = engine.param_cls(engine.param_cfg, cls, idx, engine.image_shape, cfg.seed, engine.context(unit)).data.detach().clone()
     ref_teacher = load_teacher(path)  # a separate, untouched copy: contiguous fp32 eager
     fl = flops_per_iter(ref_teacher, n_images)
     rows = {"reference": [], "distillset": []}

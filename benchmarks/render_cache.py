@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distillset.core.data import Source
 from distillset.generative.glad import build_glad
-from distillset.recover.latent import GLaDSet, LD3MSet
 from distillset.generative.ld3m import build_ld3m
 from distillset.generative.prior import SavedTensorMeter
 from distillset.recover.base import Context
+from distillset.recover.latent import GLaDSet, LD3MSet
 from distillset.recover.objectives.dc import GradientMatching
 from distillset.recover.objectives.dm import DistributionMatching
 from distillset.recover.real import RealData
@@ -49,12 +49,12 @@ def step_seconds(kind: str, folder: str, method: str, ipc: int, cached: bool, re
     cls = torch.arange(10).repeat_interleave(ipc)
     idx = torch.arange(ipc).repeat(10)
     ctx = Context(device=device, classes=cls.to(device), num_classes=10, image_shape=(3, args.size, args.size),
-                  generator=torch.Generator().manual_seed(0), real=real, options={"ipc": ipc})
+                  generator=torch.Generator().manual_seed(0), real=real, ipc=ipc)
     set_cls = LD3MSet if kind == "ld3m" else GLaDSet
-    syn = set_cls(cls.to(device), idx, (3, args.size, args.size), 0, ctx, prior=folder, chunk=args.chunk,
+    syn = set_cls.from_options(cls.to(device), idx, (3, args.size, args.size), 0, ctx, prior=folder, chunk=args.chunk,
                   init="noise").to(device)
     opts = {"batch_real": 32, "aug": "none", "width": 32}
-    obj = DistributionMatching(**opts) if method == "dm" else GradientMatching(outer_loop=1, inner_loop=1, **opts)
+    obj = DistributionMatching.from_options(**opts) if method == "dm" else GradientMatching.from_options(outer_loop=1, inner_loop=1, **opts)
     obj.setup(ctx)
     if device.type == "cuda":
         torch.cuda.synchronize()

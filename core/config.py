@@ -25,20 +25,22 @@ T = TypeVar("T")
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Per-field help parsed from the class docstring's ``Attributes:``-style lines (``name: text``)."""
+    """Per-field help parsed from the ``Attributes:``-style lines (``name: text``) of the class docstring and of its
+    dataclass bases (a subclass documents the fields it adds or changes)."""
     docs: dict[str, str] = {}
     names = {f.name for f in dataclasses.fields(cls)}
-    current = None
-    for line in (cls.__doc__ or "").splitlines():
-        s = line.strip()
-        head, sep, rest = s.partition(":")
-        if sep and head in names:
-            current = head
-            docs[head] = rest.strip()
-        elif current and s:
-            docs[current] += " " + s
-        else:
-            current = None
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        current = None
+        for line in (klass.__dict__.get("__doc__") or "").splitlines():
+            s = line.strip()
+            head, sep, rest = s.partition(":")
+            if sep and head in names:
+                current = head
+                docs[head] = rest.strip()
+            elif current and s:
+                docs[current] += " " + s
+            else:
+                current = None
     return docs
 
 
@@ -116,19 +118,33 @@ def check_number(value: float, name: str, low: float = 0.0, high: float = 1e6, a
         raise DistillError(f"{name} must be a finite number in {bound}, got {value!r}.")
 
 
-def from_dict(cls: type[T], data: dict | None) -> T:
-    """Build ``cls`` from a mapping; unknown keys and wrong types are one-line errors."""
+def from_dict(cls: type[T], data: dict | None, what: str = "") -> T:
+    """Build ``cls`` from a mapping; unknown keys and wrong types are one-line errors.
+
+    Args:
+        cls: the config dataclass.
+        data: field values (YAML scalars are converted to the field types).
+        what: what the options belong to, for messages (e.g. ``objective 'dm'``); default: the class name.
+    """
+    if data is not None and not isinstance(data, dict):
+        raise DistillError(f"{what or cls.__name__} options must be a mapping, got {data!r}.")
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise unknown_name(f"{cls.__name__} option", key, list(fields))
-    kwargs = {k: _convert(v, hints[k], k) for k, v in data.items()}
+            if what and not fields:
+                raise DistillError(f"{what} takes no options, got '{key}'; remove it.")
+            raise unknown_name(f"{what} option" if what else f"{cls.__name__} option", key, list(fields))
     try:
+        kwargs = {k: _convert(v, hints[k], k) for k, v in data.items()}
         return cls(**kwargs)
     except TypeError as e:
-        raise DistillError(f"{cls.__name__}: {e}") from None
+        raise DistillError(f"{what or cls.__name__}: {e}") from None
+    except DistillError as e:
+        if what and not str(e).startswith(what):
+            raise DistillError(f"{what}: {e}") from None
+        raise
 
 
 def to_dict(cfg: Any) -> dict:

@@ -21,11 +21,13 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from distillset.core.errors import DistillError
+from distillset.core.registry import Registry
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 LABEL_EXTS = ("cls", "label", "class")
@@ -263,8 +265,107 @@ def _hf(path: Path, split: str) -> ImageSet:
     return ImageSet(torch.from_numpy(_stack(xs, str(path))), torch.tensor(ds["label"]), names)
 
 
+def _reader(rank: int, world: int) -> tuple[int, int]:
+    """This reader's index and the number of readers (ranks x dataloader workers)."""
+    wi = torch.utils.data.get_worker_info()
+    return (rank, world) if wi is None else (rank * wi.num_workers + wi.id, world * wi.num_workers)
+
+
+SOURCES = Registry("data source", "distillset.sources")  # the built-in kinds are defined below, in this module
+
+
+class SourceKind:
+    """One kind of data source: the part of a spec before ``:`` names it, the part after it is ``arg``.
+
+    A kind loads a split into memory; streaming defaults to reading that in-memory split in rank/worker order.
+    """
+
+    name: ClassVar[str] = ""
+    needs_arg: ClassVar[bool] = True
+    is_stream: ClassVar[bool] = False
+    resizes: ClassVar[bool] = False  # the kind applies ``image_size`` itself while decoding
+    shards: WdsShards | None = None  # the shard index of a webdataset kind
+
+    def __init__(self, arg: str, image_size: int | None):
+        self.arg, self.image_size = arg, image_size
+
+    def load(self, split: str) -> ImageSet:
+        raise NotImplementedError
+
+    def info(self, source: Source) -> dict:
+        s = source.load("train")
+        return {"class_names": s.class_names, "image_shape": s.image_shape}
+
+    def stream(self, source: Source, split: str, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """Each sample of ``split`` once across ranks and dataloader workers."""
+        reader, readers = _reader(rank, world)
+        s = source.load(split)
+        for i in range(reader, len(s), readers):
+            yield s.images[i], int(s.labels[i])
+
+
+@SOURCES.register("digits", description="scikit-learn's bundled 8x8 digits (no download; 50 test images per class)")
+class DigitsSource(SourceKind):
+    needs_arg = False
+
+    def load(self, split: str) -> ImageSet:
+        return _digits(split)
+
+
+@SOURCES.register("npz", description="npz:PATH, uint8 NHWC arrays x_train, y_train, x_test, y_test")
+class NpzSource(SourceKind):
+    def load(self, split: str) -> ImageSet:
+        return _npz(Path(self.arg), split)
+
+
+@SOURCES.register("folder", description="folder:PATH, an ImageFolder tree (PATH/train/<class>/*, PATH/val|test/...)")
+class FolderSource(SourceKind):
+    resizes = True
+
+    def load(self, split: str) -> ImageSet:
+        return _folder(Path(self.arg), split, self.image_size)
+
+    def info(self, source: Source) -> dict:
+        classes, items = folder_files(Path(self.arg), "train")
+        return {"class_names": classes, "image_shape": tuple(read_image_file(items[0][0], self.image_size).shape)}
+
+    def stream(self, source: Source, split: str, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
+        reader, readers = _reader(rank, world)
+        _, items = folder_files(Path(self.arg), split)  # decode lazily: an ImageNet folder does not fit in memory
+        for f, c in items[reader::readers]:
+            yield torch.from_numpy(read_image_file(f, self.image_size)), c
+
+
+@SOURCES.register("hf", description="hf:PATH, a Hugging Face dataset saved with save_to_disk (image, label)")
+class HFSource(SourceKind):
+    def load(self, split: str) -> ImageSet:
+        return _hf(Path(self.arg), split)
+
+
+@SOURCES.register("wds", description="wds:PATH|PATTERN, webdataset shards with an _info.json, streamed per rank")
+class WdsSource(SourceKind):
+    is_stream = True
+
+    def __init__(self, arg: str, image_size: int | None):
+        super().__init__(arg, image_size)
+        self.shards = WdsShards(arg)
+
+    def load(self, split: str) -> ImageSet:
+        return self.shards.load(split)
+
+    def info(self, source: Source) -> dict:
+        return {"class_names": self.shards.class_names, "image_shape": self.shards.image_shape}
+
+    def stream(self, source: Source, split: str, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
+        yield from self.shards.iterate(split, rank, world)
+
+
 class Source:
-    """A named data source. ``load(split)`` gives an in-memory :class:`ImageSet`; ``stream`` iterates lazily."""
+    """A named data source. ``load(split)`` gives an in-memory :class:`ImageSet`; ``stream`` iterates lazily.
+
+    The spec's kind (``npz`` in ``npz:PATH``) is looked up in :data:`SOURCES`; a third-party kind joins through the
+    ``distillset.sources`` entry-point group (a :class:`SourceKind` subclass).
+    """
 
     def __init__(self, spec: str, image_size: int | None = None):
         self.spec = spec
@@ -272,36 +373,29 @@ class Source:
             raise DistillError(f"image_size must be >= 1 (or 0 = keep the source's size), got {image_size}.")
         self.image_size = image_size
         kind, _, arg = spec.partition(":")
-        if kind not in ("digits", "npz", "folder", "hf", "wds"):
+        if kind not in SOURCES:
             raise DistillError(f"unknown data source '{spec}'; use digits, npz:PATH, folder:PATH, hf:PATH or "
                                "wds:PATTERN.")
-        if kind != "digits" and not arg:
+        impl_cls = SOURCES.get(kind)
+        if impl_cls.needs_arg and not arg:
             raise DistillError(f"data source '{spec}' needs a path after '{kind}:'.")
         self.kind, self.arg = kind, arg
         self._cache: dict[str, ImageSet] = {}
-        self.shards = WdsShards(arg) if kind == "wds" else None
+        self.impl: SourceKind = impl_cls(arg, image_size)
+        self.shards = self.impl.shards
 
     @property
     def is_stream(self) -> bool:
-        return self.kind == "wds"
+        return self.impl.is_stream
 
     def load(self, split: str = "train") -> ImageSet:
         if split not in ("train", "test"):
             raise DistillError(f"unknown split '{split}'; use train or test.")
         if split not in self._cache:
-            if self.kind == "digits":
-                s = _digits(split)
-            elif self.kind == "npz":
-                s = _npz(Path(self.arg), split)
-            elif self.kind == "folder":
-                s = _folder(Path(self.arg), split, self.image_size)
-            elif self.kind == "hf":
-                s = _hf(Path(self.arg), split)
-            else:
-                s = self.shards.load(split)
+            s = self.impl.load(split)
             if len(s) == 0:
                 raise DistillError(f"source '{self.spec}' has no {split} images.")
-            if self.image_size and s.images.shape[-1] != self.image_size and self.kind != "folder":
+            if self.image_size and s.images.shape[-1] != self.image_size and not self.impl.resizes:
                 s = ImageSet(resize_uint8(s.images, self.image_size), s.labels, s.class_names)
             self._check_splits_agree(split, s)
             self._cache[split] = s
@@ -319,29 +413,11 @@ class Source:
 
     def info(self) -> dict:
         """Class names and image shape without loading a stream source."""
-        if self.shards is not None:
-            return {"class_names": self.shards.class_names, "image_shape": self.shards.image_shape}
-        if self.kind == "folder":
-            classes, items = folder_files(Path(self.arg), "train")
-            return {"class_names": classes, "image_shape": tuple(read_image_file(items[0][0], self.image_size).shape)}
-        s = self.load("train")
-        return {"class_names": s.class_names, "image_shape": s.image_shape}
+        return self.impl.info(self)
 
     def stream(self, split: str = "train", rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, int]]:
         """Each sample once across all ranks and dataloader workers (an exact partition)."""
-        if self.shards is not None:
-            yield from self.shards.iterate(split, rank, world)
-            return
-        wi = torch.utils.data.get_worker_info()
-        reader, readers = (rank, world) if wi is None else (rank * wi.num_workers + wi.id, world * wi.num_workers)
-        if self.kind == "folder":  # decode lazily: an ImageNet folder does not fit in memory
-            _, items = folder_files(Path(self.arg), split)
-            for f, c in items[reader::readers]:
-                yield torch.from_numpy(read_image_file(f, self.image_size)), c
-            return
-        s = self.load(split)
-        for i in range(reader, len(s), readers):
-            yield s.images[i], int(s.labels[i])
+        yield from self.impl.stream(self, split, rank, world)
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -177,7 +177,8 @@ def generator_class(spec: str, folder: Path) -> type:
     return cls
 
 
-@register_prior("glad")
+@register_prior("glad", paper="Cazenavette et al. 2023, Generalizing Dataset Distillation via Deep Generative Prior "
+                "(arXiv:2305.01649)")
 class GLaDPrior(Prior):
     """A generator split at ``layer``: latents ``w`` (W+ codes of the remaining layers) and ``f`` (features)."""
 

@@ -119,7 +119,7 @@ def _meta(vae, unet, num_classes: int, image_shape, steps: int, class_names=None
             "class_names": class_names or [str(i) for i in range(num_classes)]}
 
 
-@register_prior("ld3m")
+@register_prior("ld3m", paper="Moser et al. 2024, Latent Dataset Distillation with Diffusion Models (arXiv:2403.03881)")
 class LD3MPrior(Prior):
     """VAE + class-conditional UNet + DDIM schedule, rendered differentiably (see the module docstring)."""
 

@@ -23,20 +23,20 @@ import torch
 from torch import nn
 
 from distillset.core.errors import DistillError
+from distillset.core.registry import Registry
 
 log = logging.getLogger("distillset.generative")
 
 PRIOR_FORMAT = "distillset-prior/1"
-PRIOR_KINDS: dict[str, type[Prior]] = {}
+PRIORS = Registry("prior", "distillset.priors", ("distillset.generative.glad", "distillset.generative.ld3m"))
 
 
-def register_prior(kind: str):
-    """Class decorator: ``kind`` (the ``prior.json`` field) -> prior class."""
+def register_prior(kind: str, *, paper: str = "", description: str = ""):
+    """Class decorator: ``kind`` (the ``prior.json`` field) -> prior class, as an entry of :data:`PRIORS`."""
 
     def deco(cls):
         cls.kind = kind
-        PRIOR_KINDS[kind] = cls
-        return cls
+        return PRIORS.register(kind, paper=paper, description=description)(cls)
 
     return deco
 
@@ -222,10 +222,10 @@ def read_prior_meta(folder: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise DistillError(f"{path} is not valid JSON ({e}); re-run `distillset prior train` for that folder.") \
             from None
-    if meta.get("format") != PRIOR_FORMAT or meta.get("kind") not in PRIOR_KINDS:
+    if meta.get("format") != PRIOR_FORMAT or not isinstance(meta.get("kind"), str) or meta["kind"] not in PRIORS:
         raise DistillError(f"{path} is not a distillset prior description (format {meta.get('format')!r}, kind "
                            f"{meta.get('kind')!r}; expected format {PRIOR_FORMAT!r} and kind one of "
-                           f"{sorted(PRIOR_KINDS)}).")
+                           f"{PRIORS.names(plugins=False)}).")
     return meta
 
 
@@ -242,9 +242,6 @@ def from_pretrained(folder: str | Path, kind: str | None = None, num_classes: in
         device: where the weights go.
         cache: share one loaded instance per (folder, device) within the process (weights are frozen).
     """
-    import distillset.generative.glad
-    import distillset.generative.ld3m  # noqa: F401
-
     folder = Path(folder)
     meta = read_prior_meta(folder)
     if kind is not None and meta["kind"] != kind:
@@ -259,7 +256,7 @@ def from_pretrained(folder: str | Path, kind: str | None = None, num_classes: in
     key = (str(folder.resolve()), str(torch.device(device)))
     if cache and key in _CACHE:
         return _CACHE[key]
-    prior = PRIOR_KINDS[meta["kind"]].load(folder, meta).to(device).eval()
+    prior = PRIORS.get(meta["kind"]).load(folder, meta).to(device).eval()
     prior.requires_grad_(False)
     if cache:
         _CACHE[key] = prior

@@ -5,6 +5,8 @@
     distillset methods | models                                      list plugins / backbones
     --trust-code (any command)  allow a prior folder's prior.json to name a generator module to import
 
+    distillset methods [NAME] [--json] | models [--json]             list plugins (a plugin's options) / backbones
+
 Errors users can fix are printed as one line (``error: ...``) with exit code 2; no finished output is touched.
 """
 
@@ -56,27 +58,92 @@ def build_config(name: str, argv: list[str]):
     return from_dict(cls, data)
 
 
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """``(command name, its arguments)`` of a stage command line (multi-word names such as ``prior train``)."""
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
+    if name not in COMMANDS:
+        from distillset.core.errors import unknown_name
+
+        raise unknown_name("command", argv[0], list(COMMANDS) + ["run", "methods", "models"])
+    return name, argv[len(name.split()):]
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """The arguments of ``distillset run``."""
+    p = argparse.ArgumentParser(prog="distillset run")
+    p.add_argument("recipe")
+    p.add_argument("--stages", default="", help="comma-separated subset of stages to run")
+    p.add_argument("--out", default="", help="output root (default: the recipe's out)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override one recipe value, e.g. --set recover.iterations=100 or "
+                        "--set recover.options.batch_real=64")
+    return p
+
+
 def run_command(name: str, argv: list[str]):
     cfg = build_config(name, argv)
     return _load(COMMANDS[name][1])(cfg)
 
 
-def list_methods() -> str:
+def _plugin_registries() -> dict:
     from distillset.recover import base
 
+    return base.REGISTRIES
+
+
+def list_methods(name: str = "", as_json: bool = False) -> str:
+    """``distillset methods [NAME] [--json]``: every plugin (name, kind, paper, description) from the registries, or
+    one plugin's options (name, type, default, doc). Listing imports installed third-party plugins too."""
+    import json
+
+    regs = _plugin_registries()
+    if name:
+        found = [reg.entry(name) for reg in regs.values() if name in reg]
+        if not found:
+            from distillset.core.errors import unknown_name
+
+            raise unknown_name("method or plugin", name, sorted({n for r in regs.values() for n in r.names()}))
+        if as_json:
+            return json.dumps([e.to_json() for e in found], indent=2)
+        return "\n\n".join(_describe(e) for e in found)
+    if as_json:
+        return json.dumps({f"{k}s": [e.to_json() for e in reg.entries()] for k, reg in regs.items()}, indent=2)
     lines = []
-    for kind in ("objective", "parametrization", "augmentation"):
+    for kind, reg in regs.items():
         lines.append(f"{kind}s:")
-        for name, cls in sorted(base.registry(kind).items()):
-            doc = (cls.__doc__ or "").strip().split("\n")[0]
-            lines.append(f"  {name:<18} {doc}")
+        for e in reg.entries():
+            paper = f"  [{e.paper.split(',')[0]}]" if e.paper else ""
+            lines.append(f"  {e.name:<16} {e.description}{paper}")
+    lines.append("\n`distillset methods NAME` lists a plugin's options; --json prints everything as JSON.")
     return "\n".join(lines)
 
 
-def list_models() -> str:
-    from distillset.squeeze.models import _MODELS
+def _describe(entry) -> str:
+    lines = [f"{entry.name} ({entry.kind}): {entry.description}"]
+    if entry.paper:
+        lines.append(f"paper: {entry.paper}")
+    opts = entry.options()
+    if not opts:
+        lines.append("options: none")
+        return "\n".join(lines)
+    lines.append("options:")
+    w_name = max(len(o.name) for o in opts)
+    w_type = max(len(o.type) for o in opts)
+    for o in opts:
+        lines.append(f"  {o.name:<{w_name}}  {o.type:<{w_type}}  {o.default!r:<12} {o.doc}")
+    return "\n".join(lines)
 
-    lines = [f"  {n:<18} {'BN ' if e.has_bn else '   '} {e.description}" for n, e in sorted(_MODELS.items())]
+
+def list_models(as_json: bool = False) -> str:
+    """``distillset models [--json]``: the backbone registry (name, BatchNorm, input size, description)."""
+    import json
+
+    from distillset.squeeze.models import BACKBONES
+
+    entries = BACKBONES.entries()
+    if as_json:
+        return json.dumps([e.to_json() for e in entries], indent=2)
+    lines = [f"  {e.name:<18} {'BN ' if e.metadata.get('has_bn') else '   '} {e.description}" for e in entries]
     lines += ["  timm:<name>        any timm architecture", "  tv:<name>          any torchvision architecture"]
     return "models (BN = has BatchNorm):\n" + "\n".join(lines)
 
@@ -86,7 +153,7 @@ def _usage() -> str:
     cmds = "\n".join(f"  {n:<{width}} {h}" for n, (_, _, h) in COMMANDS.items())
     return (f"usage: distillset <command> [--config FILE] [--option value ...]\n\ncommands:\n{cmds}\n"
             f"  {'run':<{width}} chain the stages of a recipe: distillset run RECIPE.yaml\n"
-            f"  {'methods':<{width}} list objectives, parametrizations and augmentations\n"
+            f"  {'methods':<{width}} list objectives, parametrizations and augmentations (NAME: its options)\n"
             f"  {'models':<{width}} list backbones\n\n`distillset <command> --help` lists a command's options.")
 
 
@@ -101,28 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     try:
-        if argv[0] == "methods":
-            print(list_methods())
-        elif argv[0] == "models":
-            print(list_models())
+        if argv[0] in ("methods", "models"):
+            p = argparse.ArgumentParser(prog=f"distillset {argv[0]}")
+            if argv[0] == "methods":
+                p.add_argument("name", nargs="?", default="", help="a plugin whose options to list")
+            p.add_argument("--json", action="store_true", help="print the registry metadata as JSON")
+            ns = p.parse_args(argv[1:])
+            print(list_methods(ns.name, ns.json) if argv[0] == "methods" else list_models(ns.json))
         elif argv[0] == "run":
             from distillset.launch.recipe import run_recipe
 
-            p = _Parser(prog="distillset run")
-            p.add_argument("recipe")
-            p.add_argument("--stages", default="", help="comma-separated subset of stages to run")
-            p.add_argument("--out", default="", help="output root (default: the recipe's out)")
-            p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                           help="override one recipe value, e.g. --set recover.iterations=100")
-            ns = p.parse_args(argv[1:])
+            ns = run_parser().parse_args(argv[1:])
             run_recipe(ns.recipe, [s for s in ns.stages.split(",") if s], ns.out or None, ns.set)
         else:
-            name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
-            if name not in COMMANDS:
-                from distillset.core.errors import unknown_name
-
-                raise unknown_name("command", argv[0], list(COMMANDS) + ["run", "methods", "models"])
-            run_command(name, argv[len(name.split()):])
+            name, rest = split_command(argv)
+            run_command(name, rest)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,20 +64,29 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
 
 
 def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
+    """Apply ``--set STAGE.FIELD[.KEY...]=VALUE`` overrides; nested keys reach into mappings, e.g.
+    ``recover.options.batch_real=64`` sets ``recipe["recover"]["options"]["batch_real"]``."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot:
-            raise DistillError(f"--set expects STAGE.FIELD=VALUE, got '{item}'.")
-        recipe.setdefault(section, {})[field] = parse_yaml_value(value, "set")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise DistillError(f"--set expects STAGE.FIELD=VALUE (or STAGE.FIELD.KEY=VALUE), got '{item}'.")
+        node = recipe
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise DistillError(f"--set {item}: '{'.'.join(parts[:i + 1])}' is not a mapping, so it has no "
+                                   f"key '{parts[i + 1]}'.")
+            node = node[part]
+        node[parts[-1]] = parse_yaml_value(value, "set")
     return recipe
 
 
-def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,
-               overrides: list[str] | None = None) -> dict:
-    from distillset.core.io import write_text
-    from distillset.core.runtime import get_runtime
-    rt = get_runtime()  # sets up logging before the first stage
+def plan_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,
+                overrides: list[str] | None = None) -> tuple[str, list[tuple[str, object]]]:
+    """``(output root, resolved plan)`` of ``distillset run``: every stage's config built (and validated, plugin
+    options included) before any stage runs."""
     recipe = apply_overrides(load_yaml(path), overrides or [])
     root = out_root or recipe.get("out") or f"output/{Path(path).stem}"
     plan = resolve(recipe, root)
@@ -85,6 +94,15 @@ def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None 
         bad = [s for s in stages if s not in dict(plan)]
         if bad:
             raise DistillError(f"stage '{bad[0]}' is not in {path}; it has {', '.join(s for s, _ in plan)}.")
+    return root, plan
+
+
+def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,
+               overrides: list[str] | None = None) -> dict:
+    from distillset.core.io import write_text
+    from distillset.core.runtime import get_runtime
+    rt = get_runtime()  # sets up logging before the first stage
+    root, plan = plan_recipe(path, stages, out_root, overrides)
     results: dict = {}
     timings: dict = {}
     t_all = time.perf_counter()

@@ -8,9 +8,14 @@
 * An :class:`Augmentation` is differentiable; ``sample`` draws parameters from the unit's generator and ``apply``
   uses them, so the same parameters can be applied to a real and a synthetic batch (DSA).
 
-Built-ins register by name with the decorators below; third-party plugins join through the entry-point groups
-``distillset.objectives``, ``distillset.parametrizations`` and ``distillset.augmentations`` (the entry point loads
-the class; registration happens on import).
+Built-ins register by name with the decorators below (each is :meth:`core.registry.Registry.register`, so an
+entry carries its paper and description, and its options schema is the plugin's nested ``Config`` dataclass);
+third-party plugins join through the entry-point groups ``distillset.objectives``, ``distillset.parametrizations``
+and ``distillset.augmentations``, imported only when a recipe names a plugin that no built-in provides.
+
+Every plugin is built from its typed ``Config``: ``cls(cfg)`` for objectives and augmentations,
+``cls(cfg, classes, indices, image_shape, seed, ctx)`` for parametrizations; :func:`resolve_options` turns a recipe's
+options mapping into that ``Config`` (unknown or mistyped options are one-line errors).
 """
 
 from __future__ import annotations
@@ -22,74 +27,51 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distillset.core.errors import DistillError, unknown_name
+from distillset.core.config import from_dict
+from distillset.core.errors import DistillError
+from distillset.core.registry import Registry
 
-ENTRY_POINT_GROUPS = {
-    "objective": "distillset.objectives",
-    "parametrization": "distillset.parametrizations",
-    "augmentation": "distillset.augmentations",
-}
+_BUILTINS = ("distillset.recover.builtins",)
+OBJECTIVES = Registry("objective", "distillset.objectives", _BUILTINS)
+PARAMETRIZATIONS = Registry("parametrization", "distillset.parametrizations", _BUILTINS)
+AUGMENTATIONS = Registry("augmentation", "distillset.augmentations", _BUILTINS)
+REGISTRIES: dict[str, Registry] = {"objective": OBJECTIVES, "parametrization": PARAMETRIZATIONS,
+                                   "augmentation": AUGMENTATIONS}
+ENTRY_POINT_GROUPS = {kind: reg.group for kind, reg in REGISTRIES.items()}
 
-_REGISTRIES: dict[str, dict[str, type]] = {kind: {} for kind in ENTRY_POINT_GROUPS}
-_ENTRY_POINTS_LOADED: set[str] = set()
-
-
-def _register(kind: str, name: str):
-    def deco(cls):
-        cls.name = name
-        _REGISTRIES[kind][name] = cls
-        return cls
-
-    return deco
-
-
-def register_objective(name: str):
-    """Class decorator registering an :class:`Objective` subclass under ``name``."""
-    return _register("objective", name)
-
-
-def register_parametrization(name: str):
-    """Class decorator registering a :class:`Parametrization` subclass under ``name``."""
-    return _register("parametrization", name)
-
-
-def register_augmentation(name: str):
-    """Class decorator registering an :class:`Augmentation` subclass under ``name``."""
-    return _register("augmentation", name)
-
-
-def _load_entry_points(kind: str) -> None:
-    if kind in _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED.add(kind)
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUPS[kind]):
-        try:
-            cls = ep.load()
-        except Exception as e:  # a broken third-party plugin must not break the built-ins
-            import logging
-
-            logging.getLogger(__name__).warning("could not load %s plugin %s (%s): %s", kind, ep.name, ep.value, e)
-            continue
-        if ep.name not in _REGISTRIES[kind]:
-            _REGISTRIES[kind][ep.name] = cls
-            cls.name = getattr(cls, "name", None) or ep.name
+register_objective = OBJECTIVES.register
+register_parametrization = PARAMETRIZATIONS.register
+register_augmentation = AUGMENTATIONS.register
 
 
 def registry(kind: str) -> dict[str, type]:
-    """All registered classes of ``kind`` (built-ins + entry points)."""
-    import distillset.recover.builtins  # noqa: F401  (registers the built-in plugins)
-
-    _load_entry_points(kind)
-    return dict(_REGISTRIES[kind])
+    """All registered classes of ``kind`` (built-ins and every installed plugin, which this imports)."""
+    return {e.name: e.obj for e in REGISTRIES[kind].entries()}
 
 
 def get(kind: str, name: str) -> type:
-    reg = registry(kind)
-    if name not in reg:
-        raise unknown_name(kind, name, list(reg))
-    return reg[name]
+    """The class registered as ``name`` (a plugin of that name is imported only if no built-in has it)."""
+    return REGISTRIES[kind].get(name)
+
+
+def resolve_options(kind: str, name: str, options: dict | None):
+    """``(class, Config)`` of plugin ``name`` with ``options`` validated against its ``Config`` (one-line errors)."""
+    cls = get(kind, name)
+    return cls, from_dict(cls.Config, options, what=f"{kind} '{name}'")
+
+
+@dataclass
+class NoOptions:
+    """A plugin without options."""
+
+
+def _own_config(plugin, cfg):
+    if cfg is None:
+        return plugin.Config()
+    if not isinstance(cfg, plugin.Config):
+        raise DistillError(f"{type(plugin).__name__} is built from its {plugin.Config.__qualname__}, got "
+                           f"{type(cfg).__name__}; build it as cls(cls.Config(...)).")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------- context
@@ -112,7 +94,14 @@ class Context:
         teachers: trained models taking ``[0, 1]`` images (normalisation inside), in eval mode.
         real: real training images by class (``RealData``) or ``None``.
         augment: the configured augmentation (callable on a batch).
-        options: free-form extras from the engine (e.g. ``autocast`` dtype).
+        autocast_dtype: dtype of model forward passes under autocast (``None``: full precision).
+        mean, std: per-channel input normalisation of the networks the objectives build (the teacher's, the experts'
+            or the data's; ``None``: 0.5 per channel).
+        zca: the run's ZCA whitening (a ``squeeze.inputs.ZCA``) or ``None``.
+        ipc: images per class of the whole run (DC's loop defaults depend on it).
+        seed: the run's base seed.
+        channels_last: the run keeps teachers and images in channels-last memory format.
+        first_index: index of the first image of the unit within its class (coreset selection).
         state: scratch space an objective may keep across steps of a unit.
     """
 
@@ -130,8 +119,19 @@ class Context:
     real: Any = None
     augment: Any = None
     autocast_dtype: torch.dtype | None = None
-    options: dict = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    zca: Any = None
+    ipc: int = 1
+    seed: int = 0
+    channels_last: bool = False
+    first_index: int = 0
     state: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        c = self.image_shape[0]
+        self.mean = [0.5] * c if self.mean is None else list(self.mean)
+        self.std = [0.5] * c if self.std is None else list(self.std)
 
     @property
     def progress(self) -> float:
@@ -161,11 +161,24 @@ class Context:
 class Parametrization(nn.Module):
     """Learnable tensors of a unit's synthetic images.
 
-    Subclasses set ``self.labels`` (``(N,)`` long hard labels) and implement :meth:`render`.
+    Subclasses set ``self.labels`` (``(N,)`` long hard labels) and implement :meth:`render`. The engine builds one per
+    unit as ``cls(cfg, classes, indices, image_shape, seed, ctx)``, ``cfg`` the class's ``Config`` (its options).
     """
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoOptions
     labels: torch.Tensor
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = _own_config(self, cfg)
+
+    @classmethod
+    def from_options(cls, classes: torch.Tensor, indices: torch.Tensor, image_shape: tuple[int, int, int], seed: int,
+                     ctx: Context, **options: Any) -> Parametrization:
+        """Build from option values (validated into :attr:`Config` first), e.g. in tests and notebooks."""
+        cfg = from_dict(cls.Config, options, what=f"parametrization '{cls.name}'")
+        return cls(cfg, classes, indices, image_shape, seed, ctx)
 
     def render(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Images ``(n, C, H, W)`` in ``[0, 1]`` for ``index`` (all images when ``None``), differentiable."""
@@ -197,7 +210,9 @@ class Parametrization(nn.Module):
 
 
 class Objective:
-    """One method's loss. Options are keyword arguments of ``__init__`` (filled from the recipe's ``options``).
+    """One method's loss, built as ``cls(cfg)`` from its nested ``Config`` dataclass (the recipe's ``options``).
+
+    Every method the engine calls is declared here with a default, so a plugin overrides only what it needs.
 
     Class attributes tell the engine what the objective needs:
         needs_teacher: a trained model (BN inversion, G-VBSM, relabelled methods).
@@ -209,16 +224,20 @@ class Objective:
     """
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = False
     needs_real: ClassVar[bool] = False
     needs_bn: ClassVar[bool] = False
     joint_classes: ClassVar[bool] = False
     selects: ClassVar[bool] = False
 
-    def __init__(self, **options: Any):
-        if options:
-            raise DistillError(f"objective '{self.name}' takes no options {sorted(options)}; remove them from the "
-                               "recipe's objective options.")
+    def __init__(self, cfg=None):
+        self.cfg = _own_config(self, cfg)
+
+    @classmethod
+    def from_options(cls, **options: Any):
+        """Build from option values (validated into :attr:`Config` first), e.g. in tests and notebooks."""
+        return cls(from_dict(cls.Config, options, what=f"objective '{cls.name}'"))
 
     def setup(self, ctx: Context) -> None:
         """Prepare once per unit (hooks, statistics, sampled networks). ``ctx.teachers``/``ctx.real`` are set."""
@@ -242,6 +261,25 @@ class Objective:
         """Coreset objectives: indices into ``ctx.real`` of the chosen images, ``ipc`` per class of the unit."""
         raise NotImplementedError
 
+    def image_ema(self) -> float:
+        """Decay of the moving average of the images this method writes by its own options (0 = none); the engine
+        keeps the average (its ``ema_decay`` option), so any method can use it (MTT's ``ema`` maps here)."""
+        return 0.0
+
+    def finalize(self, syn: Parametrization) -> None:
+        """Called once a unit's optimisation is done, before its images are written."""
+
+    def checkpoint_state(self) -> dict:
+        """Tensors (nested dicts allowed) to keep in a unit checkpoint, beyond images, optimiser and generator."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore what :meth:`checkpoint_state` returned (``{}`` from a checkpoint that holds none)."""
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """Learned tensors besides the images saved with the distilled set (``params/unit-*.safetensors``)."""
+        return {}
+
     def teardown(self) -> None:
         """Remove hooks and free memory at the end of a unit."""
 
@@ -251,13 +289,18 @@ class Objective:
 
 
 class Augmentation:
-    """A differentiable augmentation. ``sample`` draws parameters, ``apply`` uses them."""
+    """A differentiable augmentation, built as ``cls(cfg)``. ``sample`` draws parameters, ``apply`` uses them."""
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoOptions
 
-    def __init__(self, **options: Any):
-        if options:
-            raise DistillError(f"augmentation '{self.name}' takes no options {sorted(options)}.")
+    def __init__(self, cfg=None):
+        self.cfg = _own_config(self, cfg)
+
+    @classmethod
+    def from_options(cls, **options: Any):
+        """Build from option values (validated into :attr:`Config` first), e.g. in tests and notebooks."""
+        return cls(from_dict(cls.Config, options, what=f"augmentation '{cls.name}'"))
 
     def sample(self, n: int, ctx: Context) -> dict[str, torch.Tensor]:
         return {}

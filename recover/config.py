@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from distillset.core.config import check_number
 from distillset.core.errors import DistillError
@@ -17,7 +18,8 @@ class RecoverConfig:
         data: data source spec (real images for init-from-real and for objectives that need real data).
         teachers: teacher specs (a squeeze folder, local-dir:PATH, tv:ARCH=PATH, timm:ARCH=PATH); used in turn.
         method: objective name (see `distillset methods`).
-        options: the objective's options (e.g. r_bn).
+        options: the objective's options (e.g. r_bn; `distillset methods NAME` lists them); checked when the config
+            is built.
         parametrization: how images are parametrised (pixel, or a generative latent set).
         param_options: the parametrization's options (e.g. init: real).
         augmentation: differentiable augmentation name.
@@ -44,6 +46,8 @@ class RecoverConfig:
             experts' whitening when they were recorded with one), "fit" (fit on the training images of --data) or a
             zca.safetensors path. Saved with the distilled set; evaluate applies it to students and test images.
         zca_reg: regularisation added to the covariance eigenvalues when fitting (MTT/kornia: 0.1).
+        ema_decay: write an exponential moving average of the synthetic tensors (FTD) with this decay instead of
+            the last iterate (0 = off); MTT's ``ema`` option sets the same average.
     """
 
     out: str = "output/recover"
@@ -74,6 +78,7 @@ class RecoverConfig:
     max_classes: int = 0
     zca: str = ""
     zca_reg: float = 0.1
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.ipc < 1:
@@ -98,6 +103,18 @@ class RecoverConfig:
             raise DistillError("image_size, checkpoint_every and max_classes must be >= 0 (0 = default/off).")
         if self.log_every < 1:
             raise DistillError(f"log_every must be >= 1, got {self.log_every}.")
+        if not 0 <= self.ema_decay < 1:
+            raise DistillError(f"ema_decay is a decay in [0, 1), got {self.ema_decay}.")
+        self.plugins()
+
+    def plugins(self) -> tuple[tuple[type, Any], tuple[type, Any], tuple[type, Any]]:
+        """``(class, Config)`` of the objective, the parametrization and the augmentation, with their options
+        validated (done when the config is built, so a bad option fails before any work or any byte is written)."""
+        from distillset.recover.base import resolve_options
+
+        return (resolve_options("objective", self.method, self.options),
+                resolve_options("parametrization", self.parametrization, self.param_options),
+                resolve_options("augmentation", self.augmentation, self.aug_options))
 
 
 # options that do not change the result: a re-run with other values continues the same run

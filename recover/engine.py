@@ -27,6 +27,7 @@ from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progre
 from distillset.core.schedule import cosine
 from distillset.recover import base
 from distillset.recover.config import NON_SEMANTIC, RecoverConfig
+from distillset.recover.ema import ImageEMA
 from distillset.recover.real import RealData
 from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 
@@ -70,16 +71,10 @@ class Engine:
         from distillset.squeeze.checkpoint import load_teacher
 
         self.cfg, self.rt, self.device = cfg, rt, rt.device
-        self.objective_cls = base.get("objective", cfg.method)
-        self.param_cls = base.get("parametrization", cfg.parametrization)
-        aug_cls = base.get("augmentation", cfg.augmentation)
-        check_options(aug_cls, cfg.aug_options, f"augmentation '{cfg.augmentation}'", "aug_options")
-        check_options(self.objective_cls, cfg.options, f"objective '{cfg.method}'", "options")
-        # the parametrization is built per unit: its options are checked now, before anything is written
-        check_options(self.param_cls, cfg.param_options, f"parametrization '{cfg.parametrization}'", "param_options",
-                      skip=5)
-        self.augment = aug_cls(**cfg.aug_options)
-        self.objective = self.objective_cls(**cfg.options)
+        (self.objective_cls, objective_cfg), (self.param_cls, self.param_cfg), (aug_cls, aug_cfg) = cfg.plugins()
+        self.augment = aug_cls(aug_cfg)
+        self.objective = self.objective_cls(objective_cfg)
+        self.ema_decay = self._ema_decay()
         oc = self.objective_cls
         if oc.needs_teacher and not cfg.teachers:
             raise DistillError(f"method '{cfg.method}' needs a teacher; pass --teachers PATH (a `distillset squeeze` "
@@ -139,6 +134,14 @@ class Engine:
             if cfg.compile:
                 t.model = torch.compile(t.model)
 
+    def _ema_decay(self) -> float:
+        """The engine's image EMA: ``ema_decay``, or the decay the method asks for by its own options (MTT's ema)."""
+        own = self.objective.image_ema()
+        if self.cfg.ema_decay and own and own != self.cfg.ema_decay:
+            raise DistillError(f"ema_decay {self.cfg.ema_decay} and the method's ema option {own} disagree; set "
+                               "only one of them.")
+        return self.cfg.ema_decay or own
+
     def _input_space(self) -> ZCA | None:
         """Settle how the matching networks see images (mean/std, and the ZCA whitening or None). Expert buffers
         bring their own, which then holds for the whole run and for evaluation; otherwise the ``zca`` option."""
@@ -197,20 +200,20 @@ class Engine:
                             image_shape=self.image_shape, generator=g, total_steps=self.cfg.iterations,
                             rank=self.rt.rank, world=self.rt.world, unit=unit.index, teachers=self.teachers,
                             real=self.real, augment=self.augment, autocast_dtype=self.autocast,
-                            options={"mean": self.mean, "std": self.std, "zca": self.zca, "ipc": self.cfg.ipc,
-                                     "seed": self.cfg.seed,
-                                     "channels_last": self.cfg.channels_last})
+                            mean=list(self.mean), std=list(self.std), zca=self.zca, ipc=self.cfg.ipc,
+                            seed=self.cfg.seed, channels_last=self.cfg.channels_last)
 
     def optimise(self, unit: Unit, state_path: Path | None = None) -> tuple[base.Parametrization, dict]:
         """Run one unit to completion (resuming from ``state_path`` when it holds a checkpoint)."""
         cfg = self.cfg
         ctx = self.context(unit)
         cls, idx = unit.classes_and_indices()
-        syn = self.param_cls(cls.to(self.device), idx, self.image_shape, cfg.seed, ctx,
-                             **cfg.param_options).to(self.device)
+        syn = self.param_cls(self.param_cfg, cls.to(self.device), idx, self.image_shape, cfg.seed,
+                             ctx).to(self.device)
         if self.objective_cls.selects:
             return syn, {}
         self.objective.setup(ctx)
+        ema = ImageEMA(self.ema_decay)
         groups = [{"params": [p for p in syn.parameters() if p.requires_grad], "lr": cfg.lr}]
         for g in self.objective.extra_parameters():
             groups.append(g if isinstance(g, dict) else {"params": [g], "lr": cfg.lr})
@@ -220,7 +223,7 @@ class Engine:
                else torch.optim.SGD(groups, momentum=cfg.momentum))
         start = 0
         if state_path is not None and state_path.exists():
-            start = self._restore(state_path, syn, opt, ctx)
+            start = self._restore(state_path, syn, opt, ctx, ema)
         logs: dict = {}
         good = None
         bar = progress(total=cfg.iterations, initial=start, desc=f"unit {unit.index}", enabled=self.rt.is_main)
@@ -230,6 +233,7 @@ class Engine:
             scale = cosine(step, cfg.iterations) if cfg.schedule == "cosine" else 1.0
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
+            ema.update(syn)  # the images as they enter this step
             with syn.step_cache():
                 loss = self.objective.loss(syn, ctx)
             opt.zero_grad(set_to_none=True)
@@ -247,10 +251,10 @@ class Engine:
                 bar.set_postfix(loss=f"{value:.4g}")
                 log.debug("unit %d step %d %s", unit.index, step + 1, logs)
             if state_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
-                self._save_state(state_path, syn, opt, ctx, step + 1)
+                self._save_state(state_path, syn, opt, ctx, step + 1, ema)
         bar.close()
-        if hasattr(self.objective, "finalize"):  # e.g. swap in an EMA of the images before they are written
-            self.objective.finalize(syn)
+        ema.finalize(syn)  # with ema_decay the written images are the moving average
+        self.objective.finalize(syn)
         self.objective.teardown()
         logs["seconds"] = time.perf_counter() - t0
         return syn, logs
@@ -264,15 +268,15 @@ class Engine:
         raise DistillError(f"the loss became NaN/inf by step {step + 1} of unit {unit.index}{where}; lower --lr "
                            "or the objective's weights and run again (finished units are kept).")
 
-    def _save_state(self, path: Path, syn, opt, ctx: base.Context, step: int) -> None:
+    def _save_state(self, path: Path, syn, opt, ctx: base.Context, step: int, ema: ImageEMA) -> None:
         from distillset.squeeze.checkpoint import save_atomic_state
 
         extra = [p for g in opt.param_groups[1:] for p in g["params"]]
         save_atomic_state(path, {"step": step, "syn": syn.state_dict(), "opt": opt.state_dict(),
                                  "extra": [p.detach().cpu() for p in extra], "rng": ctx.generator.get_state(),
-                                 "objective_state": getattr(self.objective, "checkpoint_state", lambda: {})()})
+                                 "objective_state": self.objective.checkpoint_state(), "ema": ema.state()})
 
-    def _restore(self, path: Path, syn, opt, ctx: base.Context) -> int:
+    def _restore(self, path: Path, syn, opt, ctx: base.Context, ema: ImageEMA) -> int:
         try:
             st = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
@@ -284,8 +288,10 @@ class Engine:
             for p, v in zip(extra, st["extra"]):
                 p.copy_(v)
         ctx.generator.set_state(st["rng"].cpu())
-        if hasattr(self.objective, "load_checkpoint_state"):
-            self.objective.load_checkpoint_state(st.get("objective_state", {}))
+        objective_state = dict(st.get("objective_state", {}))
+        # checkpoints written before the engine kept the EMA hold MTT's average in the objective's state
+        ema.load_state(st.get("ema") or objective_state.pop("ema", {}), self.device)
+        self.objective.load_checkpoint_state(objective_state)
         log.info("resumed unit %d at step %d", ctx.unit, st["step"])
         return int(st["step"])
 
@@ -295,8 +301,8 @@ class Engine:
         self.objective.setup(ctx)
         picked = []
         for k, c in enumerate(range(unit.c0, unit.c1)):
-            sub = base.Context(**{**ctx.__dict__, "classes": torch.full((unit.i1 - unit.i0,), c, device=self.device),
-                                  "options": {**ctx.options, "first_index": unit.i0}})
+            sub = dataclasses.replace(ctx, classes=torch.full((unit.i1 - unit.i0,), c, device=self.device),
+                                      first_index=unit.i0)
             idx = self.objective.select(sub, unit.i1 - unit.i0)
             picked.append(self.real.images[idx.to(self.real.images.device)].cpu())
         self.objective.teardown()
@@ -460,7 +466,7 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
             if extra:
                 save_tensors(out / "latents" / f"unit-{u.index:06d}.safetensors", extra,
                              {"parametrization": cfg.parametrization})
-            params = getattr(engine.objective, "final_state", lambda: {})()
+            params = engine.objective.final_state()
             if params:
                 save_tensors(out / "params" / f"unit-{u.index:06d}.safetensors", params, {"method": cfg.method})
         cls, idx = u.classes_and_indices()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,24 +42,51 @@ def _parse_learn(learn, names: tuple[str, ...], kind: str) -> set[str]:
     return set(items)
 
 
+@dataclass
+class LatentConfig:
+    """Options every latent set has.
+
+    Attributes:
+        prior: folder of the prior (`distillset prior train --kind KIND`).
+        chunk: images rendered per graph in backward (0 = all at once; memory grows with the number of images).
+        learn: which latents are optimised (comma-separated names; unset = all).
+        init: ``real`` (encode a real image of the class; needs --data) or ``noise``.
+        encode_batch: real images encoded per batch at init.
+    """
+
+    prior_kind: ClassVar[str] = ""
+    latent_names: ClassVar[tuple[str, ...]] = ()
+    prior: str = ""
+    chunk: int = 16
+    learn: list[str] | str | None = None
+    init: str = "real"
+    encode_batch: int = 32
+
+    def __post_init__(self):
+        kind = self.prior_kind
+        if not self.prior:
+            raise DistillError(f"parametrization '{kind}' needs a prior folder: set param_options prior: PATH (train "
+                               f"one with `distillset prior train --kind {kind}`).")
+        if self.chunk < 0:
+            raise DistillError(f"chunk must be >= 0 (0 = render all images with one graph), got {self.chunk}.")
+        if self.init not in ("real", "noise"):
+            raise DistillError(f"unknown {kind} init '{self.init}'; use real or noise.")
+        _parse_learn(self.learn, self.latent_names, kind)
+
+
 class LatentSet(Parametrization):
     """Latents of a frozen prior, one set per image. Subclasses name the prior kind and the latent tensors."""
 
     prior_kind: ClassVar[str] = ""
     latent_names: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type] = LatentConfig
 
-    def __init__(self, classes: torch.Tensor, indices: torch.Tensor, image_shape: tuple[int, int, int], seed: int,
-                 ctx: Context, prior: str = "", chunk: int = 16, learn: str | list[str] | None = None,
-                 init: str = "real", encode_batch: int = 32):
-        super().__init__()
+    def __init__(self, cfg: LatentConfig | None, classes: torch.Tensor, indices: torch.Tensor,
+                 image_shape: tuple[int, int, int], seed: int, ctx: Context):
+        super().__init__(cfg)
         kind = self.prior_kind
-        if not prior:
-            raise DistillError(f"parametrization '{kind}' needs a prior folder: set param_options prior: PATH (train "
-                               f"one with `distillset prior train --kind {kind}`).")
-        if chunk < 0:
-            raise DistillError(f"chunk must be >= 0 (0 = render all images with one graph), got {chunk}.")
-        if init not in ("real", "noise"):
-            raise DistillError(f"unknown {kind} init '{init}'; use real or noise.")
+        prior, chunk, learn, init = self.cfg.prior, self.cfg.chunk, self.cfg.learn, self.cfg.init
+        encode_batch = self.cfg.encode_batch
         p = from_pretrained(prior, kind=kind, num_classes=ctx.num_classes, image_shape=tuple(image_shape),
                             device=ctx.device)
         object.__setattr__(self, "_prior", self.configure(p))  # not a submodule: frozen, shared, never saved
@@ -183,30 +211,43 @@ class LatentSet(Parametrization):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-@register_parametrization("ld3m")
+@register_parametrization("ld3m", paper="Moser et al. 2024, Latent Dataset Distillation with Diffusion Models "
+                          "(LD3M, arXiv:2403.03881)")
 class LD3MSet(LatentSet):
-    """LD3M: learn the initial diffusion latent ``z_T`` and a class-conditioning vector per image.
+    """LD3M: learn the initial diffusion latent ``z_T`` and a class-conditioning vector per image."""
 
-    Options (``param_options``):
-        prior: folder of an LD3M prior (``distillset prior train --kind ld3m``, or a diffusers class-conditional
-            LDM folder).
-        chunk: images rendered per graph in backward (0 = all at once; memory grows with the number of images).
-        steps: DDIM steps (default: the prior's).
-        blend: weight of ``z_T`` in the predicted ``x0`` at the first step (falls linearly to ``blend / steps``).
-        learn: which latents are optimised, from ``z_T,cond``.
-        init: ``real`` (encode a real image of the class; needs --data) or ``noise``.
-        checkpointing: gradient-checkpoint every UNet call.
-    """
+    @dataclass
+    class Config(LatentConfig):
+        """Options of LD3M (``param_options``).
+
+        Attributes:
+            prior: folder of an LD3M prior (``distillset prior train --kind ld3m``, or a diffusers class-conditional
+                LDM folder).
+            learn: which latents are optimised, from ``z_T,cond``.
+            steps: DDIM steps (0 = the prior's).
+            blend: weight of ``z_T`` in the predicted ``x0`` at the first step (falls linearly to ``blend / steps``).
+            checkpointing: gradient-checkpoint every UNet call.
+        """
+
+        prior_kind: ClassVar[str] = "ld3m"
+        latent_names: ClassVar[tuple[str, ...]] = ("z_T", "cond")
+        steps: int = 0
+        blend: float = 1.0
+        checkpointing: bool = True
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.steps < 0 or not 0.0 <= self.blend <= 1.0:
+                raise DistillError(f"ld3m needs steps >= 0 and 0 <= blend <= 1, got steps={self.steps}, "
+                                   f"blend={self.blend}.")
 
     prior_kind = "ld3m"
     latent_names = ("z_T", "cond")
 
-    def __init__(self, classes, indices, image_shape, seed, ctx, steps: int = 0, blend: float = 1.0,
-                 checkpointing: bool = True, **options):
-        if steps < 0 or not 0.0 <= blend <= 1.0:
-            raise DistillError(f"ld3m needs steps >= 0 and 0 <= blend <= 1, got steps={steps}, blend={blend}.")
-        self._steps, self._blend, self._ckpt = int(steps), float(blend), bool(checkpointing)
-        super().__init__(classes, indices, image_shape, seed, ctx, **options)
+    def __init__(self, cfg: Config | None, classes, indices, image_shape, seed, ctx):
+        c = cfg if cfg is not None else self.Config()
+        self._steps, self._blend, self._ckpt = int(c.steps), float(c.blend), bool(c.checkpointing)
+        super().__init__(c, classes, indices, image_shape, seed, ctx)
 
     def conditioning(self, labels):
         return {"cond": self.prior.conditioning(labels)}
@@ -216,24 +257,34 @@ class LD3MSet(LatentSet):
                                  checkpointing=self._ckpt)
 
 
-@register_parametrization("glad")
+@register_parametrization("glad", paper="Cazenavette et al. 2023, Generalizing Dataset Distillation via Deep "
+                          "Generative Prior (GLaD, arXiv:2305.01649)")
 class GLaDSet(LatentSet):
-    """GLaD: learn per-image W+ style codes ``w`` of the layers after ``layer`` and the feature map ``f`` there.
+    """GLaD: learn per-image W+ style codes ``w`` of the layers after ``layer`` and the feature map ``f`` there."""
 
-    Options (``param_options``):
-        prior: folder of a GLaD prior (``distillset prior train --kind glad``).
-        chunk: images rendered per graph in backward (0 = all at once).
-        layer: split the generator after this synthesis layer (default: the prior's).
-        learn: which latents are optimised, from ``w,f``.
-        init: ``noise`` (truncated random styles of the class) or ``real`` (invert a real image of the class).
-    """
+    @dataclass
+    class Config(LatentConfig):
+        """Options of GLaD (``param_options``).
+
+        Attributes:
+            prior: folder of a GLaD prior (``distillset prior train --kind glad``).
+            learn: which latents are optimised, from ``w,f``.
+            init: ``noise`` (truncated random styles of the class) or ``real`` (invert a real image of the class).
+            layer: split the generator after this synthesis layer (-1 = the prior's).
+        """
+
+        prior_kind: ClassVar[str] = "glad"
+        latent_names: ClassVar[tuple[str, ...]] = ("w", "f")
+        init: str = "noise"
+        layer: int = -1
 
     prior_kind = "glad"
     latent_names = ("w", "f")
 
-    def __init__(self, classes, indices, image_shape, seed, ctx, layer: int = -1, init: str = "noise", **options):
-        self._layer = int(layer)
-        super().__init__(classes, indices, image_shape, seed, ctx, init=init, **options)
+    def __init__(self, cfg: Config | None, classes, indices, image_shape, seed, ctx):
+        c = cfg if cfg is not None else self.Config()
+        self._layer = int(c.layer)
+        super().__init__(c, classes, indices, image_shape, seed, ctx)
 
     def configure(self, prior):
         return prior if self._layer < 0 else prior.with_layer(self._layer)

@@ -2,44 +2,58 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from distillset.core.errors import DistillError
 from distillset.core.partition import mix_seed  # noqa: F401  (re-exported for plugins)
 from distillset.recover.base import Context, Parametrization, register_parametrization
 from distillset.squeeze.inputs import unwhiten, whiten
 
 
-@register_parametrization("pixel")
+@register_parametrization("pixel", paper="Wang et al. 2018, Dataset Distillation (arXiv:1811.10959)",
+                          description="raw pixels (in normalised or ZCA-whitened units), clamped to [0, 1]")
 class PixelSet(Parametrization):
     """Raw pixels, stored in normalised units ``(x - mean) / std`` so the SRe2L learning rate (0.25) keeps its meaning;
     ``render`` returns ``[0, 1]`` pixels and ``project_`` keeps them in range.
 
-    Constructor arguments are the engine's (every parametrization takes the same ones); ``ctx.options`` holds the
-    reference ``mean``/``std`` of the first teacher.
+    Constructor arguments besides the ``Config`` are the engine's (every parametrization takes the same ones);
+    ``ctx.mean``/``ctx.std`` are the reference normalisation of the run (the first teacher's).
 
-    When the run whitens with ZCA (``ctx.options["zca"]``), the learnable tensor is the *whitened* image, as in KIP and
-    MTT, which optimise in the whitened space: a gradient step there is ``W^-1``-smooth in pixel space, whereas a step
+    When the run whitens with ZCA (``ctx.zca``), the learnable tensor is the *whitened* image, as in KIP and MTT,
+    which optimise in the whitened space: a gradient step there is ``W^-1``-smooth in pixel space, whereas a step
     on raw pixels would be ``W``-sharpened (noise in the small-eigenvalue, high-frequency directions). ``render``
     un-whitens, and ``project_`` clamps the pixels to ``[0, 1]`` and whitens them again (an exact projection: the map
     is linear and invertible), so the PNGs written are the images that were optimised.
-
-    Options:
-        init: ``noise`` (Gaussian in normalised space, as SRe2L) or ``real`` (a real image of the class, chosen by the
-            image's own seed).
-        noise_std: standard deviation of the initial noise in normalised (or whitened) units.
-        whitened: optimise whitened images when the run has a ZCA (default); false keeps raw normalised pixels.
     """
 
-    def __init__(self, classes: torch.Tensor, indices: torch.Tensor, image_shape: tuple[int, int, int], seed: int,
-                 ctx: Context, init: str = "noise", noise_std: float = 1.0, whitened: bool = True):
-        super().__init__()
-        from distillset.core.errors import DistillError
+    @dataclass
+    class Config:
+        """Options of the pixel parametrization.
 
-        if init not in ("noise", "real"):
-            raise DistillError(f"unknown pixel init '{init}'; use noise or real.")
+        Attributes:
+            init: ``noise`` (Gaussian in normalised space, as SRe2L) or ``real`` (a real image of the class, chosen
+                by the image's own seed).
+            noise_std: standard deviation of the initial noise in normalised (or whitened) units.
+            whitened: optimise whitened images when the run has a ZCA (default); false keeps raw normalised pixels.
+        """
+
+        init: str = "noise"
+        noise_std: float = 1.0
+        whitened: bool = True
+
+        def __post_init__(self):
+            if self.init not in ("noise", "real"):
+                raise DistillError(f"unknown pixel init '{self.init}'; use noise or real.")
+
+    def __init__(self, cfg: Config | None, classes: torch.Tensor, indices: torch.Tensor,
+                 image_shape: tuple[int, int, int], seed: int, ctx: Context):
+        super().__init__(cfg)
+        init, noise_std, whitened = self.cfg.init, self.cfg.noise_std, self.cfg.whitened
         c = image_shape[0]
-        mean, std = ctx.options.get("mean", [0.5] * c), ctx.options.get("std", [0.5] * c)
+        mean, std = ctx.mean, ctx.std
         self.register_buffer("labels", classes.clone())
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
@@ -53,7 +67,7 @@ class PixelSet(Parametrization):
                 data[k] = (img - self.mean[0].cpu()) / self.std[0].cpu()
         self._lo = ((0 - self.mean) / self.std)
         self._hi = ((1 - self.mean) / self.std)
-        zca = ctx.options.get("zca") if whitened else None
+        zca = ctx.zca if whitened else None
         self.whitened = zca is not None
         if self.whitened:
             if tuple(zca.shape) != tuple(image_shape):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from distillset.core.errors import DistillError, unknown_name
+from distillset.core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,28 +40,38 @@ class ModelEntry:
     defaults: dict = field(default_factory=dict)
 
 
-_MODELS: dict[str, ModelEntry] = {}
+# the ConvNet family and the small cross-architecture nets are defined in this module, so no built-in module to import
+BACKBONES = Registry("backbone", "distillset.backbones")
 
 
-def register_model(name: str, *, has_bn: bool, input_size: int | None = None, mean=None, std=None, **defaults):
-    """Decorator registering ``builder(num_classes, in_chans, img_size, **kwargs) -> nn.Module`` under ``name``."""
+def register_model(name: str, *, has_bn: bool, input_size: int | None = None, mean=None, std=None, paper: str = "",
+                   **defaults):
+    """Decorator registering ``builder(num_classes, in_chans, img_size, **kwargs) -> nn.Module`` under ``name``.
 
-    def deco(fn):
-        _MODELS[name] = ModelEntry(name, fn, has_bn, input_size, mean, std, (fn.__doc__ or "").strip().split("\n")[0],
-                                   dict(defaults))
-        return fn
-
-    return deco
+    The backbone registry entry carries ``has_bn``, ``input_size``, ``mean``/``std`` and the builder's default keyword
+    arguments as metadata.
+    """
+    return BACKBONES.register(name, paper=paper, has_bn=has_bn, input_size=input_size, mean=mean, std=std,
+                              defaults=dict(defaults))
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS) + ["timm:<name>", "tv:<name>"]
+    return BACKBONES.names() + ["timm:<name>", "tv:<name>"]
 
 
 def model_entry(name: str) -> ModelEntry:
     """Metadata for ``name``; timm/torchvision names get their BN flag by building the model once on the meta device."""
-    if name in _MODELS:
-        return _MODELS[name]
+    if not name.startswith(("timm:", "tv:")):
+        e = BACKBONES.entry(name) if name in BACKBONES else None
+        if e is None:
+            raise unknown_name("model", name, list_models())
+        m = e.metadata
+        has_bn = m.get("has_bn")
+        if has_bn is None:  # a plugin builder registered through its entry point alone: look at the layers
+            with torch.device("meta"):
+                has_bn = has_batchnorm(e.obj(num_classes=10, in_chans=3, img_size=32))
+        return ModelEntry(name, e.obj, has_bn, m.get("input_size"), m.get("mean"), m.get("std"), e.description,
+                          dict(m.get("defaults") or {}))
     if name.startswith(("timm:", "tv:")):
         with torch.device("meta"):
             model = _external(name, num_classes=10, in_chans=3, img_size=224)

@@ -82,7 +82,7 @@ def test_dm_over_latents_lowers_gap_and_saves_latents(setup, kind):
     ctx = Context(device=torch.device("cpu"), classes=cls, num_classes=CLASSES, image_shape=(3, 16, 16),
                   generator=torch.Generator().manual_seed(0), real=RealData(real))
     cls_ = LD3MSet if kind == "ld3m" else GLaDSet
-    initial = cls_(cls, idx, (3, 16, 16), cfg.seed, ctx, **opts)
+    initial = cls_.from_options(cls, idx, (3, 16, 16), cfg.seed, ctx, **opts)
     x0 = initial.images_uint8().float() / 255
     gap0, gap1 = _dm_gap(x0, cls, real), _dm_gap(final, labels, real)
     assert gap1 < 0.9 * gap0, (gap0, gap1)

@@ -193,10 +193,10 @@ def test_latent_set_state_round_trip_and_shape_check(priors):
     ctx = Context(device=torch.device("cpu"), classes=torch.tensor([0, 0, 1]), num_classes=10,
                   image_shape=(3, 16, 16), generator=torch.Generator().manual_seed(0))
     cls, idx = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0])
-    a = LD3MSet(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]), chunk=2)
-    b = LD3MSet(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]), chunk=2)
+    a = LD3MSet.from_options(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]), chunk=2)
+    b = LD3MSet.from_options(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]), chunk=2)
     assert torch.equal(a.z_T, b.z_T)  # init is a pure function of (seed, class, index)
-    c = LD3MSet(cls[1:], idx[1:], (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]))
+    c = LD3MSet.from_options(cls[1:], idx[1:], (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]))
     assert torch.equal(a.z_T[1:], c.z_T)  # ... whatever the unit holds
     st = a.state()
     assert set(st) == {"z_T", "cond", "labels", "indices"}
@@ -204,14 +204,14 @@ def test_latent_set_state_round_trip_and_shape_check(priors):
         a.z_T.add_(1.0)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.render(), b.render())
-    g = GLaDSet(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["glad"][0]), learn="f")
+    g = GLaDSet.from_options(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["glad"][0]), learn="f")
     assert not g.w.requires_grad and g.f.requires_grad
     bad = {k: v for k, v in g.state_dict().items()}
     bad["f"] = torch.zeros(3, 1, 2, 2)
     with pytest.raises(DistillError, match="per-image shape"):
         g.load_state_dict(bad)
     with pytest.raises(DistillError, match="can learn"):
-        GLaDSet(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["glad"][0]), learn="z_T")
+        GLaDSet.from_options(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["glad"][0]), learn="z_T")
 
 
 @pytest.mark.parametrize("chunk", [0, 2])
@@ -229,11 +229,11 @@ def test_step_cache_renders_once_and_gives_the_same_loss_and_gradient(priors, ch
     def step(cached: bool):
         ctx = Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(3, 16, 16),
                       generator=torch.Generator().manual_seed(0), real=real)
-        syn = LD3MSet(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]), chunk=chunk)
+        syn = LD3MSet.from_options(cls, idx, (3, 16, 16), 7, ctx, prior=str(priors["ld3m"][0]), chunk=chunk)
         calls = []
         inner = syn.render_latents
         syn.render_latents = lambda lat: calls.append(len(lat["z_T"])) or inner(lat)
-        obj = DistributionMatching(batch_real=8, aug="none", width=8)
+        obj = DistributionMatching.from_options(batch_real=8, aug="none", width=8)
         obj.setup(ctx)
         with syn.step_cache() if cached else torch.enable_grad():
             loss = obj.loss(syn, ctx)
@@ -270,7 +270,7 @@ def test_a_diffusers_ldm_pipeline_folder_loads_as_an_ld3m_prior(tmp_path):
         assert torch.allclose(q.render({"z_T": z}, cond, steps=2), p.render({"z_T": z}, cond, steps=2), atol=1e-5)
     ctx = Context(device=torch.device("cpu"), classes=torch.tensor([0, 3]), num_classes=4, image_shape=(3, 16, 16),
                   generator=torch.Generator().manual_seed(0))
-    syn = LD3MSet(torch.tensor([0, 3]), torch.tensor([0, 0]), (3, 16, 16), 0, ctx, prior=str(tmp_path / "ldm"),
+    syn = LD3MSet.from_options(torch.tensor([0, 3]), torch.tensor([0, 0]), (3, 16, 16), 0, ctx, prior=str(tmp_path / "ldm"),
                   init="noise", steps=2)
     syn.render().square().mean().backward()
     assert syn.z_T.grad.abs().sum() > 0 and syn.cond.grad.abs().sum() > 0

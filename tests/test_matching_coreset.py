@@ -25,14 +25,14 @@ def real() -> RealData:
 def class_ctx(real: RealData, c: int, ipc: int, seed: int = 0) -> Context:
     return Context(device=torch.device("cpu"), classes=torch.full((ipc,), c), num_classes=10,
                    image_shape=(3, 32, 32), generator=torch.Generator().manual_seed(seed), real=real,
-                   options={"mean": [0.5] * 3, "std": [0.5] * 3, "ipc": ipc})
+                   mean=[0.5] * 3, std=[0.5] * 3, ipc=ipc)
 
 
 @pytest.mark.parametrize("name,options", [("random", {}), ("herding", {}), ("kcenter", {}),
                                           ("herding", {"features": "pixels"}),
                                           ("forgetting", {"epochs": 2, "width": 16})])
 def test_selection_is_ipc_distinct_images_of_the_class(real, name, options):
-    obj = get("objective", name)(**options)
+    obj = get("objective", name).from_options(**options)
     assert obj.selects
     obj.setup(class_ctx(real, 0, 5))
     for c in (0, 3, 9):
@@ -46,7 +46,7 @@ def _random_features(obj, real, c):
 
 
 def test_herding_mean_closer_than_random_and_kcenter_covers_better(real):
-    herd, kc = get("objective", "herding")(), get("objective", "kcenter")()
+    herd, kc = get("objective", "herding").from_options(), get("objective", "kcenter").from_options()
     herd.setup(class_ctx(real, 0, 5))
     kc.setup(class_ctx(real, 0, 5))
     g = torch.Generator().manual_seed(0)
@@ -69,8 +69,8 @@ def test_herding_mean_closer_than_random_and_kcenter_covers_better(real):
 
 
 def test_forgetting_orders(real):
-    most = get("objective", "forgetting")(epochs=2, width=16, order="most")
-    least = get("objective", "forgetting")(epochs=2, width=16, order="least")
+    most = get("objective", "forgetting").from_options(epochs=2, width=16, order="most")
+    least = get("objective", "forgetting").from_options(epochs=2, width=16, order="least")
     most.setup(class_ctx(real, 0, 5))
     least._counts, least._key = most._counts, (id(real), len(real.labels))  # share the (deterministic) scoring run
     assert most._counts.max() > 0  # some images were forgotten or never learned
@@ -86,7 +86,7 @@ def test_engine_writes_herding_selection(real, tmp_path):
     manifest = run(cfg)
     assert manifest["status"] == "complete" and manifest["num_images"] == 30
     images, _ = load_distilled(cfg.out)
-    obj = get("objective", "herding")()
+    obj = get("objective", "herding").from_options()
     obj.setup(class_ctx(real, 0, 3))
     want = real.images[obj.select(class_ctx(real, 7, 3), 3)]
     got = images.images[images.labels == 7]

@@ -33,7 +33,7 @@ def _ctx(seed: int) -> Context:
 
 
 def test_same_params_same_transform_different_params_differ(images):
-    aug = get("augmentation", "dsa")()
+    aug = get("augmentation", "dsa").from_options()
     ctx = _ctx(0)
     draws = [aug.sample(1, ctx) for _ in range(40)]
     # every family gets drawn over 40 steps (one family per step)
@@ -78,7 +78,7 @@ def test_dsa_augment_function_and_diffaugment(images):
     a, b = dsa_augment(images, g1), dsa_augment(images, g2)
     assert torch.equal(a, b) and a.shape == images.shape
     # DiffAugment: all three families, per-image draws -> two images of equal content are changed differently
-    diff = get("augmentation", "diffaugment")()
+    diff = get("augmentation", "diffaugment").from_options()
     assert not diff.impl.siamese and not diff.impl.one_op
     twins = images[:1].repeat(2, 1, 1, 1)
     out = diff(twins, _ctx(1))

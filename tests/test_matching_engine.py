@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 
 import torch
 
@@ -42,10 +43,21 @@ def test_dm_end_to_end_writes_the_standard_folder(tmp_path):
 class MeanColour(Objective):
     """A plugin from outside the package: pull every synthetic image's mean colour towards a target."""
 
+    @dataclass
+    class Config:
+        """Options.
+
+        Attributes:
+            target: the mean colour to reach.
+        """
+
+        target: float = 0.25
+
     needs_real = False
 
-    def __init__(self, target: float = 0.25):
-        self.target = target
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        self.target = self.cfg.target
 
     def loss(self, syn, ctx):
         return ((syn.render().mean(dim=(1, 2, 3)) - self.target) ** 2).sum()
@@ -65,7 +77,7 @@ def test_external_objective_by_decorator_runs_unchanged(tmp_path):
         assert run(cfg)["status"] == "complete"
         _check_mean_colour(tmp_path / "ext", 0.3)
     finally:
-        base._REGISTRIES["objective"].pop("test_mean_colour", None)
+        base.OBJECTIVES.remove("test_mean_colour")
 
 
 class EntryPointObjective(MeanColour):
@@ -81,7 +93,7 @@ def test_external_objective_by_entry_point(tmp_path, monkeypatch):
         return [ep] if kw.get("group") == "distillset.objectives" else real_eps(**kw)
 
     monkeypatch.setattr(importlib.metadata, "entry_points", fake)
-    base._ENTRY_POINTS_LOADED.discard("objective")
+    base.OBJECTIVES.forget_plugins()
     try:
         assert "ep_mean_colour" in base.registry("objective")
         cfg = RecoverConfig(out=str(tmp_path / "ep"), data=DATA, method="ep_mean_colour", ipc=1, iterations=60,
@@ -89,8 +101,7 @@ def test_external_objective_by_entry_point(tmp_path, monkeypatch):
         assert run(cfg)["status"] == "complete"
         _check_mean_colour(tmp_path / "ep", 0.6)
     finally:
-        base._REGISTRIES["objective"].pop("ep_mean_colour", None)
-        base._ENTRY_POINTS_LOADED.discard("objective")
+        base.OBJECTIVES.forget_plugins()
 
 
 def test_matching_recipes_resolve_and_run_tiny(tmp_path):

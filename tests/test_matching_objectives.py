@@ -30,19 +30,19 @@ def real() -> RealData:
 def make_ctx(real: RealData, ipc: int, seed: int = 0) -> Context:
     cls = torch.arange(CLASSES).repeat_interleave(ipc)
     return Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(3, 32, 32),
-                   generator=torch.Generator().manual_seed(seed), real=real, augment=get("augmentation", "none")(),
-                   options={"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "ipc": ipc})
+                   generator=torch.Generator().manual_seed(seed), real=real, augment=get("augmentation", "none").from_options(),
+                   mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], ipc=ipc)
 
 
 def make_syn(ctx: Context, ipc: int, init: str = "real") -> PixelSet:
     cls = ctx.classes
-    return PixelSet(cls, torch.arange(ipc).repeat(CLASSES), (3, 32, 32), 0, ctx, init=init)
+    return PixelSet.from_options(cls, torch.arange(ipc).repeat(CLASSES), (3, 32, 32), 0, ctx, init=init)
 
 
 def optimise(name: str, real: RealData, ipc: int, steps: int, lr: float, init: str = "real", **options):
     ctx = make_ctx(real, ipc)
     syn = make_syn(ctx, ipc, init)
-    obj = get("objective", name)(**options)
+    obj = get("objective", name).from_options(**options)
     obj.setup(ctx)
     opt = torch.optim.SGD(syn.parameters(), lr=lr, momentum=0.5)
     for step in range(steps):
@@ -61,7 +61,7 @@ def evaluate(name: str, syn: PixelSet, real: RealData, ipc: int, seeds=(101, 102
     total = 0.0
     for s in seeds:
         ctx = make_ctx(real, ipc, seed=s)
-        obj = get("objective", name)(**options)
+        obj = get("objective", name).from_options(**options)
         obj.setup(ctx)
         with torch.enable_grad():
             total += float(obj.loss(syn, ctx).detach())
@@ -82,7 +82,7 @@ def test_dc_loop_mapping(real):
     assert dc_loops(1) == (1, 1) and dc_loops(10) == (10, 50) and dc_loops(50) == (50, 10) and dc_loops(12) == (10, 50)
     ctx = make_ctx(real, 2)
     syn = make_syn(ctx, 2)
-    obj = get("objective", "dc")(**SMALL, outer_loop=3, inner_loop=2)
+    obj = get("objective", "dc").from_options(**SMALL, outer_loop=3, inner_loop=2)
     obj.setup(ctx)
     nets, weights = [], []
     for step in range(6):

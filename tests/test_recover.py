@@ -42,7 +42,7 @@ def test_bn_inversion_lowers_its_loss_and_learns_the_class(digits_teacher, tmp_p
     engine = Engine(c, get_runtime())
     unit = plan_units(10, 3, 10, 0)[0]
     ctx = engine.context(unit)
-    syn = engine.param_cls(ctx.classes, unit.classes_and_indices()[1], engine.image_shape, 0, ctx)
+    syn = engine.param_cls(engine.param_cfg, ctx.classes, unit.classes_and_indices()[1], engine.image_shape, 0, ctx)
     engine.objective.setup(ctx)
     before = float(engine.objective.loss(syn, ctx).detach())
     engine.objective.teardown()

@@ -54,7 +54,7 @@ def _run(tmp_path, teachers, **opts):
     engine = _engine(tmp_path, teachers, **opts)
     unit = plan_units(engine.num_classes, 2, 4, 0)[0]
     cls, idx = unit.classes_and_indices()
-    start = engine.param_cls(cls, idx, engine.image_shape, 0, engine.context(unit))
+    start = engine.param_cls(engine.param_cfg, cls, idx, engine.image_shape, 0, engine.context(unit))
     before = _terms(engine, unit, start)
     syn, logs = engine.optimise(unit)
     return before, _terms(engine, unit, syn), logs

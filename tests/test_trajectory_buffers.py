@@ -81,12 +81,12 @@ def test_mismatched_buffers_give_one_line_errors(experts, tmp_path):
     assert "\n" not in str(e.value) and "parameters" in str(e.value)
     mtt = get("objective", "mtt")
     with pytest.raises(DistillError, match="record trajectories") as e:
-        mtt(buffer=cfg.out, arch="convnet_bn").setup(make_ctx())
+        mtt.from_options(buffer=cfg.out, arch="convnet_bn").setup(make_ctx())
     assert "\n" not in str(e.value)
     ctx = make_ctx()
     ctx.image_shape = (3, 32, 32)
     with pytest.raises(DistillError, match="were trained on") as e:
-        mtt(buffer=cfg.out).setup(ctx)
+        mtt.from_options(buffer=cfg.out).setup(ctx)
     assert "\n" not in str(e.value)
     with pytest.raises(DistillError, match="holds no"):
         load_buffers(tmp_path)

@@ -29,7 +29,7 @@ def real():
 def test_datm_labels_start_from_the_expert_and_replace_misclassified_images(buffer, real):
     ctx = make_ctx(real=real)
     syn = make_syn(ctx, init="noise")  # noise: the expert gets most of these wrong
-    obj = get("objective", "datm")(buffer=buffer, syn_steps=3, expert_epochs=2, max_start_epoch=4,
+    obj = get("objective", "datm").from_options(buffer=buffer, syn_steps=3, expert_epochs=2, max_start_epoch=4,
                                    current_max_start_epoch=2, label_epoch=6)
     obj.setup(ctx)
     net = obj._label_net(ctx)
@@ -62,10 +62,10 @@ def test_datm_soft_labels_are_learned_and_saved(buffer, tmp_path):
     params = load_tensors(tmp_path / "datm" / "params" / "unit-000000.safetensors")
     assert params["soft_labels"].shape == (20, 10) and params["lr"].shape == (1,)
     # recompute the initial labels the way DATM does and check that optimisation moved them
-    obj = get("objective", "datm")(**cfg.options)
+    obj = get("objective", "datm").from_options(**cfg.options)
     ctx = make_ctx(real=RealData(Source("digits").load("train")))
     obj.setup(ctx)
-    syn = get("parametrization", "pixel")(ctx.classes, torch.arange(2).repeat(10), (1, 8, 8), 0, ctx, init="real")
+    syn = get("parametrization", "pixel").from_options(ctx.classes, torch.arange(2).repeat(10), (1, 8, 8), 0, ctx, init="real")
     obj._initialise(syn, ctx)
     moved = (params["soft_labels"] - obj.soft_labels.detach()).abs().max()
     assert float(moved) > 1e-3
@@ -75,7 +75,7 @@ def test_dd_learns_images_and_step_sizes(real):
     ctx = make_ctx(real=real)
     syn = make_syn(ctx, ipc=1, init="noise")
     ctx.classes = syn.labels
-    obj = get("objective", "dd")(model_kwargs={"width": 8}, inner_steps=4, lr_init=0.2, lr_lr=0.05,
+    obj = get("objective", "dd").from_options(model_kwargs={"width": 8}, inner_steps=4, lr_init=0.2, lr_lr=0.05,
                                  real_batch=200)
     obj.setup(ctx)
 

@@ -11,6 +11,7 @@ from distillset.core.io import load_tensors
 from distillset.core.runtime import get_runtime
 from distillset.recover.base import get
 from distillset.recover.config import RecoverConfig
+from distillset.recover.ema import ImageEMA
 from distillset.recover.engine import run as recover_run
 from tests.trajectory_helpers import SavedTensorMeter, make_ctx, make_syn, shared_experts
 
@@ -23,7 +24,7 @@ def buffer(tmp_path_factory):
 def grads(method: str, tesla: bool, buffer: str, **opts):
     ctx = make_ctx(augment="curriculum_crop", real=None)
     syn = make_syn(ctx)
-    obj = get("objective", method)(buffer=buffer, tesla=tesla, **opts)
+    obj = get("objective", method).from_options(buffer=buffer, tesla=tesla, **opts)
     obj.setup(ctx)
     if method == "datm":  # labels from the expert, then perturbed so they are not one-hot-like
         obj._initialised = True
@@ -54,7 +55,8 @@ def test_tesla_gradient_equals_unrolled_gradient(buffer, method, opts):
 def peak_graph_bytes(buffer: str, tesla: bool, steps: int) -> int:
     ctx = make_ctx()
     syn = make_syn(ctx)
-    obj = get("objective", "mtt")(buffer=buffer, tesla=tesla, syn_steps=steps, expert_epochs=2, max_start_epoch=2)
+    obj = get("objective", "mtt").from_options(buffer=buffer, tesla=tesla, syn_steps=steps, expert_epochs=2,
+                                               max_start_epoch=2)
     obj.setup(ctx)
     with SavedTensorMeter() as m:
         obj.loss(syn, ctx).backward()
@@ -72,8 +74,8 @@ def test_tesla_graph_memory_does_not_grow_with_steps(buffer):
 def test_matching_lowers_the_normalised_parameter_distance(buffer):
     ctx = make_ctx()
     syn = make_syn(ctx)  # noise init: far from anything the experts saw
-    obj = get("objective", "mtt")(buffer=buffer, syn_steps=6, expert_epochs=2, max_start_epoch=3, lr_teacher=0.05,
-                                  lr_lr=1e-3)
+    obj = get("objective", "mtt").from_options(buffer=buffer, syn_steps=6, expert_epochs=2, max_start_epoch=3,
+                                               lr_teacher=0.05, lr_lr=1e-3)
     obj.setup(ctx)
 
     def distance() -> float:
@@ -111,19 +113,24 @@ def test_engine_runs_mtt_and_saves_the_learned_lr(buffer, tmp_path):
 
 
 def test_ema_images_are_written_by_the_finalize_hook(buffer):
+    """MTT's ema option is the engine's image EMA (updated as each step starts, swapped in before writing)."""
     ctx = make_ctx()
     syn = make_syn(ctx)
-    obj = get("objective", "mtt")(buffer=buffer, syn_steps=1, expert_epochs=2, max_start_epoch=2, ema=0.5)
+    obj = get("objective", "mtt").from_options(buffer=buffer, syn_steps=1, expert_epochs=2, max_start_epoch=2,
+                                               ema=0.5)
     obj.setup(ctx)
+    ema = ImageEMA(obj.image_ema())
     iterates = []
     for k in range(3):
         with torch.no_grad():
             syn.data.mul_(0.5)  # stand-in for an optimiser step
         iterates.append(syn.data.detach().clone())
+        ema.update(syn)  # what the engine does as a step starts
         obj.loss(syn, ctx)
     with torch.no_grad():
         syn.data.mul_(0.5)
     iterates.append(syn.data.detach().clone())
+    ema.finalize(syn)
     obj.finalize(syn)
     expected = iterates[0]
     for x in iterates[1:]:

@@ -134,9 +134,9 @@ def test_pixels_are_optimised_in_the_whitened_space(digits):
     cls, idx = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 0, 0])
     ctx = Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(1, 8, 8),
                   generator=torch.Generator().manual_seed(0), real=RealData(digits),
-                  options={"mean": mean, "std": std, "zca": zca, "seed": 0})
-    syn = PixelSet(cls, idx, (1, 8, 8), 0, ctx, init="real")
-    plain = PixelSet(cls, idx, (1, 8, 8), 0, ctx, init="real", whitened=False)
+                  mean=mean, std=std, zca=zca, seed=0)
+    syn = PixelSet.from_options(cls, idx, (1, 8, 8), 0, ctx, init="real")
+    plain = PixelSet.from_options(cls, idx, (1, 8, 8), 0, ctx, init="real", whitened=False)
     assert syn.whitened and not plain.whitened
     assert torch.allclose(syn.render(), plain.render(), atol=1e-5)  # both start from the same real images
     norm = Normalize(ctx)

@@ -20,13 +20,13 @@ def make_ctx(ipc: int = 2, seed: int = 0, augment: str = "none", real=None) -> C
     cls = torch.arange(10).repeat_interleave(ipc)
     return Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=(1, 8, 8),
                    generator=torch.Generator().manual_seed(seed), total_steps=100,
-                   augment=get("augmentation", augment)(), real=real)
+                   augment=get("augmentation", augment).from_options(), real=real)
 
 
 def make_syn(ctx: Context, ipc: int = 2, init: str = "noise") -> PixelSet:
     cls = torch.arange(10).repeat_interleave(ipc)
     idx = torch.arange(ipc).repeat(10)
-    return PixelSet(cls, idx, (1, 8, 8), 0, ctx, init=init)
+    return PixelSet.from_options(cls, idx, (1, 8, 8), 0, ctx, init=init)
 
 
 _CACHE: dict = {}

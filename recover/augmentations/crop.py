@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -31,26 +32,39 @@ def curriculum_min_scale(progress: float, final: float, milestone: float, schedu
     return 1.0 - (1.0 - final) * f
 
 
-@register_augmentation("curriculum_crop")
+@register_augmentation("curriculum_crop", paper="Yin & Shen 2024, Dataset Distillation via Curriculum Data "
+                       "Synthesis in Large Data Era (CDA, arXiv:2311.18838)")
 class CurriculumCrop(Augmentation):
-    """RandomResizedCrop whose lower area bound follows the CDA curriculum, plus horizontal flip.
+    """RandomResizedCrop whose lower area bound follows the CDA curriculum, plus horizontal flip."""
 
-    Options:
-        final_scale: the lower area bound at the end of the curriculum (0.08 as in SRe2L/CDA).
-        milestone: fraction of the iterations over which the bound falls from 1.0 to ``final_scale``
-            (0 = no curriculum, SRe2L).
-        schedule: ``step``, ``linear`` or ``cosine``.
-        flip: random horizontal flips.
-    """
+    @dataclass
+    class Config:
+        """Options of the curriculum crop.
 
-    def __init__(self, final_scale: float = 0.08, milestone: float = 0.5, schedule: str = "cosine",
-                 flip: bool = True):
-        if not 0 < final_scale <= 1:
-            raise DistillError(f"final_scale must be in (0, 1], got {final_scale}.")
-        if not 0 <= milestone <= 1:
-            raise DistillError(f"milestone is a fraction of the iterations in [0, 1], got {milestone}.")
-        curriculum_min_scale(0.0, final_scale, milestone, schedule)  # validates the schedule name
-        self.final_scale, self.milestone, self.schedule, self.flip = final_scale, milestone, schedule, flip
+        Attributes:
+            final_scale: the lower area bound at the end of the curriculum (0.08 as in SRe2L/CDA).
+            milestone: fraction of the iterations over which the bound falls from 1.0 to ``final_scale``
+                (0 = no curriculum, SRe2L).
+            schedule: ``step``, ``linear`` or ``cosine``.
+            flip: random horizontal flips.
+        """
+
+        final_scale: float = 0.08
+        milestone: float = 0.5
+        schedule: str = "cosine"
+        flip: bool = True
+
+        def __post_init__(self):
+            if not 0 < self.final_scale <= 1:
+                raise DistillError(f"final_scale must be in (0, 1], got {self.final_scale}.")
+            if not 0 <= self.milestone <= 1:
+                raise DistillError(f"milestone is a fraction of the iterations in [0, 1], got {self.milestone}.")
+            curriculum_min_scale(0.0, self.final_scale, self.milestone, self.schedule)  # validates the schedule name
+
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.final_scale, self.milestone, self.schedule, self.flip = c.final_scale, c.milestone, c.schedule, c.flip
 
     def min_scale(self, ctx: Context) -> float:
         return curriculum_min_scale(ctx.progress, self.final_scale, self.milestone, self.schedule)

@@ -5,9 +5,10 @@ with student training and expert trajectories.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from distillset.core.errors import DistillError
 from distillset.recover.base import Augmentation, Context, register_augmentation
 from distillset.squeeze.dsa import (  # noqa: F401  (re-exported: the DSA names recover users know)
     DIFFAUGMENT_STRATEGY,
@@ -22,21 +23,55 @@ from distillset.squeeze.dsa import (  # noqa: F401  (re-exported: the DSA names 
 )
 
 
+@dataclass
+class DSAConfig:
+    """Options of the DSA-family augmentations.
+
+    Attributes:
+        strategy: op families joined by ``_`` (unset = the augmentation's default: color_crop_cutout_flip_scale_rotate
+            for dsa, color_translation_cutout for diffaugment).
+        one_op: sample one family per step (DSA) or apply them all (DiffAugment); unset = the augmentation's default.
+        siamese: one draw for the whole batch, or per-image draws; unset = the augmentation's default.
+        scale: DSA's scale ratio.
+        rotate: maximum rotation in degrees.
+        crop: translation as a fraction of the image size.
+        cutout: cutout size as a fraction of the image size.
+        flip: flip probability.
+        brightness: brightness ratio.
+        saturation: saturation ratio.
+        contrast: contrast ratio.
+    """
+
+    strategy: str | None = None
+    one_op: bool | None = None
+    siamese: bool | None = None
+    scale: float = DSA_RATIOS["scale"]
+    rotate: float = DSA_RATIOS["rotate"]
+    crop: float = DSA_RATIOS["crop"]
+    cutout: float = DSA_RATIOS["cutout"]
+    flip: float = DSA_RATIOS["flip"]
+    brightness: float = DSA_RATIOS["brightness"]
+    saturation: float = DSA_RATIOS["saturation"]
+    contrast: float = DSA_RATIOS["contrast"]
+
+    def __post_init__(self):
+        if self.strategy:
+            parse_strategy(self.strategy)
+
+
 class _Registered(Augmentation):
+    Config = DSAConfig
     default_strategy = DSA_STRATEGY
     default_one_op = True
     default_siamese = True
 
-    def __init__(self, strategy: str | None = None, one_op: bool | None = None, siamese: bool | None = None,
-                 **ratios: float):
-        bad = sorted(set(ratios) - set(DSA_RATIOS))
-        if bad:
-            raise DistillError(f"augmentation '{self.name}' has no option {bad}; options: strategy, one_op, siamese, "
-                               f"{', '.join(DSA_RATIOS)}.")
-        self.impl = SiameseAug(strategy or self.default_strategy,
-                               self.default_one_op if one_op is None else one_op,
-                               self.default_siamese if siamese is None else siamese,
-                               {k: float(v) for k, v in ratios.items()})
+    def __init__(self, cfg: DSAConfig | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.impl = SiameseAug(c.strategy or self.default_strategy,
+                               self.default_one_op if c.one_op is None else c.one_op,
+                               self.default_siamese if c.siamese is None else c.siamese,
+                               {k: float(getattr(c, k)) for k in DSA_RATIOS})
 
     def sample(self, n: int, ctx: Context) -> dict[str, torch.Tensor]:
         h, w = ctx.image_shape[-2:]
@@ -46,19 +81,17 @@ class _Registered(Augmentation):
         return self.impl.apply(x, params)
 
 
-@register_augmentation("dsa")
+@register_augmentation("dsa", paper="Zhao & Bilen 2021, Dataset Condensation with Differentiable Siamese "
+                       "Augmentation (arXiv:2102.08259)")
 class DSA(_Registered):
     """Differentiable Siamese Augmentation: one op family per step, one draw shared by real and synthetic batches.
 
-    Options:
-        strategy: op families joined by ``_`` (default color_crop_cutout_flip_scale_rotate).
-        one_op: sample one family per step (True, DSA) or apply all.
-        siamese: one draw for the whole batch (True) or per-image draws.
-        scale, rotate, crop, cutout, flip, brightness, saturation, contrast: the ops' ratios (DSA's defaults).
+    Options: :class:`DSAConfig` (defaults: DSA's strategy and ratios, one_op and siamese true).
     """
 
 
-@register_augmentation("diffaugment")
+@register_augmentation("diffaugment", paper="Zhao et al. 2020, Differentiable Augmentation for Data-Efficient GAN "
+                       "Training (arXiv:2006.10738)")
 class DiffAugment(_Registered):
     """DiffAugment: colour, translation (0.125) and cutout (0.5), all applied, per-image draws.
 

@@ -5,12 +5,15 @@ maps outer/inner loops onto the engine's one-loss-per-step loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distillset.core.errors import DistillError
-from distillset.recover.base import Context, Objective, Parametrization, get
+from distillset.recover.base import Context, Objective, Parametrization, resolve_options
+from distillset.recover.objectives.model_aug import NetConfig
 from distillset.squeeze.inputs import InputTransform
 
 AUG_CHOICES = ("none", "dsa", "diffaugment", "engine")
@@ -30,8 +33,7 @@ class Normalize(InputTransform):
     synthetic images alike."""
 
     def __init__(self, ctx: Context):
-        c = ctx.image_shape[0]
-        super().__init__(ctx.options.get("mean", [0.5] * c), ctx.options.get("std", [0.5] * c), ctx.options.get("zca"))
+        super().__init__(ctx.mean, ctx.std, ctx.zca)
 
 
 def class_positions(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -39,23 +41,52 @@ def class_positions(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return [(int(c), torch.nonzero(labels == c).flatten()) for c in torch.unique(labels).tolist()]
 
 
+def matching_aug(choice: str, options: dict | None = None):
+    """The augmentation class and Config a matching objective's ``aug``/``aug_options`` name (``None`` for ``none``
+    and ``engine``), validated: a matching method's Config calls this so a bad choice fails when the recipe is read."""
+    if choice not in AUG_CHOICES:
+        raise DistillError(f"unknown matching augmentation '{choice}'; use one of {', '.join(AUG_CHOICES)} "
+                           "('engine' uses the recipe's augmentation).")
+    if choice in ("none", "engine"):
+        return None
+    return resolve_options("augmentation", choice, {"siamese": True, **(options or {})})
+
+
+@dataclass
+class MatchingConfig(NetConfig):
+    """Options every per-class matching method shares (besides the networks').
+
+    Attributes:
+        batch_real: real images per class per step.
+        aug: augmentation applied Siamese to the real and the synthetic batch: dsa, diffaugment, none, or engine
+            (the recipe's augmentation).
+        aug_options: options of that augmentation (e.g. strategy, ratios).
+    """
+
+    batch_real: int = 256
+    aug: str = "dsa"
+    aug_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_real < 1:
+            raise DistillError(f"batch_real must be >= 1, got {self.batch_real}.")
+        matching_aug(self.aug, self.aug_options)
+
+
 class SiameseAugmenter:
     """The augmentation a matching objective applies to both batches of a comparison with one parameter draw."""
 
     def __init__(self, choice: str, options: dict | None = None):
-        if choice not in AUG_CHOICES:
-            raise DistillError(f"unknown matching augmentation '{choice}'; use one of {', '.join(AUG_CHOICES)} "
-                               "('engine' uses the recipe's augmentation).")
         self.choice, self.options = choice, dict(options or {})
-        self._aug = None
+        plugin = matching_aug(choice, self.options)
+        self._aug = plugin[0](plugin[1]) if plugin is not None else None
 
     def resolve(self, ctx: Context):
         if self.choice == "none":
             return None
         if self.choice == "engine":
             return ctx.augment
-        if self._aug is None:
-            self._aug = get("augmentation", self.choice)(**{"siamese": True, **self.options})
         return self._aug
 
     def pair(self, real: torch.Tensor, syn: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +151,7 @@ class NetSchedule:
         self._state: dict | None = None
 
     def loops(self, ctx: Context) -> tuple[int, int]:
-        d = dc_loops(int(ctx.options.get("ipc", 1)))
+        d = dc_loops(ctx.ipc)
         return self.outer_loop or d[0], self.inner_loop or d[1]
 
     def network(self, syn, ctx: Context, norm: Normalize) -> nn.Module:

@@ -10,6 +10,8 @@ term has the same scale on a ConvNet, a ResNet-18 or a ResNet-50 and one ``r_bn`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,24 +87,38 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@register_objective("sre2l")
+@register_objective("sre2l", paper="Yin et al. 2023, Squeeze, Recover and Relabel: Dataset Condensation at ImageNet "
+                    "Scale From A New Perspective (arXiv:2306.13092)")
 class BNInversion(Objective):
-    """SRe2L recover: cross-entropy + weighted BatchNorm statistics matching (teachers used in turn).
+    """SRe2L recover: cross-entropy + weighted BatchNorm statistics matching (teachers used in turn)."""
 
-    Options:
-        r_bn: weight of the BN term (default 1.0 with ``bn_norm="rms"``; SRe2L used 0.01 with ``"sum"``).
-        first_bn_mult: extra weight of the first BN layer (SRe2L: 10).
-        bn_norm: ``rms`` (per-architecture normalisation) or ``sum`` (SRe2L's raw sum).
-        ce_weight: weight of the cross-entropy term.
-    """
+    @dataclass
+    class Config:
+        """Options of BN inversion.
+
+        Attributes:
+            r_bn: weight of the BN term (default 1.0 with ``bn_norm="rms"``; SRe2L used 0.01 with ``"sum"``).
+            first_bn_mult: extra weight of the first BN layer (SRe2L: 10).
+            bn_norm: ``rms`` (per-architecture normalisation) or ``sum`` (SRe2L's raw sum).
+            ce_weight: weight of the cross-entropy term.
+        """
+
+        r_bn: float = 1.0
+        first_bn_mult: float = 10.0
+        bn_norm: str = "rms"
+        ce_weight: float = 1.0
+
+        def __post_init__(self):
+            if self.bn_norm not in ("rms", "sum"):
+                raise DistillError(f"unknown bn_norm '{self.bn_norm}'; use rms or sum.")
 
     needs_teacher = True
     needs_bn = True
 
-    def __init__(self, r_bn: float = 1.0, first_bn_mult: float = 10.0, bn_norm: str = "rms", ce_weight: float = 1.0):
-        if bn_norm not in ("rms", "sum"):
-            raise DistillError(f"unknown bn_norm '{bn_norm}'; use rms or sum.")
-        self.r_bn, self.first_bn_mult, self.bn_norm, self.ce_weight = r_bn, first_bn_mult, bn_norm, ce_weight
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.r_bn, self.first_bn_mult, self.bn_norm, self.ce_weight = c.r_bn, c.first_bn_mult, c.bn_norm, c.ce_weight
         self.hooks: list[list[BNStatHook]] = []
         self._logs: dict[str, torch.Tensor] = {}
 

@@ -15,48 +15,65 @@ against the authors' code; tune them per dataset.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Parametrization, register_objective
 from distillset.recover.objectives._matching import (
+    MatchingConfig,
     NetSchedule,
     ScheduledNetObjective,
     SiameseAugmenter,
     class_block_features,
 )
-from distillset.recover.objectives.model_aug import NetSource
 
 
-@register_objective("cafe")
+@register_objective("cafe", paper="Wang et al. 2022, CAFE: Learning to Condense Dataset by Aligning Features "
+                    "(arXiv:2203.01531)")
 class FeatureAlignment(ScheduledNetObjective):
-    """CAFE: layer-wise feature alignment + discrimination loss with synthetic class means as the classifier.
+    """CAFE: layer-wise feature alignment + discrimination loss with synthetic class means as the classifier."""
 
-    Options:
-        batch_real: real images per class per step (256).
-        feat_weight, dis_weight: weights of the two terms (1.0, 1.0).
-        temperature: divides the discrimination logits (embedding dot products are large on random networks).
-        outer_loop, inner_loop, lr_net, batch_train: the network schedule (0 = DC's per-ipc loops).
-        aug: Siamese augmentation: dsa (default), diffaugment, none, or engine.
-        arch, width, model_pool, perturb, pool_epochs, pool_lr: networks (see ``dc``).
-    """
+    @dataclass
+    class Config(MatchingConfig):
+        """Options of CAFE (besides the matching ones: batch_real, aug, networks as ``dc``).
+
+        Attributes:
+            feat_weight: weight of the layer-wise alignment term.
+            dis_weight: weight of the discrimination term.
+            temperature: divides the discrimination logits (embedding dot products are large on random networks).
+            outer_loop: network schedule: steps on one network (0 = DC's per-ipc value).
+            inner_loop: network schedule: epochs of training on the synthetic set between steps (0 = DC's).
+            lr_net: SGD learning rate of those network updates.
+            batch_train: batch size of those network updates.
+        """
+
+        feat_weight: float = 1.0
+        dis_weight: float = 1.0
+        temperature: float = 1.0
+        outer_loop: int = 0
+        inner_loop: int = 0
+        lr_net: float = 0.01
+        batch_train: int = 256
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.temperature <= 0 or self.feat_weight < 0 or self.dis_weight < 0:
+                raise DistillError("cafe needs batch_real >= 1, temperature > 0 and non-negative weights.")
 
     needs_real = True
     joint_classes = True
 
-    def __init__(self, batch_real: int = 256, feat_weight: float = 1.0, dis_weight: float = 1.0,
-                 temperature: float = 1.0, outer_loop: int = 0, inner_loop: int = 0, lr_net: float = 0.01,
-                 batch_train: int = 256, aug: str = "dsa", aug_options: dict | None = None, arch: str = "convnet",
-                 width: int = 128, model_pool: int | str = 0, perturb: float = 0.0, pool_epochs: float = 2.0,
-                 pool_lr: float = 0.01):
-        if batch_real < 1 or temperature <= 0 or feat_weight < 0 or dis_weight < 0:
-            raise DistillError("cafe needs batch_real >= 1, temperature > 0 and non-negative weights.")
-        self.batch_real, self.temperature = batch_real, temperature
-        self.feat_weight, self.dis_weight = feat_weight, dis_weight
-        self.augmenter = SiameseAugmenter(aug, aug_options)
-        self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
-        self.schedule = NetSchedule(self.source, outer_loop, inner_loop, lr_net, self.augmenter, batch_train)
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.batch_real, self.temperature = c.batch_real, c.temperature
+        self.feat_weight, self.dis_weight = c.feat_weight, c.dis_weight
+        self.augmenter = SiameseAugmenter(c.aug, c.aug_options)
+        self.source = c.net_source()
+        self.schedule = NetSchedule(self.source, c.outer_loop, c.inner_loop, c.lr_net, self.augmenter, c.batch_train)
         self._logs: dict[str, float] = {}
 
     def terms(self, syn: Parametrization, ctx: Context, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

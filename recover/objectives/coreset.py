@@ -16,6 +16,7 @@ randomly initialised ConvNet's embedding (seeded by ``seed``), or raw pixels wit
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,22 +76,40 @@ class _Coreset(Objective):
         return int(classes[0])
 
 
-@register_objective("random")
+@register_objective("random", description="random real images of each class (the baseline every method is "
+                    "compared with)")
 class RandomCoreset(_Coreset):
     """Random real images of each class (the baseline every method is compared with): exactly the images that
     init-from-real methods start from with the same seed (:meth:`recover.real.RealData.init_choice`)."""
 
     def select(self, ctx: Context, ipc: int) -> torch.Tensor:
         c = self.class_of(ctx)
-        i0, seed = int(ctx.options.get("first_index", 0)), int(ctx.options.get("seed", 0))
+        i0, seed = ctx.first_index, ctx.seed
         return torch.cat([ctx.real.init_choice(c, i, seed) for i in range(i0, i0 + ipc)]).cpu()
 
 
 class _FeatureCoreset(_Coreset):
-    def __init__(self, features: str = "auto", seed: int = 0, batch: int = 500):
-        if features not in FEATURES:
-            raise DistillError(f"unknown coreset features '{features}'; use one of {', '.join(FEATURES)}.")
-        self.features, self.seed, self.batch = features, seed, batch
+    @dataclass
+    class Config:
+        """Options of the feature-space coresets (herding, k-center).
+
+        Attributes:
+            features: auto (teacher if given, else a fixed random ConvNet), teacher, random_convnet or pixels.
+            seed: seed of the random ConvNet.
+            batch: images embedded per forward pass.
+        """
+
+        features: str = "auto"
+        seed: int = 0
+        batch: int = 500
+
+        def __post_init__(self):
+            if self.features not in FEATURES:
+                raise DistillError(f"unknown coreset features '{self.features}'; use one of {', '.join(FEATURES)}.")
+
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        self.features, self.seed, self.batch = self.cfg.features, self.cfg.seed, self.cfg.batch
         self._net: nn.Module | None = None
 
     def setup(self, ctx: Context) -> None:
@@ -134,21 +153,17 @@ class _FeatureCoreset(_Coreset):
         pass
 
 
-@register_objective("herding")
+@register_objective("herding", paper="Welling 2009, Herding Dynamical Weights to Learn (ICML)")
 class HerdingCoreset(_FeatureCoreset):
-    """Herding: greedy mean matching in a feature space.
-
-    Options:
-        features: auto (teacher if given, else a fixed random ConvNet), teacher, random_convnet or pixels.
-        seed: seed of the random ConvNet.
-    """
+    """Herding: greedy mean matching in a feature space."""
 
     def select(self, ctx: Context, ipc: int) -> torch.Tensor:
         c = self.class_of(ctx)
         return ctx.real.index[c][herding(self.class_features(c, ctx), ipc).to(ctx.real.index[c].device)].cpu()
 
 
-@register_objective("kcenter")
+@register_objective("kcenter", paper="Sener & Savarese 2018, Active Learning for Convolutional Neural Networks: A "
+                    "Core-Set Approach (arXiv:1708.00489)")
 class KCenterCoreset(_FeatureCoreset):
     """K-center greedy in a feature space. Options: as ``herding``."""
 
@@ -188,26 +203,43 @@ def forgetting_counts(images: torch.Tensor, labels: torch.Tensor, net: nn.Module
     return counts
 
 
-@register_objective("forgetting")
+@register_objective("forgetting", paper="Toneva et al. 2019, An Empirical Study of Example Forgetting during Deep "
+                    "Neural Network Learning (arXiv:1812.05159)")
 class ForgettingCoreset(_Coreset):
-    """Forgetting-events coreset.
+    """Forgetting-events coreset."""
 
-    Options:
-        order: most (keep the most forgotten / never learned, the paper's hard examples) or least (the
-            unforgettable ones).
-        epochs: training epochs of the scoring ConvNet (5).
-        width: its width (64: a small ConvNet keeps scoring cheap).
-        lr, batch: its SGD settings.
-        seed: its initialisation and data order.
-    """
+    @dataclass
+    class Config:
+        """Options of the forgetting coreset.
 
-    def __init__(self, order: str = "most", epochs: int = 5, width: int = 64, lr: float = 0.01, batch: int = 128,
-                 seed: int = 0):
-        if order not in ("most", "least"):
-            raise DistillError(f"forgetting order must be most or least, got '{order}'.")
-        if epochs < 1:
-            raise DistillError(f"forgetting needs epochs >= 1, got {epochs}.")
-        self.order, self.epochs, self.width, self.lr, self.batch, self.seed = order, epochs, width, lr, batch, seed
+        Attributes:
+            order: most (keep the most forgotten / never learned, the paper's hard examples) or least (the
+                unforgettable ones).
+            epochs: training epochs of the scoring ConvNet.
+            width: its width (64: a small ConvNet keeps scoring cheap).
+            lr: its SGD learning rate.
+            batch: its batch size.
+            seed: its initialisation and data order.
+        """
+
+        order: str = "most"
+        epochs: int = 5
+        width: int = 64
+        lr: float = 0.01
+        batch: int = 128
+        seed: int = 0
+
+        def __post_init__(self):
+            if self.order not in ("most", "least"):
+                raise DistillError(f"forgetting order must be most or least, got '{self.order}'.")
+            if self.epochs < 1:
+                raise DistillError(f"forgetting needs epochs >= 1, got {self.epochs}.")
+
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.order, self.epochs, self.width, self.lr, self.batch, self.seed = (c.order, c.epochs, c.width, c.lr,
+                                                                              c.batch, c.seed)
         self._counts: torch.Tensor | None = None
         self._key = None
 

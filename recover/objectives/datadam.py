@@ -9,13 +9,14 @@ MMD (squared distance of the means), weighted by ``lambda_mmd``. No inner loop, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Objective, Parametrization, register_objective
-from distillset.recover.objectives._matching import Normalize, SiameseAugmenter, class_block_features
-from distillset.recover.objectives.model_aug import NetSource
+from distillset.recover.objectives._matching import MatchingConfig, Normalize, SiameseAugmenter, class_block_features
 
 
 def attention_map(f: torch.Tensor, power: float = 4.0) -> torch.Tensor:
@@ -24,29 +25,37 @@ def attention_map(f: torch.Tensor, power: float = 4.0) -> torch.Tensor:
     return F.normalize(a, dim=1)
 
 
-@register_objective("datadam")
+@register_objective("datadam", paper="Sajedi et al. 2023, DataDAM: Efficient Dataset Distillation with Attention "
+                    "Matching (arXiv:2310.00093)")
 class AttentionMatching(Objective):
-    """DataDAM: per-class spatial attention matching on every block + MMD on the last embedding, random networks.
+    """DataDAM: per-class spatial attention matching on every block + MMD on the last embedding, random networks."""
 
-    Options:
-        batch_real: real images per class per step (256).
-        power: exponent of the attention map (4).
-        lambda_mmd: weight of the last-layer MMD term (0.01).
-        aug: Siamese augmentation: dsa (default), diffaugment, none, or engine.
-        arch, width, model_pool, perturb, pool_epochs, pool_lr: networks (see ``dm``).
-    """
+    @dataclass
+    class Config(MatchingConfig):
+        """Options of DataDAM (besides the matching ones: batch_real, aug, networks as ``dm``).
+
+        Attributes:
+            power: exponent of the attention map.
+            lambda_mmd: weight of the last-layer MMD term.
+        """
+
+        power: float = 4.0
+        lambda_mmd: float = 0.01
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.power <= 0 or self.lambda_mmd < 0:
+                raise DistillError("datadam needs batch_real >= 1, power > 0 and lambda_mmd >= 0.")
 
     needs_real = True
     joint_classes = False
 
-    def __init__(self, batch_real: int = 256, power: float = 4.0, lambda_mmd: float = 0.01, aug: str = "dsa",
-                 aug_options: dict | None = None, arch: str = "convnet", width: int = 128,
-                 model_pool: int | str = 0, perturb: float = 0.0, pool_epochs: float = 2.0, pool_lr: float = 0.01):
-        if batch_real < 1 or power <= 0 or lambda_mmd < 0:
-            raise DistillError("datadam needs batch_real >= 1, power > 0 and lambda_mmd >= 0.")
-        self.batch_real, self.power, self.lambda_mmd = batch_real, power, lambda_mmd
-        self.augmenter = SiameseAugmenter(aug, aug_options)
-        self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.batch_real, self.power, self.lambda_mmd = c.batch_real, c.power, c.lambda_mmd
+        self.augmenter = SiameseAugmenter(c.aug, c.aug_options)
+        self.source = c.net_source()
         self._logs: dict[str, float] = {}
 
     def setup(self, ctx: Context) -> None:

@@ -16,6 +16,7 @@ Trajectory matching (:class:`recover.objectives.mtt.MTT`, TESLA and the FTD/AST 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,29 +30,46 @@ from distillset.recover.params import PixelSet
 log = logging.getLogger("distillset.recover")
 
 
-@register_objective("datm")
+@register_objective("datm", paper="Guo et al. 2024, Towards Lossless Dataset Distillation via Difficulty-Aligned "
+                    "Trajectory Matching (arXiv:2310.05773)")
 class DATM(MTT):
-    """MTT with a growing difficulty-aligned start window and learnable soft labels.
+    """MTT with a growing difficulty-aligned start window and learnable soft labels."""
 
-    Options (besides MTT's):
-        current_max_start_epoch: the window's upper bound at the start of the run (grows to max_start_epoch).
-        expansion_end: fraction of the iterations after which the upper bound has reached max_start_epoch.
-        lr_y: learning rate of the soft-label logits in the engine's optimiser (0 = labels stay fixed).
-        label_epoch: expert epoch whose network initialises the labels (-1 = max_start_epoch).
-        replace_misclassified: replace initial real images the expert gets wrong by correct ones (pixel init only).
-        candidates: real images examined per replaced image.
-    """
+    @dataclass
+    class Config(MTT.Config):
+        """Options of DATM (besides MTT's).
+
+        Attributes:
+            current_max_start_epoch: the window's upper bound at the start of the run (grows to max_start_epoch).
+            expansion_end: fraction of the iterations after which the upper bound has reached max_start_epoch.
+            lr_y: learning rate of the soft-label logits in the engine's optimiser (0 = labels stay fixed).
+            label_epoch: expert epoch whose network initialises the labels (-1 = max_start_epoch).
+            replace_misclassified: replace initial real images the expert gets wrong by correct ones (pixel init only).
+            candidates: real images examined per replaced image.
+        """
+
+        current_max_start_epoch: int = 10
+        expansion_end: float = 0.3
+        lr_y: float = 2.0
+        label_epoch: int = -1
+        replace_misclassified: bool = True
+        candidates: int = 64
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch:
+                raise DistillError(f"need min_start_epoch < current_max_start_epoch <= max_start_epoch, got "
+                                   f"{self.min_start_epoch}, {self.current_max_start_epoch}, {self.max_start_epoch}.")
+            if not 0 < self.expansion_end <= 1:
+                raise DistillError(f"expansion_end is a fraction of the run in (0, 1], got {self.expansion_end}.")
 
     needs_real = True
 
-    def __init__(self, current_max_start_epoch: int = 10, expansion_end: float = 0.3, lr_y: float = 2.0,
-                 label_epoch: int = -1, replace_misclassified: bool = True, candidates: int = 64, **options):
-        super().__init__(**options)
-        if not self.min_start_epoch < current_max_start_epoch <= self.max_start_epoch:
-            raise DistillError(f"need min_start_epoch < current_max_start_epoch <= max_start_epoch, got "
-                               f"{self.min_start_epoch}, {current_max_start_epoch}, {self.max_start_epoch}.")
-        if not 0 < expansion_end <= 1:
-            raise DistillError(f"expansion_end is a fraction of the run in (0, 1], got {expansion_end}.")
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        current_max_start_epoch, expansion_end, lr_y = c.current_max_start_epoch, c.expansion_end, c.lr_y
+        label_epoch, replace_misclassified, candidates = c.label_epoch, c.replace_misclassified, c.candidates
         self.current_max_start_epoch, self.expansion_end = int(current_max_start_epoch), float(expansion_end)
         self.lr_y, self.label_epoch = float(lr_y), int(label_epoch)
         self.replace_misclassified, self.candidates = replace_misclassified, int(candidates)

@@ -15,18 +15,22 @@ and, between two outer steps on the same network, trained ``inner_loop`` epochs 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Parametrization, register_objective
 from distillset.recover.objectives._matching import (
+    MatchingConfig,
     NetSchedule,
     ScheduledNetObjective,
     SiameseAugmenter,
     class_positions,
+    matching_aug,
 )
-from distillset.recover.objectives.model_aug import NetSource
+from distillset.recover.objectives.model_aug import NetConfig
 
 
 def gradient_distance(gw_real: list[torch.Tensor], gw_syn: list[torch.Tensor], metric: str = "ours") -> torch.Tensor:
@@ -50,37 +54,52 @@ def gradient_distance(gw_real: list[torch.Tensor], gw_syn: list[torch.Tensor], m
     raise DistillError(f"unknown gradient distance '{metric}'; use ours, mse or cos.")
 
 
-@register_objective("dc")
+@register_objective("dc", paper="Zhao et al. 2021, Dataset Condensation with Gradient Matching (arXiv:2006.05929)")
 class GradientMatching(ScheduledNetObjective):
-    """DC: per-class gradient matching on a ConvNet, bi-level (network trained on the synthetic set in between).
+    """DC: per-class gradient matching on a ConvNet, bi-level (network trained on the synthetic set in between)."""
 
-    Options:
-        batch_real: real images per class per step (256).
-        outer_loop, inner_loop: DC's loops (0 = the paper's values for the run's ipc).
-        lr_net: SGD learning rate of the inner network updates (0.01).
-        batch_train: batch size of the inner updates (256).
-        metric: gradient distance: ours (layer-wise 1 - cosine over output channels), mse or cos.
-        aug: augmentation applied Siamese to real and synthetic batches: none (DC), dsa, diffaugment, or engine
-            (the recipe's ``augmentation``); also used in the inner network updates.
-        arch, width: the ConvNet (convnet = instance norm, depth from the image size; width 128).
-        model_pool, perturb, pool_epochs, pool_lr: Acc-DD model augmentation (see ``model_aug``).
-    """
+    @dataclass
+    class Config(MatchingConfig):
+        """Options of DC and DSA (besides batch_real and the networks: arch, width, Acc-DD's model_pool ...).
+
+        Attributes:
+            outer_loop: DC's outer loop: steps on one network (0 = the paper's value for the run's ipc).
+            inner_loop: DC's inner loop: epochs of network training on the synthetic set between steps (0 = the
+                paper's value).
+            lr_net: SGD learning rate of the inner network updates.
+            batch_train: batch size of the inner updates.
+            metric: gradient distance: ours (layer-wise 1 - cosine over output channels), mse or cos.
+            aug: augmentation applied Siamese to real and synthetic batches, also in the inner network updates:
+                none, dsa, diffaugment, or engine (the recipe's augmentation); unset = none for dc, dsa for dsa.
+        """
+
+        outer_loop: int = 0
+        inner_loop: int = 0
+        lr_net: float = 0.01
+        batch_train: int = 256
+        metric: str = "ours"
+        aug: str | None = None
+
+        def __post_init__(self):
+            NetConfig.__post_init__(self)
+            gradient_distance([torch.ones(1, 1)], [torch.ones(1, 1)], self.metric)  # validates the name
+            if self.batch_real < 1 or self.outer_loop < 0 or self.inner_loop < 0:
+                raise DistillError("batch_real must be >= 1 and outer_loop/inner_loop >= 0 (0 = the paper's "
+                                   "values).")
+            if self.aug is not None:
+                matching_aug(self.aug, self.aug_options)
 
     needs_real = True
     joint_classes = True
     default_aug = "none"
 
-    def __init__(self, batch_real: int = 256, outer_loop: int = 0, inner_loop: int = 0, lr_net: float = 0.01,
-                 batch_train: int = 256, metric: str = "ours", aug: str | None = None, aug_options: dict | None = None,
-                 arch: str = "convnet", width: int = 128, model_pool: int | str = 0, perturb: float = 0.0,
-                 pool_epochs: float = 2.0, pool_lr: float = 0.01):
-        gradient_distance([torch.ones(1, 1)], [torch.ones(1, 1)], metric)  # validates the name
-        if batch_real < 1 or outer_loop < 0 or inner_loop < 0:
-            raise DistillError("batch_real must be >= 1 and outer_loop/inner_loop >= 0 (0 = the paper's values).")
-        self.batch_real, self.metric = batch_real, metric
-        self.augmenter = SiameseAugmenter(aug or self.default_aug, aug_options)
-        self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
-        self.schedule = NetSchedule(self.source, outer_loop, inner_loop, lr_net, self.augmenter, batch_train)
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.batch_real, self.metric = c.batch_real, c.metric
+        self.augmenter = SiameseAugmenter(c.aug or self.default_aug, c.aug_options)
+        self.source = c.net_source()
+        self.schedule = NetSchedule(self.source, c.outer_loop, c.inner_loop, c.lr_net, self.augmenter, c.batch_train)
         self._logs: dict[str, float] = {}
 
     def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
@@ -111,7 +130,8 @@ class GradientMatching(ScheduledNetObjective):
 
 
 
-@register_objective("dsa")
+@register_objective("dsa", paper="Zhao & Bilen 2021, Dataset Condensation with Differentiable Siamese Augmentation "
+                    "(arXiv:2102.08259)")
 class DSAGradientMatching(GradientMatching):
     """DSA: DC with Differentiable Siamese Augmentation (one op family per step, the same draw for the real and the
     synthetic batch of each class, and DSA in the inner network updates). Options: as ``dc`` (aug defaults to dsa)."""

@@ -9,6 +9,7 @@ terms included), so memory grows with ``inner_steps``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,29 +23,46 @@ from distillset.squeeze.models import create_model
 from distillset.squeeze.trajectories import FlatModel
 
 
-@register_objective("dd")
+@register_objective("dd", paper="Wang et al. 2018, Dataset Distillation (arXiv:1811.10959)")
 class DD(Objective):
-    """Wang et al. 2018: unrolled inner GD on the synthetic set from random inits, outer loss on real data.
+    """Wang et al. 2018: unrolled inner GD on the synthetic set from random inits, outer loss on real data."""
 
-    Options:
-        arch: registry architecture of the inner network (instance-norm ConvNet by default).
-        model_kwargs: its keyword arguments (e.g. width, depth).
-        inner_steps: GD steps of the inner loop (each with its own learnable step size).
-        inner_epochs: passes over the inner steps (step sizes are shared between passes, as DD's epochs).
-        lr_init: initial inner step size.
-        lr_lr: learning rate of the (log) step sizes in the engine's optimiser.
-        real_batch: real images per outer loss (drawn uniformly over the classes).
-    """
+    @dataclass
+    class Config:
+        """Options of DD.
+
+        Attributes:
+            arch: registry architecture of the inner network (instance-norm ConvNet by default).
+            model_kwargs: its keyword arguments (e.g. width, depth).
+            inner_steps: GD steps of the inner loop (each with its own learnable step size).
+            inner_epochs: passes over the inner steps (step sizes are shared between passes, as DD's epochs).
+            lr_init: initial inner step size.
+            lr_lr: learning rate of the (log) step sizes in the engine's optimiser.
+            real_batch: real images per outer loss (drawn uniformly over the classes).
+        """
+
+        arch: str = "convnet"
+        model_kwargs: dict = field(default_factory=dict)
+        inner_steps: int = 10
+        inner_epochs: int = 1
+        lr_init: float = 0.01
+        lr_lr: float = 1e-2
+        real_batch: int = 256
+
+        def __post_init__(self):
+            if self.inner_steps < 1 or self.inner_epochs < 1 or self.real_batch < 1:
+                raise DistillError("inner_steps, inner_epochs and real_batch must be >= 1.")
+            if self.lr_init <= 0:
+                raise DistillError(f"lr_init must be > 0, got {self.lr_init}.")
 
     needs_real = True
     joint_classes = True
 
-    def __init__(self, arch: str = "convnet", model_kwargs: dict | None = None, inner_steps: int = 10,
-                 inner_epochs: int = 1, lr_init: float = 0.01, lr_lr: float = 1e-2, real_batch: int = 256):
-        if inner_steps < 1 or inner_epochs < 1 or real_batch < 1:
-            raise DistillError("inner_steps, inner_epochs and real_batch must be >= 1.")
-        if lr_init <= 0:
-            raise DistillError(f"lr_init must be > 0, got {lr_init}.")
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        arch, model_kwargs, inner_steps, inner_epochs = c.arch, c.model_kwargs, c.inner_steps, c.inner_epochs
+        lr_init, lr_lr, real_batch = c.lr_init, c.lr_lr, c.real_batch
         self.arch, self.model_kwargs = arch, dict(model_kwargs or {})
         self.inner_steps, self.inner_epochs, self.real_batch, self.lr_lr = inner_steps, inner_epochs, real_batch, lr_lr
         # log-parametrised so the step sizes stay positive

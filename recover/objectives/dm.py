@@ -8,40 +8,36 @@ There is no bi-level loop and classes do not interact, so units can be class blo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Objective, Parametrization, register_objective
-from distillset.recover.objectives._matching import Normalize, SiameseAugmenter, class_positions
-from distillset.recover.objectives.model_aug import NetSource
+from distillset.recover.objectives._matching import MatchingConfig, Normalize, SiameseAugmenter, class_positions
 
 
 def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.embed(x) if hasattr(net, "embed") else net(x)
 
 
-@register_objective("dm")
+@register_objective("dm", paper="Zhao & Bilen 2023, Dataset Condensation with Distribution Matching "
+                    "(arXiv:2110.04181)")
 class DistributionMatching(Objective):
-    """DM: per-class mean-embedding matching under freshly sampled random networks.
+    """DM: per-class mean-embedding matching under freshly sampled random networks."""
 
-    Options:
-        batch_real: real images per class per step (256).
-        aug: Siamese augmentation: dsa (default), diffaugment, none, or engine (the recipe's augmentation).
-        arch, width: the ConvNet (instance norm, width 128).
-        model_pool, perturb, pool_epochs, pool_lr: Acc-DD model augmentation instead of fresh random networks.
-    """
+    @dataclass
+    class Config(MatchingConfig):
+        """Options of DM: ``batch_real``, the Siamese ``aug`` (dsa by default) and the networks (``arch``, ``width``,
+        Acc-DD's ``model_pool``/``perturb`` instead of fresh random networks)."""
 
     needs_real = True
     joint_classes = False
 
-    def __init__(self, batch_real: int = 256, aug: str = "dsa", aug_options: dict | None = None,
-                 arch: str = "convnet", width: int = 128, model_pool: int | str = 0, perturb: float = 0.0,
-                 pool_epochs: float = 2.0, pool_lr: float = 0.01):
-        if batch_real < 1:
-            raise DistillError(f"batch_real must be >= 1, got {batch_real}.")
-        self.batch_real = batch_real
-        self.augmenter = SiameseAugmenter(aug, aug_options)
-        self.source = NetSource(arch, width, model_pool, perturb, pool_epochs, pool_lr)
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        self.batch_real = self.cfg.batch_real
+        self.augmenter = SiameseAugmenter(self.cfg.aug, self.cfg.aug_options)
+        self.source = self.cfg.net_source()
         self._logs: dict[str, float] = {}
 
     def setup(self, ctx: Context) -> None:

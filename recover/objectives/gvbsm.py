@@ -17,6 +17,8 @@ averages the probabilities of every teacher recorded in the manifest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -86,27 +88,32 @@ class ConvStatHook:
         self.handle.remove()
 
 
-@register_objective("gvbsm")
+@register_objective("gvbsm", paper="Shao et al. 2024, Generalized Large-Scale Data Condensation via Various Backbone "
+                    "and Statistical Matching (G-VBSM, arXiv:2311.17950)")
 class GVBSM(BNInversion):
-    """G-VBSM recover: BN + real-data conv/patch statistics of several teachers used in turn, plus CE.
+    """G-VBSM recover: BN + real-data conv/patch statistics of several teachers used in turn, plus CE."""
 
-    Options:
-        r_bn: weight of the BatchNorm term (``bn_norm`` as in ``sre2l``).
-        r_conv: weight of the convolution channel-statistics term.
-        r_patch: weight of the patch-statistics term (0 = off).
-        first_bn_mult: extra weight of the first BN layer.
-        bn_norm: ``rms`` or ``sum`` (see ``sre2l``).
-        ce_weight: weight of the cross-entropy term.
-        class_stats: match each class to its own real statistics (needs ``squeeze stats --class-conditional``).
-        stats: statistics files, one per teacher in order (default: TEACHER_DIR/stats.safetensors).
-    """
+    @dataclass
+    class Config(BNInversion.Config):
+        """Options of G-VBSM (besides BN inversion's r_bn, first_bn_mult, bn_norm, ce_weight).
 
-    def __init__(self, r_bn: float = 1.0, r_conv: float = 1.0, r_patch: float = 1.0, first_bn_mult: float = 10.0,
-                 bn_norm: str = "rms", ce_weight: float = 1.0, class_stats: bool = False,
-                 stats: list[str] | None = None):
-        super().__init__(r_bn=r_bn, first_bn_mult=first_bn_mult, bn_norm=bn_norm, ce_weight=ce_weight)
-        self.r_conv, self.r_patch, self.class_stats = float(r_conv), float(r_patch), bool(class_stats)
-        self.stats_paths = list(stats or [])
+        Attributes:
+            r_conv: weight of the convolution channel-statistics term.
+            r_patch: weight of the patch-statistics term (0 = off).
+            class_stats: match each class to its own real statistics (needs ``squeeze stats --class-conditional``).
+            stats: statistics files, one per teacher in order (default: TEACHER_DIR/stats.safetensors).
+        """
+
+        r_conv: float = 1.0
+        r_patch: float = 1.0
+        class_stats: bool = False
+        stats: list[str] = field(default_factory=list)
+
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.r_conv, self.r_patch, self.class_stats = float(c.r_conv), float(c.r_patch), bool(c.class_stats)
+        self.stats_paths = list(c.stats or [])
         self.conv_hooks: list[list[ConvStatHook]] = []
         self._stats_cache: dict[str, TeacherStats] = {}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,6 +81,37 @@ def train_early(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoc
     return net
 
 
+@dataclass
+class NetConfig:
+    """Where a matching objective's networks come from (the options every matching method shares).
+
+    Attributes:
+        arch: ConvNet-family registry name (convnet = instance norm, depth from the image size).
+        width: channels per layer of the ConvNet.
+        model_pool: Acc-DD model augmentation: 0 = fresh random networks; N > 0 = a pool of N early-stage models
+            trained on the fly; a folder of `distillset squeeze` outputs = that pool.
+        perturb: Acc-DD perturbation strength alpha (0 = none).
+        pool_epochs: epochs each on-the-fly pool member is trained on the real data.
+        pool_lr: the pool members' SGD learning rate.
+    """
+
+    arch: str = "convnet"
+    width: int = 128
+    model_pool: int | str = 0
+    perturb: float = 0.0
+    pool_epochs: float = 2.0
+    pool_lr: float = 0.01
+
+    def __post_init__(self):
+        if self.perturb < 0:
+            raise DistillError(f"perturb must be >= 0, got {self.perturb}.")
+        if isinstance(self.model_pool, int) and self.model_pool < 0:
+            raise DistillError(f"model_pool must be a count >= 0 or a folder, got {self.model_pool}.")
+
+    def net_source(self) -> NetSource:
+        return NetSource(self.arch, self.width, self.model_pool, self.perturb, self.pool_epochs, self.pool_lr)
+
+
 class NetSource:
     """Draws the network of a matching step.
 
@@ -120,8 +152,8 @@ class NetSource:
     def _train_pool(self, ctx: Context) -> list[nn.Module]:
         if ctx.real is None:
             raise DistillError("model_pool N trains early-stage models on the real data; pass --data SPEC.")
-        norm_mean = torch.tensor(ctx.options.get("mean", [0.5] * ctx.image_shape[0]), device=ctx.device)
-        norm_std = torch.tensor(ctx.options.get("std", [0.5] * ctx.image_shape[0]), device=ctx.device)
+        norm_mean = torch.tensor(ctx.mean, device=ctx.device)
+        norm_std = torch.tensor(ctx.std, device=ctx.device)
         pool = []
         for i in range(int(self.model_pool)):
             seed = mix_seed(self.pool_seed, 7, i)
@@ -141,7 +173,7 @@ class NetSource:
             raise DistillError(f"model_pool folder {root} holds no squeeze outputs (sub-folders with config.json); "
                                "train some with `distillset squeeze --epochs 2` or pass a count.")
         pool = []
-        want = (list(ctx.options.get("mean", [])), list(ctx.options.get("std", [])))
+        want = (list(ctx.mean), list(ctx.std))
         for d in dirs:
             t = load_teacher(str(d), device=ctx.device)
             if want[0] and (list(t.config.mean), list(t.config.std)) != want:

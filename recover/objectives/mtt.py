@@ -14,14 +14,15 @@ product (``lambda_i = lambda_{i+1} - lr * H_i lambda_{i+1}``). This is exact rev
 published formula drops the Hessian terms; this one keeps them), so graph memory is one step's whatever N is.
 
 Refinements (options): ``ema`` (FTD: the images written at the end are an exponential moving average of the
-iterates), ``intermediate`` (AST-style: also match the expert at every intermediate epoch ``t+1 .. t+M-1`` at the
-proportional student step), ``loss_clip`` (saturate a diverging student's loss smoothly at ``loss_clip``, so one bad
+iterates; the engine keeps it, see :mod:`recover.ema`), ``intermediate`` (AST-style: also match the expert at every
+intermediate epoch ``t+1 .. t+M-1`` at the proportional student step), ``loss_clip`` (saturate a diverging student's loss smoothly at ``loss_clip``, so one bad
 start epoch cannot blow the images up).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,54 +47,77 @@ def _attach(value: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor | 
     return out
 
 
-@register_objective("mtt")
+@register_objective("mtt", paper="Cazenavette et al. 2022, Dataset Distillation by Matching Training Trajectories "
+                    "(arXiv:2203.11932)")
 class MTT(Objective):
-    """Trajectory matching against recorded experts (``distillset squeeze trajectories``).
+    """Trajectory matching against recorded experts (``distillset squeeze trajectories``)."""
 
-    Options:
-        buffer: folder of replay_buffer_*.safetensors (or one file).
-        expert_epochs: M, expert epochs between the start and the target.
-        syn_steps: N, student SGD steps on synthetic batches per loss evaluation.
-        min_start_epoch: lowest start epoch.
-        max_start_epoch: start epochs are drawn from [min_start_epoch, max_start_epoch) (clipped to epochs - M).
-        batch_syn: synthetic images per student step (0 = all images of the set).
-        lr_teacher: initial value of the learnable student step size (the experts' lr).
-        lr_lr: learning rate of the step size in the engine's optimiser.
-        learn_lr: learn the step size (else it stays at lr_teacher).
-        tesla: exact gradient in constant graph memory (adjoint pass) instead of back-propagating the unroll.
-        ema: FTD: decay of an exponential moving average of the synthetic tensors, written at the end (0 = off).
-        intermediate: AST-style: also match the expert at the intermediate epochs.
-        loss_clip: saturate the normalised distance smoothly at this value (0 = off).
-        max_experts: use only the first N experts (0 = all).
-        arch: expected expert architecture ("" = the buffers'); a mismatch is an error.
-    """
+    @dataclass
+    class Config:
+        """Options of trajectory matching.
+
+        Attributes:
+            buffer: folder of replay_buffer_*.safetensors (or one file) written by `distillset squeeze trajectories`.
+            expert_epochs: M, expert epochs between the start and the target.
+            syn_steps: N, student SGD steps on synthetic batches per loss evaluation.
+            min_start_epoch: lowest start epoch.
+            max_start_epoch: start epochs are drawn from [min_start_epoch, max_start_epoch) (clipped to epochs - M).
+            batch_syn: synthetic images per student step (0 = all images of the set).
+            lr_teacher: initial value of the learnable student step size (the experts' lr).
+            lr_lr: learning rate of the step size in the engine's optimiser.
+            learn_lr: learn the step size (else it stays at lr_teacher).
+            tesla: exact gradient in constant graph memory (adjoint pass) instead of back-propagating the unroll.
+            ema: FTD: decay of an exponential moving average of the synthetic tensors, written at the end (0 = off);
+                the engine keeps the average (the same as its ema_decay option).
+            intermediate: AST-style: also match the expert at the intermediate epochs.
+            loss_clip: saturate the normalised distance smoothly at this value (0 = off).
+            max_experts: use only the first N experts (0 = all).
+            arch: expected expert architecture ("" = the buffers'); a mismatch is an error.
+        """
+
+        buffer: str = ""
+        expert_epochs: int = 2
+        syn_steps: int = 20
+        min_start_epoch: int = 0
+        max_start_epoch: int = 20
+        batch_syn: int = 0
+        lr_teacher: float = 0.01
+        lr_lr: float = 1e-5
+        learn_lr: bool = True
+        tesla: bool = False
+        ema: float = 0.0
+        intermediate: bool = False
+        loss_clip: float = 0.0
+        max_experts: int = 0
+        arch: str = ""
+
+        def __post_init__(self):
+            if not self.buffer:
+                raise DistillError("trajectory matching needs expert trajectories: set options.buffer to the folder "
+                                   "written by `distillset squeeze trajectories`.")
+            if self.expert_epochs < 1 or self.syn_steps < 1:
+                raise DistillError("expert_epochs and syn_steps must be >= 1.")
+            if not 0 <= self.min_start_epoch < self.max_start_epoch:
+                raise DistillError(f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch}, "
+                                   f"{self.max_start_epoch}.")
+            if not 0 <= self.ema < 1:
+                raise DistillError(f"ema is a decay in [0, 1), got {self.ema}.")
+            if self.intermediate and self.syn_steps < self.expert_epochs:
+                raise DistillError("intermediate matching needs syn_steps >= expert_epochs.")
 
     joint_classes = True
 
-    def __init__(self, buffer: str = "", expert_epochs: int = 2, syn_steps: int = 20, min_start_epoch: int = 0,
-                 max_start_epoch: int = 20, batch_syn: int = 0, lr_teacher: float = 0.01, lr_lr: float = 1e-5,
-                 learn_lr: bool = True, tesla: bool = False, ema: float = 0.0, intermediate: bool = False,
-                 loss_clip: float = 0.0, max_experts: int = 0, arch: str = ""):
-        if not buffer:
-            raise DistillError(f"method '{self.name}' needs expert trajectories: set options.buffer to the folder "
-                               "written by `distillset squeeze trajectories`.")
-        if expert_epochs < 1 or syn_steps < 1:
-            raise DistillError("expert_epochs and syn_steps must be >= 1.")
-        if not 0 <= min_start_epoch < max_start_epoch:
-            raise DistillError(f"need 0 <= min_start_epoch < max_start_epoch, got {min_start_epoch}, "
-                               f"{max_start_epoch}.")
-        if not 0 <= ema < 1:
-            raise DistillError(f"ema is a decay in [0, 1), got {ema}.")
-        if intermediate and syn_steps < expert_epochs:
-            raise DistillError("intermediate matching needs syn_steps >= expert_epochs.")
-        self.buffer, self.expert_epochs, self.syn_steps = buffer, int(expert_epochs), int(syn_steps)
-        self.min_start_epoch, self.max_start_epoch = int(min_start_epoch), int(max_start_epoch)
-        self.batch_syn, self.lr_teacher, self.lr_lr, self.learn_lr = int(batch_syn), lr_teacher, lr_lr, learn_lr
-        self.tesla, self.ema, self.intermediate, self.loss_clip = tesla, float(ema), intermediate, float(loss_clip)
-        self.max_experts, self.arch = int(max_experts), arch
-        self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher)), requires_grad=learn_lr)
+    def __init__(self, cfg: Config | None = None):
+        super().__init__(cfg)
+        c = self.cfg
+        self.buffer, self.expert_epochs, self.syn_steps = c.buffer, int(c.expert_epochs), int(c.syn_steps)
+        self.min_start_epoch, self.max_start_epoch = int(c.min_start_epoch), int(c.max_start_epoch)
+        self.batch_syn, self.lr_teacher, self.lr_lr, self.learn_lr = int(c.batch_syn), c.lr_teacher, c.lr_lr, c.learn_lr
+        self.tesla, self.ema, self.intermediate = c.tesla, float(c.ema), c.intermediate
+        self.loss_clip = float(c.loss_clip)
+        self.max_experts, self.arch = int(c.max_experts), c.arch
+        self.syn_lr = nn.Parameter(torch.tensor(float(c.lr_teacher)), requires_grad=c.learn_lr)
         self.experts: ExpertBuffers | None = None
-        self._shadow: dict[str, torch.Tensor] | None = None
         self._logs: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------------------ setup
@@ -179,7 +203,6 @@ class MTT(Objective):
     # ------------------------------------------------------------------------------------------------------ loss
 
     def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
-        self._ema_update(syn)
         ex = self.experts
         e = int(torch.randint(len(ex.trajectories), (1,), generator=ctx.generator))
         lo, hi = self.start_window(ctx)
@@ -253,33 +276,9 @@ class MTT(Objective):
 
     # ------------------------------------------------------------------------------------------------------- EMA
 
-    @torch.no_grad()
-    def _ema_update(self, syn: Parametrization) -> None:
-        if not self.ema:
-            return
-        params = {n: p.detach() for n, p in syn.named_parameters()}
-        if self._shadow is None:
-            self._shadow = {n: p.clone() for n, p in params.items()}
-            return
-        for n, p in params.items():
-            self._shadow[n].lerp_(p, 1 - self.ema)
-
-    @torch.no_grad()
-    def finalize(self, syn: Parametrization) -> None:
-        """Called by the engine before writing: with ``ema`` the written images are the moving average."""
-        if not self.ema:
-            return
-        self._ema_update(syn)
-        for n, p in syn.named_parameters():
-            p.copy_(self._shadow[n])
-        syn.project_()
-
-    def checkpoint_state(self) -> dict:
-        return {"ema": {k: v.cpu() for k, v in self._shadow.items()}} if self._shadow is not None else {}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        if state.get("ema"):
-            self._shadow = {k: v.to(self.syn_lr.device) for k, v in state["ema"].items()}
+    def image_ema(self) -> float:
+        """FTD's ``ema`` option: the engine keeps the moving average of the images and writes it."""
+        return self.ema
 
     # ---------------------------------------------------------------------------------------------------- output
 
