@@ -210,7 +210,7 @@ def read_prior_meta(folder: str | Path) -> dict:
     path = folder / "prior.json"
     if not path.exists():
         if (folder / "model_index.json").exists():
-            from distillset.generative.ld3m import meta_from_diffusers_folder
+            from distillset.generative.diffusers_folder import meta_from_diffusers_folder
 
             return meta_from_diffusers_folder(folder)
         what = " (it looks like a backbone folder from `distillset squeeze`)" if (folder / "config.json").exists() \

@@ -21,7 +21,12 @@ from distillset.launch.commands import load as _load
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as a one-line :class:`DistillError` (exit 2, no usage dump)."""
+    """argparse that reports a bad command line as a one-line :class:`DistillError` (exit 2, no usage dump) and
+    takes no abbreviations (``--epoch`` is a typo of ``--epochs``, not a shorthand that starts a long run)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise DistillError(f"{self.prog}: {message}; see `{self.prog} --help`.")
@@ -70,7 +75,7 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
 
 def run_parser() -> argparse.ArgumentParser:
     """The arguments of ``distillset run``."""
-    p = argparse.ArgumentParser(prog="distillset run")
+    p = _Parser(prog="distillset run")
     p.add_argument("recipe")
     p.add_argument("--stages", default="", help="comma-separated subset of stages to run")
     p.add_argument("--out", default="", help="output root (default: the recipe's out)")

@@ -46,24 +46,6 @@ def _versions() -> dict:
     return out
 
 
-def check_options(cls: type, options: dict, what: str, flag: str, skip: int = 0) -> None:
-    """Refuse option names the plugin's constructor does not take (after its ``skip`` positional engine arguments),
-    in one line listing those it does, before any work starts."""
-    import difflib
-    import inspect
-
-    params = list(inspect.signature(cls).parameters.values())[skip:]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key in options:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise DistillError(f"unknown --{flag.replace('_', '-')} key '{key}' for {what}.{hint} "
-                               f"Known: {', '.join(sorted(known)) or 'none'}.")
-
-
 class Engine:
     """Holds what is shared by all units of a run (teachers, real data, plugins) and optimises units."""
 
@@ -122,7 +104,7 @@ class Engine:
             train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
             self.real = RealData(train, self.device)
             if not self.teachers:  # networks trained from scratch see the data's channel statistics, as the papers
-                from distillset.squeeze.train import channel_stats
+                from distillset.squeeze.data import channel_stats
 
                 self.mean, self.std = channel_stats(train.images)
         self.zca = self._input_space()

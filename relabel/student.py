@@ -24,7 +24,7 @@ from distillset.relabel.softlabels import SoftLabels, apply_crops, epoch_crops
 from distillset.squeeze.dsa import dsa_augment
 from distillset.squeeze.inputs import ZCA, InputTransform
 from distillset.squeeze.models import create_model
-from distillset.squeeze.train import evaluate_model
+from distillset.squeeze.data import evaluate_model
 
 
 @dataclass

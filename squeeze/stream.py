@@ -77,13 +77,13 @@ def _stats(source: Source, limit: int = 4096) -> tuple[list[float], list[float]]
         xs.append(x)
         if len(xs) >= limit:
             break
-    from distillset.squeeze.train import channel_stats
+    from distillset.squeeze.data import channel_stats
 
     return channel_stats(torch.stack(xs))
 
 
 def stream_setup(cfg, rt: Runtime, source: Source):
-    from distillset.squeeze.train import TrainData
+    from distillset.squeeze.data import TrainData
 
     shards = source.shards
     urls = shards.urls("train")
@@ -106,7 +106,7 @@ def stream_setup(cfg, rt: Runtime, source: Source):
             yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
 
     def evaluate(model) -> float:
-        from distillset.squeeze.train import batch_accuracy
+        from distillset.squeeze.data import batch_accuracy
 
         def batches():  # each test sample exactly once across ranks
             items = source.stream("test", rt.rank, rt.world)

@@ -19,7 +19,8 @@ from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progre
 from distillset.core.schedule import cosine
 from distillset.squeeze.augment import affine_crop
 from distillset.squeeze.checkpoint import BackboneConfig, save_atomic_state, save_backbone
-from distillset.squeeze.inputs import ZCA, InputTransform
+from distillset.squeeze.data import TrainData, batch_accuracy, channel_stats, evaluate_model  # noqa: F401
+from distillset.squeeze.inputs import InputTransform
 from distillset.squeeze.models import create_model, model_entry
 
 log = logging.getLogger("distillset.squeeze")
@@ -85,20 +86,6 @@ class SqueezeConfig:
 NON_SEMANTIC = ("out", "workers")
 
 
-def channel_stats(images: torch.Tensor, batch: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (unbiased) std of uint8 images in [0, 1] units, in batches (no float copy of the set)."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    sq = torch.zeros_like(total)
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to("cpu", torch.float64).div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        sq += x.square().sum(dim=(0, 2, 3))
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    var = (sq - n * mean.square()) / max(1, n - 1)
-    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
-
-
 def train_augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Random shift by up to 1/8 of the size (reflect padding) + horizontal flip, batched and on-device."""
     n = x.shape[0]
@@ -117,32 +104,6 @@ def make_optimizer(params, name: str, lr: float, wd: float):
 
 def lr_at(step: int, total: int, warmup: int) -> float:
     return cosine(step, total, warmup)
-
-
-@torch.no_grad()
-def batch_accuracy(model, batches, mean, std, device, rt: Runtime | None = None, zca: ZCA | None = None) -> float:
-    """Top-1 of ``model`` (raw, normalised input) over ``(uint8 images, labels)`` batches; with several ranks the
-    correct/total counts are summed, so each rank passes only its share of the test data."""
-    model.eval()
-    norm = InputTransform(mean, std, zca).to(device)
-    counts = torch.zeros(2, device=device)
-    for xb, yb in batches:
-        x = norm(xb.to(device).float() / 255)
-        counts[0] += (model(x).argmax(1) == yb.to(device)).sum()
-        counts[1] += len(yb)
-    if rt is not None and rt.world > 1:
-        counts = rt.accelerator.reduce(counts, reduction="sum")
-    return float(counts[0] / counts[1].clamp_min(1))
-
-
-def evaluate_model(model, images: ImageSet, mean, std, device, rt: Runtime | None = None, batch: int = 512,
-                   zca: ZCA | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``images`` (inputs normalised, then whitened when ``zca`` is given), split
-    across ranks and summed."""
-    rank, world = (rt.rank, rt.world) if rt else (0, 1)
-    idx = torch.arange(rank, len(images), world)
-    batches = ((images.images[j], images.labels[j]) for j in idx.split(batch))
-    return batch_accuracy(model, batches, mean, std, device, rt, zca)
 
 
 def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
@@ -178,20 +139,6 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
         log.info("squeeze: %s test top-1 %.4f in %.1fs", cfg.arch, metrics["test_top1"], metrics["seconds"])
     rt.wait()
     return metrics
-
-
-@dataclass
-class TrainData:
-    """What the training loop needs from a source, in memory or streamed."""
-
-    class_names: list[str]
-    image_shape: tuple[int, int, int]
-    mean: list[float]
-    std: list[float]
-    num_train: int
-    steps: int
-    batches: object  # (epoch, generator) -> iterator of (uint8 images, labels) on the device
-    evaluate: object  # model -> test top-1
 
 
 def memory_setup(cfg: SqueezeConfig, rt: Runtime, source: Source) -> TrainData:

@@ -314,7 +314,7 @@ def train_expert(cfg: TrajectoryConfig, k: int, train: ImageSet, mean, std, devi
     bar.close()
     top1 = None
     if test is not None:
-        from distillset.squeeze.train import evaluate_model
+        from distillset.squeeze.data import evaluate_model
 
         top1 = evaluate_model(model, test, mean, std, device, zca=zca)
     return torch.stack(snaps), top1
@@ -332,7 +332,7 @@ def _load_data(cfg: TrajectoryConfig) -> tuple[ImageSet, ImageSet | None]:
 
 def run(cfg: TrajectoryConfig, rt: Runtime | None = None) -> dict:
     """Record (or finish recording) the experts; returns a summary. Experts are split across ranks (k % world)."""
-    from distillset.squeeze.train import channel_stats
+    from distillset.squeeze.data import channel_stats
 
     rt = rt or get_runtime()
     out = require_folder(cfg.out)

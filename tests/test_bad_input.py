@@ -90,9 +90,9 @@ CASES = [
     ("not_an_int", ["recover", "--ipc", "zero"], "must be int"),
     ("not_a_bool", ["recover", "--channels-last", "maybe"], "must be true or false"),
     ("bad_yaml_in_flag", R + ["--options", "{a: [}"], "is not valid YAML"),
-    ("unknown_objective_option", R + ["--options", "{r_bnn: 1}"], "unknown --options key 'r_bnn'"),
-    ("unknown_param_option", R + ["--param-options", "{inti: real}"], "unknown --param-options key 'inti'"),
-    ("unknown_aug_option", R + ["--aug-options", "{flipp: true}"], "unknown --aug-options key 'flipp'"),
+    ("unknown_objective_option", R + ["--options", "{r_bnn: 1}"], "objective 'sre2l' option 'r_bnn'. Did you mean 'r_bn'"),
+    ("unknown_param_option", R + ["--param-options", "{inti: real}"], "parametrization 'pixel' option 'inti'. Did you mean 'init'"),
+    ("unknown_aug_option", R + ["--aug-options", "{flipp: true}"], "augmentation 'curriculum_crop' option 'flipp'. Did you mean 'flip'"),
     ("one_beta", R + ["--betas", "0.5"], "needs 2 values"),
     ("beta_above_one", R + ["--betas", "0.5,1.5"], "betas must be two numbers in [0, 1)"),
     # numbers out of range

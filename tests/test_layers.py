@@ -134,8 +134,13 @@ def test_no_bare_stage_imports():
 @pytest.mark.slow
 def test_wheel_installs_one_namespace(tmp_path):
     """``pip install .`` installs only ``distillset`` (and its dist-info) and one console script, ``distillset``."""
+    import shutil
+
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "output", "build", "*.egg-info",
+                                                             "__pycache__", "benchmarks", "docs", "tests"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                        str(tmp_path), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("distillset-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
