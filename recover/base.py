@@ -261,6 +261,18 @@ class Objective:
         """Coreset objectives: indices into ``ctx.real`` of the chosen images, ``ipc`` per class of the unit."""
         raise NotImplementedError
 
+    def real_per_class(self, ipc: int) -> int:
+        """Real images every class must have for a run at ``ipc`` (checked before any work): a selection method
+        picks ``ipc`` distinct ones, anything else needs one (init from real, per-class real batches)."""
+        return ipc if self.selects else 1
+
+    def select_images(self, ctx: Context, ipc: int) -> torch.Tensor:
+        """Selection methods: the ``ipc`` uint8 images ``(ipc, C, H, W)`` of the one class in ``ctx.classes``, images
+        ``ctx.first_index ..`` of that class. Default: the real images :meth:`select` picks; a method that composes
+        images from real data (RDED stitches crops) overrides this instead."""
+        idx = self.select(ctx, ipc)
+        return ctx.real.images[idx.to(ctx.real.images.device)].cpu()
+
     def image_ema(self) -> float:
         """Decay of the moving average of the images this method writes by its own options (0 = none); the engine
         keeps the average (its ``ema_decay`` option), so any method can use it (MTT's ``ema`` maps here)."""

@@ -50,24 +50,42 @@ class Engine:
     """Holds what is shared by all units of a run (teachers, real data, plugins) and optimises units."""
 
     def __init__(self, cfg: RecoverConfig, rt: Runtime):
-        from distillset.squeeze.checkpoint import load_teacher
-
         self.cfg, self.rt, self.device = cfg, rt, rt.device
-        (self.objective_cls, objective_cfg), (self.param_cls, self.param_cfg), (aug_cls, aug_cfg) = cfg.plugins()
-        self.augment = aug_cls(aug_cfg)
-        self.objective = self.objective_cls(objective_cfg)
-        self.ema_decay = self._ema_decay()
-        oc = self.objective_cls
-        if oc.needs_teacher and not cfg.teachers:
-            raise DistillError(f"method '{cfg.method}' needs a teacher; pass --teachers PATH (a `distillset squeeze` "
-                               "output folder).")
-        self.teachers = [load_teacher(t, device=self.device) for t in cfg.teachers]
-        self._check_teachers()
+        self._build_plugins()
+        self.teachers = self._load_teachers()
         self.source = Source(cfg.data) if cfg.data else None
+        oc = self.objective_cls
         needs_real = oc.needs_real or cfg.param_options.get("init") == "real" or cfg.zca == "fit"
         if needs_real and self.source is None:
             raise DistillError(f"method '{cfg.method}' (or init from real) needs real data; pass --data SPEC.")
-        info = self.source.info() if self.source else None
+        self._settle_task(self.source.info() if self.source else None)
+        self.real = self._load_real() if needs_real else None
+        self.zca = self._input_space()
+        self.autocast = autocast_dtype(cfg.autocast, self.device)
+        self._prepare_teachers()
+
+    def _build_plugins(self) -> None:
+        """The objective, augmentation and parametrization class, from options validated with the config."""
+        (self.objective_cls, objective_cfg), (self.param_cls, self.param_cfg), (aug_cls, aug_cfg) = \
+            self.cfg.plugins()
+        self.augment = aug_cls(aug_cfg)
+        self.objective = self.objective_cls(objective_cfg)
+        self.ema_decay = self._ema_decay()
+
+    def _load_teachers(self) -> list:
+        from distillset.squeeze.checkpoint import load_teacher
+
+        cfg = self.cfg
+        if self.objective_cls.needs_teacher and not cfg.teachers:
+            raise DistillError(f"method '{cfg.method}' needs a teacher; pass --teachers PATH (a `distillset squeeze` "
+                               "output folder).")
+        teachers = [load_teacher(t, device=self.device) for t in cfg.teachers]
+        self._check_teachers(teachers)
+        return teachers
+
+    def _settle_task(self, info: dict | None) -> None:
+        """Classes, image shape and input statistics of the run: the teacher's, else the data's."""
+        cfg = self.cfg
         if self.teachers:
             tc = self.teachers[0].config
             self.class_names = tc.class_names or (info["class_names"] if info else [str(i) for i in
@@ -89,31 +107,33 @@ class Engine:
             self.image_shape = (self.image_shape[0], cfg.image_size, cfg.image_size)
         if cfg.max_classes:
             self.num_classes = min(self.num_classes, cfg.max_classes)
-        self.real = None
-        if needs_real:
-            train = self.source.load("train")
-            if train.image_shape != self.image_shape:
-                from distillset.core.data import resize_uint8
 
-                if train.image_shape[0] != self.image_shape[0]:
-                    raise DistillError(f"data images have {train.image_shape[0]} channels but the teacher takes "
-                                       f"{self.image_shape[0]}.")
-                train = ImageSet(resize_uint8(train.images, self.image_shape[-1]), train.labels, train.class_names)
-            keep = torch.nonzero(train.labels < self.num_classes).flatten()  # max_classes: the first N classes
-            train = ImageSet(train.images[keep], train.labels[keep], train.class_names[: self.num_classes])
-            train.require_classes(cfg.ipc if oc.selects else 1, f"method '{cfg.method}' at ipc {cfg.ipc}")
-            self.real = RealData(train, self.device)
-            if not self.teachers:  # networks trained from scratch see the data's channel statistics, as the papers
-                from distillset.squeeze.data import channel_stats
+    def _load_real(self) -> RealData:
+        """The real training images of the run's classes, at the run's image size."""
+        cfg = self.cfg
+        train = self.source.load("train")
+        if train.image_shape != self.image_shape:
+            from distillset.core.data import resize_uint8
 
-                self.mean, self.std = channel_stats(train.images)
-        self.zca = self._input_space()
-        self.autocast = autocast_dtype(cfg.autocast, self.device)
+            if train.image_shape[0] != self.image_shape[0]:
+                raise DistillError(f"data images have {train.image_shape[0]} channels but the teacher takes "
+                                   f"{self.image_shape[0]}.")
+            train = ImageSet(resize_uint8(train.images, self.image_shape[-1]), train.labels, train.class_names)
+        keep = torch.nonzero(train.labels < self.num_classes).flatten()  # max_classes: the first N classes
+        train = ImageSet(train.images[keep], train.labels[keep], train.class_names[: self.num_classes])
+        train.require_classes(self.objective.real_per_class(cfg.ipc), f"method '{cfg.method}' at ipc {cfg.ipc}")
+        if not self.teachers:  # networks trained from scratch see the data's channel statistics, as the papers
+            from distillset.squeeze.data import channel_stats
+
+            self.mean, self.std = channel_stats(train.images)
+        return RealData(train, self.device)
+
+    def _prepare_teachers(self) -> None:
         for t in self.teachers:
-            if cfg.channels_last:
+            if self.cfg.channels_last:
                 t.model.to(memory_format=torch.channels_last)
                 t.channels_last = True
-            if cfg.compile:
+            if self.cfg.compile:
                 t.model = torch.compile(t.model)
 
     def _ema_decay(self) -> float:
@@ -154,11 +174,11 @@ class Engine:
                                f"but this run makes {tuple(self.image_shape)}; fit it at this resolution (zca: fit).")
         return zca
 
-    def _check_teachers(self) -> None:
-        if not self.teachers:
+    def _check_teachers(self, teachers: list) -> None:
+        if not teachers:
             return
-        ref = self.teachers[0].config
-        for t in self.teachers[1:]:
+        ref = teachers[0].config
+        for t in teachers[1:]:
             c = t.config
             if c.num_classes != ref.num_classes:
                 raise DistillError(f"teachers disagree on the number of classes ({ref.arch}: {ref.num_classes}, "
@@ -167,7 +187,7 @@ class Engine:
                 raise DistillError(f"teachers disagree on the input ({ref.arch}: {ref.in_chans}x{ref.img_size}px, "
                                    f"{c.arch}: {c.in_chans}x{c.img_size}px); use teachers of one resolution.")
         if self.objective_cls.needs_bn:
-            for t in self.teachers:
+            for t in teachers:
                 if not t.has_bn:
                     raise DistillError(f"teacher {t.config.arch} ({t.path}) has no BatchNorm layer, so "
                                        f"'{self.cfg.method}' has no statistics to match; use a BatchNorm backbone "
@@ -285,8 +305,7 @@ class Engine:
         for k, c in enumerate(range(unit.c0, unit.c1)):
             sub = dataclasses.replace(ctx, classes=torch.full((unit.i1 - unit.i0,), c, device=self.device),
                                       first_index=unit.i0)
-            idx = self.objective.select(sub, unit.i1 - unit.i0)
-            picked.append(self.real.images[idx.to(self.real.images.device)].cpu())
+            picked.append(self.objective.select_images(sub, unit.i1 - unit.i0))
         self.objective.teardown()
         return torch.cat(picked)
 
