@@ -30,6 +30,7 @@ from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, load_tensors, require_folder, write_json
 from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime
+from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
 from distillset.relabel.student import StudentSpec, train_student
 from distillset.squeeze.inputs import ZCA
@@ -173,6 +174,7 @@ class Plan:
     relabel_teachers: list[str | dict]  # --teachers specs, or labels.json records (loaded only if unchanged)
     jobs: list[Job]
     fingerprint: str
+    teacher: object = None  # the set's first teacher (diversity in its feature space), when it has one
 
     def fit(self, s: ImageSet) -> ImageSet:
         return plan_fit(s, self.distilled.image_shape[-1])
@@ -222,7 +224,7 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
             raise DistillError(f"{folder} has no soft labels; run `distillset relabel --distilled {folder}` first.")
     learned = learned_params(folder)
     teachers_info = manifest.get("teachers", [])
-    full, teacher_arch, teacher_kwargs = None, None, {}
+    full, teacher_arch, teacher_kwargs, t = None, None, {}, None
     if teachers_info:
         t = load_recorded_teacher(teachers_info[0], f"{folder}/manifest.json", distilled.num_classes)
         teacher_arch, teacher_kwargs = t.config.arch, t.config.model_kwargs or {}
@@ -257,7 +259,7 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
            "soft": soft.meta if soft is not None else None}
     fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Plan(folder, out, distilled, manifest, source, test, int(manifest["ipc"]), mean, std, zca, soft, learned,
-                full, archs, kwargs, relabel_teachers, jobs, fp)
+                full, archs, kwargs, relabel_teachers, jobs, fp, t)
 
 
 def plan_fit(s: ImageSet, size: int) -> ImageSet:
@@ -291,11 +293,24 @@ def _relabel_teacher(spec: str | dict, folder: Path, num_classes: int, device="c
     return load_teacher(spec, num_classes, device)
 
 
+def random_set(p: Plan, cfg: EvaluateConfig) -> ImageSet:
+    """The random real images at the same IPC: those an init-from-real run of this set started from."""
+    rand_seed = int(p.manifest.get("seeds", {}).get("base", cfg.seed))
+    return random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
+
+
+def diversity(p: Plan, cfg: EvaluateConfig) -> dict:
+    """Within-class diversity of the distilled set and of the random real baseline (pixels, teacher features)."""
+    out = {"distilled": within_class_diversity(p.distilled, p.teacher)}
+    if cfg.baseline:
+        out["random"] = within_class_diversity(random_set(p, cfg), p.teacher)
+    return out
+
+
 def baseline(p: Plan, cfg: EvaluateConfig, rt, need_soft: bool) -> tuple[ImageSet, SoftLabels | None]:
     """The random-real set at the same IPC, relabelled with the set's teachers when a pending student needs it."""
     # the images an init-from-real run of this set started from: distilled vs random shows what distilling added
-    rand_seed = int(p.manifest.get("seeds", {}).get("base", cfg.seed))
-    rand = random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
+    rand = random_set(p, cfg)
     if p.soft is None or not need_soft:
         return rand, None
     teachers = [_relabel_teacher(s, p.folder, p.distilled.num_classes, rt.device) for s in p.relabel_teachers]
@@ -390,6 +405,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
         log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", p.manifest["zca"])
     results = students(p, cfg, rt)
     metrics = summarize(p, cfg, results, time.perf_counter() - t0)
+    metrics["diversity"] = diversity(p, cfg)
     if rt.is_main:
         write_metrics(p.out, cfg, metrics)
         log.info("evaluate:\n%s", format_summary(metrics))
@@ -402,4 +418,11 @@ def format_summary(metrics: dict) -> str:
     for s in metrics["summary"]:
         lines.append(f"{s['arch']:<16} {s['set']:<10} {s['labels']:<6} "
                      f"{100 * s['mean']:>13.2f} +- {100 * s['std']:.2f}  (n={s['n']})")
+    ranking = metrics.get("dd_ranking") or {}
+    if ranking:
+        lines.append("DD-Ranking: " + ", ".join(f"{k} {100 * v:+.2f}" if k != "LRS" else f"{k} {v:.3f}"
+                                                for k, v in ranking.items()))
+    for name, d in (metrics.get("diversity") or {}).items():
+        lines.append(f"within-class diversity, {name}: pixel {d['pixel']:.4f}"
+                     + (f", teacher feature {d['feature']:.3f}" if "feature" in d else ""))
     return "\n".join(lines)

@@ -21,10 +21,10 @@ from distillset.core.errors import DistillError
 from distillset.core.runtime import autocast_dtype
 from distillset.core.schedule import cosine
 from distillset.relabel.softlabels import SoftLabels, apply_crops, epoch_crops
+from distillset.squeeze.data import evaluate_model
 from distillset.squeeze.dsa import dsa_augment
 from distillset.squeeze.inputs import ZCA, InputTransform
 from distillset.squeeze.models import create_model
-from distillset.squeeze.data import evaluate_model
 
 
 @dataclass
