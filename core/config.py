@@ -178,13 +178,60 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_diff(old: dict | None, new: dict, ignore: tuple[str, ...] = ()) -> str:
+    """The fields that differ between two resolved configs, as ``name: old -> new`` (at most 6, nested options
+    joined with dots), for the message that refuses to mix two runs in one folder."""
+    if not isinstance(old, dict):
+        return ""
+    out: list[str] = []
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            if not prefix and k in ignore:
+                continue
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, f"{prefix}{k}.")
+            elif x != y:
+                out.append(f"{prefix}{k}: {json.dumps(x, default=str)} -> {json.dumps(y, default=str)}")
+
+    walk(old, json.loads(json.dumps(new, default=str)), "")
+    return ", ".join(out[:6]) + (f" and {len(out) - 6} more" if len(out) > 6 else "")
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--name`` flag per field (``_`` and ``-`` both accepted); values are parsed by :func:`from_dict`."""
     docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         names = [flag] if "_" not in f.name else [flag, "--" + f.name]
-        parser.add_argument(*names, dest=f"cfg_{f.name}", default=None, metavar="V", help=docs.get(f.name, ""))
+        metavar, default = _flag_form(hints.get(f.name, str), f)
+        text = docs.get(f.name, "").replace("%", "%%")
+        parser.add_argument(*names, dest=f"cfg_{f.name}", default=None, metavar=metavar,
+                            help=f"{text} (default: {default})" if text else f"default: {default}")
+
+
+def _flag_form(tp: Any, f: dataclasses.Field) -> tuple[str, str]:
+    """``(metavar, default as typed on the command line)`` of a config field, for ``--help``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), str)
+        origin = typing.get_origin(tp)
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = None
+    if tp is bool:
+        return "{true,false}", str(value).lower()
+    if origin is list or origin is tuple:
+        return "A,B,...", ",".join(map(str, value)) if value else "none"
+    if origin is dict or tp is dict:
+        return "'{KEY: VALUE}'", json.dumps(value) if value else "{}"
+    name = getattr(tp, "__name__", "VALUE").upper()
+    return name, repr(value) if isinstance(value, str) else str(value)
 
 
 def flags_to_dict(ns: argparse.Namespace, cls: type) -> dict:

@@ -105,6 +105,22 @@ def content_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_folder(final: Path) -> Path:
+    """A new temporary folder beside ``final`` (renamed onto it when complete), with the permissions the umask
+    gives a folder (``mkdtemp`` alone makes it 0700: other users, containers and clusters could not read it)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block finishes."""
@@ -115,7 +131,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are meant to be shared
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; artefacts get the mode any tool would give them
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -177,16 +193,22 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def finished_record(path: str | os.PathLike, fingerprint: str, what: str) -> dict | None:
+def finished_record(path: str | os.PathLike, fingerprint: str, what: str, config: dict | None = None,
+                    config_key: str = "", ignore: tuple[str, ...] = ()) -> dict | None:
     """The JSON record a finished run left at ``path`` (``None`` if there is none). A record written by a run with
-    another config fingerprint is refused, so a re-run never mixes two runs' outputs in one folder."""
+    another config fingerprint is refused, so a re-run never mixes two runs' outputs in one folder; with ``config``
+    (this run's resolved config) and ``config_key`` (where the record keeps its own) the message names the fields
+    that differ."""
+    from distillset.core.config import config_diff
+
     path = Path(path)
     if not path.exists():
         return None
     done = read_json(path)
     if done.get("fingerprint") != fingerprint:
-        raise DistillError(f"{path.parent} holds {what} trained with another config; choose another --out or delete "
-                           "that folder.")
+        diff = config_diff(done.get(config_key), config, ignore) if config is not None else ""
+        raise DistillError(f"{path.parent} holds {what} trained with another config{f' ({diff})' if diff else ''}; "
+                           "choose another --out for this one, or delete that folder to replace it.")
     return done
 
 

@@ -29,6 +29,15 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        import difflib
+        import re
+
+        m = re.match(r"unrecognized arguments: (--[\w-]+)", message)
+        if m:  # a typo of a flag gets the same "did you mean" as a typo in --set or a plugin option
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            close = difflib.get_close_matches(m.group(1), flags, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
         raise DistillError(f"{self.prog}: {message}; see `{self.prog} --help`.")
 
 
@@ -37,7 +46,12 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
 
     cfg_path, _, help_ = COMMANDS[name]
     cls = _load(cfg_path)
-    p = _Parser(prog=f"distillset {name}", description=(cls.__doc__ or help_).split("\n")[0])
+    sub = _group(name)
+    epilog = (f"subcommands: {', '.join(sub)}. " if sub else "") + (
+        "Values: --data digits | npz:PATH | folder:PATH | hf:PATH | wds:PATTERN; mappings as YAML, e.g. "
+        "--options '{r_bn: 0.01}'; lists as a,b; booleans true/false. `distillset methods NAME` lists a method's "
+        "options.")
+    p = _Parser(prog=f"distillset {name}", description=(cls.__doc__ or help_).split("\n")[0], epilog=epilog)
     p.add_argument("--config", help="YAML file of options (a recipe section or a saved config.yaml)")
     p.add_argument("--section", help="read this section of the YAML (default: the command name, if present)")
     add_flags(p, cls)
@@ -63,10 +77,19 @@ def build_config(name: str, argv: list[str]):
     return from_dict(cls, data)
 
 
+def _group(word: str) -> list[str]:
+    """The multi-word commands that start with ``word`` (``prior`` -> ``prior train``)."""
+    return [n for n in COMMANDS if n.startswith(word + " ")]
+
+
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
     """``(command name, its arguments)`` of a stage command line (multi-word names such as ``prior train``)."""
     name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
     if name not in COMMANDS:
+        group = _group(argv[0])
+        if group:  # `distillset prior` (or `prior --help`): the group's subcommands
+            raise DistillError(f"'{argv[0]}' is a command group: use one of {', '.join(group)} "
+                               f"(`distillset {group[0]} --help` lists its options).")
         from distillset.core.errors import unknown_name
 
         raise unknown_name("command", argv[0], list(COMMANDS) + ["run", "methods", "models"])
@@ -185,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
             ns = run_parser().parse_args(argv[1:])
             run_recipe(ns.recipe, [s for s in ns.stages.split(",") if s], ns.out or None, ns.set)
+        elif argv[0] not in COMMANDS and _group(argv[0]) and argv[1:2] in ([], ["-h"], ["--help"]):
+            print(f"distillset {argv[0]}: a command group\n\nsubcommands:\n" + "\n".join(
+                f"  {n:<22} {COMMANDS[n][2]}" for n in _group(argv[0])) + f"\n\n`distillset {_group(argv[0])[0]} "
+                "--help` lists its options.")
         else:
             name, rest = split_command(argv)
             run_command(name, rest)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from distillset.core.data import encode_png, write_shard
 from distillset.core.distilled import load_distilled, sample_key
 from distillset.core.errors import DistillError
-from distillset.core.io import inside, write_json
+from distillset.core.io import inside, temp_folder, write_json
 
 log = logging.getLogger("distillset.export")
 
@@ -59,7 +58,7 @@ def run(cfg: ExportConfig, rt=None) -> dict:
     if out.exists() and not cfg.overwrite:
         raise DistillError(f"{out} already exists; choose another --out or pass --overwrite true.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         counts: dict[int, int] = {}
         keys = []

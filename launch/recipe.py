@@ -94,7 +94,27 @@ def plan_recipe(path: str, stages: list[str] | None = None, out_root: str | None
         bad = [s for s in stages if s not in dict(plan)]
         if bad:
             raise DistillError(f"stage '{bad[0]}' is not in {path}; it has {', '.join(s for s, _ in plan)}.")
+        _check_skipped_inputs(plan, stages)
     return root, plan
+
+
+def _check_skipped_inputs(plan: list[tuple[str, object]], stages: list[str]) -> None:
+    """A selected stage whose input an unselected earlier stage of the recipe writes, and which is not there yet,
+    is refused up front ("run that stage first") instead of failing later on a missing folder."""
+    made = {}
+    for section, cfg in plan:
+        if section == "squeeze":
+            made[cfg.out] = ("squeeze", Path(cfg.out) / "config.json")
+        if section == "recover":
+            made[cfg.out] = ("recover", Path(cfg.out) / "manifest.json")
+    for section, cfg in plan:
+        if section not in stages:
+            continue
+        for value in [*getattr(cfg, "teachers", []), getattr(cfg, "distilled", None)]:
+            if value in made and made[value][0] not in stages and not made[value][1].exists():
+                raise DistillError(f"stage '{section}' reads {value}, which the recipe's '{made[value][0]}' stage "
+                                   f"writes and which does not exist yet; run that stage first (--stages "
+                                   f"{made[value][0]},{section}) or run the whole recipe.")
 
 
 def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distillset.core.config import fingerprint, to_dict, write_config
+from distillset.core.config import config_diff, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
 from distillset.core.errors import DistillError
@@ -400,8 +400,10 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
     if path.exists():
         old = read_json(path)
         if old.get("fingerprint") != fp:
-            raise DistillError(f"{out} holds a different run (method {old.get('method')}, fingerprint "
-                               f"{old.get('fingerprint')} vs {fp}); choose another --out or delete that folder.")
+            diff = (config_diff(old.get("config"), to_dict(cfg), NON_SEMANTIC)
+                    or f"fingerprint {old.get('fingerprint')} vs {fp}")
+            raise DistillError(f"{out} holds a different run (method {old.get('method')}; {diff}); choose another --out "
+                               "for this one, or delete that folder to replace it.")
         _check_inputs(out, old, inputs, engine)
         if old.get("units") not in (None, records):
             raise DistillError(f"{out}/manifest.json lists another unit layout than this run's; the manifest is "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from distillset.core.config import check_number, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
-from distillset.core.io import finished_record, require_folder
+from distillset.core.io import finished_record, require_folder, write_json
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
 from distillset.squeeze.augment import affine_crop
@@ -111,7 +111,7 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     rt = rt or get_runtime()
     out = require_folder(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
-    done = finished_record(out / "config.json", fp, "a backbone")
+    done = finished_record(out / "config.json", fp, "a backbone", to_dict(cfg), "squeeze", NON_SEMANTIC)
     if done is not None:
         log.info("%s is already trained (test top-1 %.4f); nothing to do", out, done["metrics"].get("test_top1", 0))
         return done["metrics"]
@@ -135,7 +135,13 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     bcfg.metrics = metrics
     if rt.is_main:
         save_backbone(out, rt.accelerator.unwrap_model(model), bcfg, {"fingerprint": fp, "squeeze": to_dict(cfg)})
+        write_json(out / "metrics.json", metrics)
         write_config(out, cfg)
+        ckpt = out / "checkpoint" / "last.pt"  # the resume point is not needed once the backbone is saved
+        if ckpt.exists():
+            ckpt.unlink()
+            if not any(ckpt.parent.iterdir()):
+                ckpt.parent.rmdir()
         log.info("squeeze: %s test top-1 %.4f in %.1fs", cfg.arch, metrics["test_top1"], metrics["seconds"])
     rt.wait()
     return metrics

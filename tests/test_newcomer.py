@@ -1,0 +1,75 @@
+"""A newcomer's first hour (issue 18): help that teaches, typos that get "did you mean", messages that say what
+differs and what to do, folders others can read, and no leftovers after a finished stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from distillset.launch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_shows_types_defaults_and_value_forms(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["recover", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ipc INT" in out and "--lr FLOAT" in out and "--channels-last {true,false}" in out
+    assert "(default: 10)" in out and "'{KEY: VALUE}'" in out and "npz:PATH" in out
+    assert " V " not in out and "[--ipc V]" not in out
+
+
+def test_flag_typo_is_refused_with_did_you_mean_not_abbreviated(capsys):
+    assert main(["squeeze", "--epoch", "3", "--out", "/nonexistent/never"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean --epochs?" in err
+
+
+def test_command_group_lists_its_subcommands(capsys):
+    assert main(["prior", "--help"]) == 0
+    assert "prior train" in capsys.readouterr().out
+    assert main(["prior"]) == 0
+    assert main(["prior", "trian"]) == 2
+    assert "command group: use one of prior train" in capsys.readouterr().err
+
+
+def test_rerun_into_another_runs_folder_names_the_fields_that_differ(digits_teacher, tmp_path, capsys):
+    args = ["recover", "--teachers", str(digits_teacher), "--ipc", "1", "--iterations", "2", "--autocast", "none",
+            "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--iterations", "3", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "iterations: 2 -> 3" in err and "lr: 0.25 -> 0.1" in err and "choose another --out" in err
+
+
+def test_skipped_stage_says_run_it_first(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("out: " + str(tmp_path / "run") + "\nsqueeze: {data: digits, epochs: 1}\n"
+                      "recover: {ipc: 1, iterations: 1}\n")
+    assert main(["run", str(recipe), "--stages", "recover"]) == 2
+    err = capsys.readouterr().err
+    assert "run that stage first (--stages squeeze,recover)" in err
+    assert not (tmp_path / "run" / "recover").exists()
+
+
+def test_export_folder_honours_the_umask_and_squeeze_leaves_no_checkpoint(digits_teacher, tmp_path):
+    assert not (Path(digits_teacher) / "checkpoint").exists()
+    assert json.loads((Path(digits_teacher) / "metrics.json").read_text())["test_top1"] > 0.5
+    assert main(["recover", "--teachers", str(digits_teacher), "--ipc", "1", "--iterations", "1", "--autocast",
+                 "none", "--out", str(tmp_path / "r")]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--distilled", str(tmp_path / "r"), "--out", str(tmp_path / "e")]) == 0
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "e").stat().st_mode)
+    assert mode == 0o755, oct(mode)
+    files = [p for p in (tmp_path / "e").rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
