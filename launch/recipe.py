@@ -94,7 +94,6 @@ def plan_recipe(path: str, stages: list[str] | None = None, out_root: str | None
         bad = [s for s in stages if s not in dict(plan)]
         if bad:
             raise DistillError(f"stage '{bad[0]}' is not in {path}; it has {', '.join(s for s, _ in plan)}.")
-        _check_skipped_inputs(plan, stages)
     return root, plan
 
 
@@ -123,6 +122,8 @@ def run_recipe(path: str, stages: list[str] | None = None, out_root: str | None 
     from distillset.core.runtime import get_runtime
     rt = get_runtime()  # sets up logging before the first stage
     root, plan = plan_recipe(path, stages, out_root, overrides)
+    if stages:
+        _check_skipped_inputs(plan, stages)
     results: dict = {}
     timings: dict = {}
     t_all = time.perf_counter()

@@ -73,3 +73,23 @@ def test_export_folder_honours_the_umask_and_squeeze_leaves_no_checkpoint(digits
     assert mode == 0o755, oct(mode)
     files = [p for p in (tmp_path / "e").rglob("*") if p.is_file()]
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+
+
+def test_readme_example_runs_as_written_after_the_demo(tmp_path, monkeypatch, capsys):
+    """The README's `run ... --set recover.iterations=100 ...` works after `make demo` (here its recipe at debug
+    size), reusing the demo's teacher: it was refused before ("holds a different run")."""
+    import re
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    demo = ["run", "recipes/digits.yaml", "--set", "squeeze.epochs=2", "--set", "recover.iterations=5", "--set",
+            "squeeze.autocast=none", "--stages", "squeeze,recover"]  # the demo's folders the example meets
+    assert main(demo) == 0
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "recover.out=output/digits/recover_100" in ln)
+    cmd = shlex.split(re.sub(r"\s+#.*$", "", line.strip()))
+    assert cmd[0] == "distillset"
+    capsys.readouterr()
+    assert main(cmd[1:]) == 0, capsys.readouterr().err
+    assert (tmp_path / "output" / "digits" / "recover_100" / "labels" / "labels.json").exists()
