@@ -22,6 +22,7 @@ from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
 from distillset.core.errors import DistillError
 from distillset.core.io import clean_temp, content_sha256, is_temp, read_json, require_folder, save_tensors, write_json
+from distillset.core.locks import Lock, exclusive, hold, owner, try_lock
 from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
@@ -389,12 +390,40 @@ def _check_inputs(out: Path, old: dict, inputs: dict, engine: Engine) -> None:
                                f"{out} to start over with the new one.")
 
 
+def _refuse_foreign(out: Path) -> None:
+    """An output folder without a manifest must hold nothing but what a distillset run leaves before its first
+    write (its config copy, temporary files of killed writes, its locks, empty folders)."""
+    if (out / "manifest.json").exists() or not out.exists():
+        return
+
+    def foreign(p: Path) -> bool:
+        if p.is_dir() and not p.is_symlink():
+            return p.name != "locks" and any(foreign(q) for q in p.iterdir())
+        return p.name != "config.yaml" and not is_temp(p.name)
+
+    if any(foreign(p) for p in out.iterdir()):
+        raise DistillError(f"{out} is not empty and holds no distillset manifest; choose another --out.")
+
+
+def _enter(out: Path, rt: Runtime) -> Lock:
+    """This run's shared lock on the folder (held until it returns). The main process of a run that finds no other
+    run active removes the temporary files killed writes left (ours, so they never block the folder); with another
+    run active they may be its writes in flight, so they are left alone."""
+    _refuse_foreign(out)
+    lock = None
+    if rt.is_main:
+        lock = hold(out / "locks" / "run.lock", wait=False)  # exclusive: no other run is in the folder
+        if lock is not None:
+            for p in clean_temp(out):
+                log.info("removed %s, left by a killed write", p)
+            lock.downgrade()
+    rt.wait()
+    return lock or hold(out / "locks" / "run.lock", shared=True)
+
+
 def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: Runtime, units: list[Unit]) -> dict:
     fp = fingerprint(cfg, NON_SEMANTIC)
     path = out / "manifest.json"
-    if rt.is_main:  # a killed write leaves its temporary file: ours, so it never blocks the folder
-        for p in clean_temp(out):
-            log.info("removed %s, left by a killed write", p)
     inputs = input_hashes(cfg, out)
     records = [unit_record(u.index, u.c0, u.c1, u.i0, u.i1) for u in units]
     if path.exists():
@@ -413,13 +442,7 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
             if rt.is_main:
                 write_json(path, old)
         return old
-    def foreign(p: Path) -> bool:  # our config copy, our temp files and empty folders are not someone else's data
-        if p.is_dir() and not p.is_symlink():
-            return any(foreign(q) for q in p.iterdir())
-        return p.name != "config.yaml" and not is_temp(p.name)
-
-    if out.exists() and any(foreign(p) for p in out.iterdir()):
-        raise DistillError(f"{out} is not empty and holds no distillset manifest; choose another --out.")
+    _refuse_foreign(out)
     manifest = {
         "format": "distillset/1", "status": "running", "fingerprint": fp, "method": cfg.method,
         "parametrization": cfg.parametrization, "augmentation": cfg.augmentation, "config": to_dict(cfg),
@@ -446,54 +469,101 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
         engine.cfg = cfg
     units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
     check_unit_memory(units, engine.image_shape, cfg, rt.device, engine.objective_cls.selects)
-    manifest = _check_or_write_manifest(out, cfg, engine, rt, units)
+    run_lock = _enter(out, rt)
+    _check_or_write_manifest(out, cfg, engine, rt, units)
     if engine.zca is not None and rt.is_main and not (out / ZCA_FILE).exists():
         engine.zca.save(out / ZCA_FILE)  # before any unit: a partial set is evaluated in the right space too
     rt.wait()
-    mine = units_for_rank(len(units), rt.rank, rt.world)
     t0 = time.perf_counter()
-    done = skipped = 0
-    stats = []
-    for u in (units[i] for i in mine):
-        path = shard_path(out, u.index)
-        if path.exists():
-            skipped += 1
-            continue
-        state_path = out / "state" / f"unit-{u.index:06d}.pt"
-        if engine.objective_cls.selects:
-            images, logs = engine.select(u), {}
-        else:
-            syn, logs = engine.optimise(u, state_path)
-            images = syn.images_uint8()
-            extra = syn.state()
-            if extra:
-                save_tensors(out / "latents" / f"unit-{u.index:06d}.safetensors", extra,
-                             {"parametrization": cfg.parametrization})
-            params = engine.objective.final_state()
-            if params:
-                save_tensors(out / "params" / f"unit-{u.index:06d}.safetensors", params, {"method": cfg.method})
-        cls, idx = u.classes_and_indices()
-        write_shard(path, [(sample_key(c, i), images[k], c, {"class": c, "index": i, "unit": u.index})
-                           for k, (c, i) in enumerate(zip(cls.tolist(), idx.tolist()))])
-        if state_path.exists():
-            state_path.unlink()
-        done += 1
-        stats.append({"unit": u.index, **logs})
-        log.info("unit %d/%d (classes %d-%d) done: %s", u.index + 1, len(units), u.c0, u.c1 - 1,
-                 {k: round(v, 4) for k, v in logs.items()})
+    done, skipped, stats = _work(engine, units, out, rt)
     elapsed = time.perf_counter() - t0
     all_stats = rt.gather_object({"rank": rt.rank, "done": done, "skipped": skipped, "seconds": elapsed,
                                   "units": stats})
     rt.wait()
     if rt.is_main:
-        missing = [u.index for u in units if not shard_path(out, u.index).exists()]
-        if missing:
-            raise DistillError(f"units {missing[:5]} were not written; re-run the same command to finish them.")
+        _finish(out, units, all_stats, rt)
+    rt.wait()
+    run_lock.release()
+    return read_json(out / "manifest.json")
+
+
+def _write_unit(engine: Engine, u: Unit, out: Path) -> dict:
+    """Optimise (or select) one unit and write its shard, latents and params; the unit's logs."""
+    cfg = engine.cfg
+    state_path = out / "state" / f"unit-{u.index:06d}.pt"
+    if engine.objective_cls.selects:
+        images, logs = engine.select(u), {}
+    else:
+        syn, logs = engine.optimise(u, state_path)
+        images = syn.images_uint8()
+        extra = syn.state()
+        if extra:
+            save_tensors(out / "latents" / f"unit-{u.index:06d}.safetensors", extra,
+                         {"parametrization": cfg.parametrization})
+        params = engine.objective.final_state()
+        if params:
+            save_tensors(out / "params" / f"unit-{u.index:06d}.safetensors", params, {"method": cfg.method})
+    cls, idx = u.classes_and_indices()
+    write_shard(shard_path(out, u.index), [(sample_key(c, i), images[k], c, {"class": c, "index": i, "unit": u.index})
+                                           for k, (c, i) in enumerate(zip(cls.tolist(), idx.tolist()))])
+    if state_path.exists():
+        state_path.unlink()
+    return logs
+
+
+def _work(engine: Engine, units: list[Unit], out: Path, rt: Runtime, poll: float = 1.0) -> tuple[int, int, list]:
+    """Compute every unit not written yet, this rank's first, then any other rank's or run's that nobody holds.
+
+    Each unit is computed under its own lock (``locks/unit-XXXXXX.lock``), so concurrent runs into one folder and the
+    ranks of one launch share the units instead of computing them twice; a unit whose holder died is taken over (the
+    kernel frees its lock) and resumes from its checkpoint. Units held by a live process are waited for."""
+    mine = list(units_for_rank(len(units), rt.rank, rt.world))
+    order = mine + [i for i in range(len(units)) if i not in set(mine)]
+    pending = [units[i] for i in order]
+    done = skipped = 0
+    stats: list[dict] = []
+    waited = False
+    while pending:
+        progressed = False
+        for u in list(pending):
+            if shard_path(out, u.index).exists():
+                pending.remove(u)
+                skipped += u.index in mine
+                continue
+            lock = try_lock(out / "locks" / f"unit-{u.index:06d}.lock")
+            if lock is None:
+                continue  # another run or rank is on it
+            try:
+                if not shard_path(out, u.index).exists():  # re-check under the lock: it may have just finished
+                    logs = _write_unit(engine, u, out)
+                    done += 1
+                    progressed = True
+                    stats.append({"unit": u.index, **logs})
+                    log.info("unit %d/%d (classes %d-%d) done: %s", u.index + 1, len(units), u.c0, u.c1 - 1,
+                             {k: round(v, 4) for k, v in logs.items()})
+            finally:
+                lock.release(remove=True)
+            pending.remove(u)
+        if pending and not progressed:
+            if not waited:
+                log.info("waiting for %d unit(s) another process is computing (%s)", len(pending),
+                         owner(out / "locks" / f"unit-{pending[0].index:06d}.lock"))
+                waited = True
+            time.sleep(poll)
+    return done, skipped, stats
+
+
+def _finish(out: Path, units: list[Unit], all_stats: list, rt: Runtime) -> None:
+    """Mark the set complete and append this run to the manifest's history (under a lock: runs that share the
+    folder may finish at the same time)."""
+    missing = [u.index for u in units if not shard_path(out, u.index).exists()]
+    if missing:
+        raise DistillError(f"units {missing[:5]} were not written; re-run the same command to finish them.")
+    with exclusive(out / "locks" / "manifest.lock"):
+        manifest = read_json(out / "manifest.json")
         images, _ = load_distilled(out, require_complete=False)
         save_grid(out / "grid.png", images)
         prev = manifest.get("runs", [])
         manifest.update(status="complete", num_images=len(images),
                         runs=prev + [{"ranks": all_stats, "world": rt.world}])
         write_json(out / "manifest.json", manifest)
-    rt.wait()
-    return read_json(out / "manifest.json")

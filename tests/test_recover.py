@@ -178,7 +178,8 @@ def test_two_gloo_processes_produce_the_single_process_images(digits_teacher, tm
 
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     ranks = manifest["runs"][-1]["ranks"]
-    assert manifest["runs"][-1]["world"] == 2 and [r["done"] for r in ranks] == [2, 2]  # 4 units split 2/2
+    # 4 units, each computed once; a rank that finishes first takes a unit nobody holds yet (work sharing)
+    assert manifest["runs"][-1]["world"] == 2 and sum(r["done"] for r in ranks) == 4 and all(r["done"] for r in ranks)
     a, b = load_distilled(tmp_path / "one")[0], load_distilled(tmp_path / "two")[0]
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
