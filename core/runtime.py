@@ -78,10 +78,15 @@ def get_runtime(mixed_precision: str = "no") -> Runtime:
     return _RUNTIME
 
 
+LOG_LEVEL_ENV = "DISTILLSET_LOG_LEVEL"  # set by the CLI's -v / -q: DEBUG (losses every --log-every), WARNING
+
+
 def setup_logging(is_main: bool) -> None:
+    """distillset's logger: INFO on the main process (``-v``: DEBUG, ``-q``: WARNING), warnings only elsewhere."""
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    level = getattr(logging, os.environ.get(LOG_LEVEL_ENV, "INFO").upper(), logging.INFO)
+    log.setLevel(level if is_main else max(level, logging.WARNING))
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", enabled: bool = True, initial: int = 0):

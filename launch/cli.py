@@ -4,6 +4,7 @@
     distillset run RECIPE.yaml [--stages a,b] [--out DIR]            chain the stages of a recipe
     distillset methods | models                                      list plugins / backbones
     --trust-code (any command)  allow a prior folder's prior.json to name a generator module to import
+    -v / -q (any command)       more logging (recover and squeeze losses every --log-every) / warnings only
 
     distillset methods [NAME] [--json] | models [--json]             list plugins (a plugin's options) / backbones
 
@@ -192,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 
         argv.remove("--trust-code")
         os.environ["DISTILLSET_TRUST_CODE"] = "1"
+    for flag, level in (("-v", "DEBUG"), ("--verbose", "DEBUG"), ("-q", "WARNING"), ("--quiet", "WARNING")):
+        if flag in argv:  # any command: how much distillset logs (-v shows recover's losses every --log-every)
+            import os
+
+            argv.remove(flag)
+            os.environ["DISTILLSET_LOG_LEVEL"] = level
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

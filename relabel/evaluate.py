@@ -29,7 +29,7 @@ from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, load_tensors, require_folder, write_json
 from distillset.core.partition import init_order
-from distillset.core.runtime import get_runtime
+from distillset.core.runtime import get_runtime, progress
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
 from distillset.relabel.student import StudentSpec, train_student
@@ -323,7 +323,8 @@ def baseline(p: Plan, cfg: EvaluateConfig, rt, need_soft: bool) -> tuple[ImageSe
                             label_meta(rcfg, teachers, p.distilled.num_classes, len(rand)), tensors.get("scale"))
 
 
-def train_one(p: Plan, cfg: EvaluateConfig, job: Job, images: ImageSet, labels: SoftLabels | None, rt) -> float:
+def train_one(p: Plan, cfg: EvaluateConfig, job: Job, images: ImageSet, labels: SoftLabels | None, rt,
+              on_epoch=None) -> float:
     """Train the student of ``job`` and record its top-1 at once (atomically), so a killed run keeps it."""
     learned_lr = job.set == "distilled" and "lr" in p.learned
     lr = cfg.lr or (float(p.learned["lr"].reshape(-1)[0]) if learned_lr else None)
@@ -333,7 +334,8 @@ def train_one(p: Plan, cfg: EvaluateConfig, job: Job, images: ImageSet, labels: 
     if job.labels == "soft" and labels is None:  # DATM-style learned soft labels (logits) of the distilled set
         soft_targets = torch.softmax(p.learned["soft_labels"].float(), 1).to(rt.device)
     acc = train_student(images, p.test, spec, p.mean, p.std, job.seed, rt.device,
-                        soft=labels if job.labels == "soft" else None, soft_targets=soft_targets, zca=p.zca)
+                        soft=labels if job.labels == "soft" else None, soft_targets=soft_targets, zca=p.zca,
+                        on_epoch=on_epoch)
     write_json(student_path(p, job), {"fingerprint": p.fingerprint, **dataclasses.asdict(job), "top1": acc})
     return acc
 
@@ -349,12 +351,17 @@ def students(p: Plan, cfg: EvaluateConfig, rt) -> list[dict]:
     if any(job.set == "random" for job in pending):
         sets["random"] = baseline(p, cfg, rt, any(j.set == "random" and j.labels == "soft" for j in pending))
     results = []
+    log.info("evaluate: training %d students (%d epochs each) on %d set(s)", len(pending), cfg.epochs,
+             len({j.set for j in pending}))
+    bar = progress(total=len(pending) * cfg.epochs, desc="evaluate: student epochs", enabled=rt.is_main)
     for job in mine:
         acc = done[job.key]
         if acc is None:
-            acc = train_one(p, cfg, job, *sets[job.set], rt)
+            bar.set_postfix_str(f"{job.set} {job.labels} seed {job.seed}")
+            acc = train_one(p, cfg, job, *sets[job.set], rt, on_epoch=lambda: bar.update(1))
             log.info("evaluate: %s %s %s seed %d: top-1 %.4f", job.arch, job.set, job.labels, job.seed, acc)
         results.append({"arch": job.arch, "set": job.set, "labels": job.labels, "seed": job.seed, "top1": acc})
+    bar.close()
     return [r for part in rt.gather_object(results) for r in part]
 
 

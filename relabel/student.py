@@ -46,11 +46,12 @@ class StudentSpec:
 
 def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std, seed: int, device,
                   soft: SoftLabels | None = None, soft_targets: torch.Tensor | None = None,
-                  zca: ZCA | None = None) -> float:
+                  zca: ZCA | None = None, on_epoch=None) -> float:
     """Train one fresh student (seeded) and return its top-1 on ``test``.
 
     ``soft`` gives per-epoch crops + soft labels (SRe2L/FKD); ``soft_targets`` (N, C) fixed soft labels (DATM);
-    ``zca`` whitens the student's inputs (train and test) after normalisation, as the set was distilled.
+    ``zca`` whitens the student's inputs (train and test) after normalisation, as the set was distilled;
+    ``on_epoch()`` is called after every epoch (a progress bar).
     """
     if spec.protocol not in ("sre2l", "matching"):
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use sre2l or matching.")
@@ -99,6 +100,8 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
             loss.backward()
             opt.step()
             sched.step()
+        if on_epoch is not None:
+            on_epoch()
     if not math.isfinite(float(loss.detach())):
         raise DistillError("student training diverged (NaN loss); lower the student lr.")
     return evaluate_model(model, test, mean, std, device, zca=zca)

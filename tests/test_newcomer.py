@@ -93,3 +93,14 @@ def test_readme_example_runs_as_written_after_the_demo(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(cmd[1:]) == 0, capsys.readouterr().err
     assert (tmp_path / "output" / "digits" / "recover_100" / "labels" / "labels.json").exists()
+
+
+def test_demo_recipe_shows_progress_in_recover_and_evaluate(tmp_path, monkeypatch, capfd, caplog):
+    monkeypatch.setenv("DISTILLSET_PROGRESS", "1")
+    assert main(["run", str(ROOT / "recipes" / "digits.yaml"), "--out", str(tmp_path / "d"), "--set",
+                 "squeeze.epochs=1", "--set", "recover.iterations=3", "--set", "relabel.epochs=2", "--set",
+                 "evaluate.epochs=2", "--set", "evaluate.students=1", "--set", "squeeze.autocast=none"]) == 0
+    err = capfd.readouterr().err
+    assert "unit 0:" in err  # recover's bar over the unit's steps
+    assert "evaluate: student epochs" in err  # evaluate's bar over students x epochs, with an ETA
+    assert "training 4 students (2 epochs each)" in caplog.text
