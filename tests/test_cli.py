@@ -58,7 +58,7 @@ def test_every_shipped_recipe_resolves(recipe, tmp_path):
 
 def test_digits_recipe_runs_end_to_end_at_debug_size(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_recipe(str(ROOT / "recipes" / "digits.yaml"), out_root=str(out), overrides=[
+    result = run_recipe(str(ROOT / "recipes" / "digits_sre2l.yaml"), out_root=str(out), overrides=[
         "squeeze.epochs=3", "recover.iterations=20", "relabel.epochs=4", "evaluate.epochs=4",
         "evaluate.students=1", "squeeze.autocast=none"])
     table = capsys.readouterr().out

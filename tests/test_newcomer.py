@@ -87,12 +87,12 @@ def test_readme_example_runs_as_written_after_the_demo(tmp_path, monkeypatch, ca
             "squeeze.autocast=none", "--stages", "squeeze,recover"]  # the demo's folders the example meets
     assert main(demo) == 0
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if "recover.out=output/digits/recover_100" in ln)
+    line = next(ln for ln in text.splitlines() if "recover.out=output/digits/recover_b32" in ln)
     cmd = shlex.split(re.sub(r"\s+#.*$", "", line.strip()))
     assert cmd[0] == "distillset"
     capsys.readouterr()
     assert main(cmd[1:]) == 0, capsys.readouterr().err
-    assert (tmp_path / "output" / "digits" / "recover_100" / "labels" / "labels.json").exists()
+    assert (tmp_path / "output" / "digits" / "recover_b32" / "labels" / "labels.json").exists()
 
 
 def test_demo_recipe_shows_progress_in_recover_and_evaluate(tmp_path, monkeypatch, capfd, caplog):
