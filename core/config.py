@@ -212,18 +212,22 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=f"{text} (default: {default})" if text else f"default: {default}")
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (a fresh one from its factory), ``None`` when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _flag_form(tp: Any, f: dataclasses.Field) -> tuple[str, str]:
     """``(metavar, default as typed on the command line)`` of a config field, for ``--help``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         tp = next((a for a in typing.get_args(tp) if a is not type(None)), str)
         origin = typing.get_origin(tp)
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        value = None
+    value = field_default(f)
     if tp is bool:
         return "{true,false}", str(value).lower()
     if origin is list or origin is tuple:

@@ -97,7 +97,7 @@ def _type_name(tp: Any) -> str:
 
 def options_of(cls: type) -> list[Option]:
     """The fields of an options dataclass with their types, defaults and ``Attributes:`` docs."""
-    from distillset.core.config import field_docs
+    from distillset.core.config import field_default, field_docs
 
     docs = field_docs(cls)
     try:
@@ -106,13 +106,7 @@ def options_of(cls: type) -> list[Option]:
         hints = {}
     out = []
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        out.append(Option(f.name, _type_name(hints.get(f.name, f.type)), default, docs.get(f.name, "")))
+        out.append(Option(f.name, _type_name(hints.get(f.name, f.type)), field_default(f), docs.get(f.name, "")))
     return out
 
 
