@@ -568,8 +568,7 @@ class WdsShards:
 
     def iterate(self, split: str, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
         urls = self.urls(split)
-        wi = torch.utils.data.get_worker_info()
-        reader, readers = (rank, world) if wi is None else (rank * wi.num_workers + wi.id, world * wi.num_workers)
+        reader, readers = _reader(rank, world)
         shards, stride, offset = assign_readers(len(urls), reader, readers)
         n = len(self.class_names)
         for s in shards:

@@ -100,10 +100,24 @@ def spatial_summary(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return m, m2, y.shape[2] * y.shape[3]
 
 
+def patch_cells(y: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(N, C, H, W)`` feature maps viewed as ``(N, C, P, H/P, P, W/P)``: the cells of G-VBSM's P x P patch grid
+    (the one layout the statistics are recorded in and matched in)."""
+    n, c, h, w = y.shape
+    return y.reshape(n, c, grid, h // grid, grid, w // grid)
+
+
+def patch_batch_moments(y: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel mean and (population) variance of every patch cell over a batch: ``(P*P, C)`` each, differentiable."""
+    c = y.shape[1]
+    var, mean = torch.var_mean(patch_cells(y, grid), dim=(0, 3, 5), unbiased=False)  # (C, P, P)
+    return mean.reshape(c, grid * grid).t(), var.reshape(c, grid * grid).t()
+
+
 def patch_summary(y: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample, per-cell channel mean and centred M2 on a ``grid`` x ``grid`` split: (N, P*P, C) twice, cell size."""
     n, c, h, w = y.shape
-    y = y.double().reshape(n, c, grid, h // grid, grid, w // grid)
+    y = patch_cells(y.double(), grid)
     m = y.mean(dim=(3, 5), keepdim=True)
     m2 = (y - m).square().sum(dim=(3, 5))
     cells = (h // grid) * (w // grid)

@@ -25,7 +25,7 @@ from torch import nn
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Parametrization, register_objective
 from distillset.recover.objectives.bn_inversion import BNInversion, channel_moments
-from distillset.squeeze.statistics import TeacherStats, default_stats_path, load_statistics
+from distillset.squeeze.statistics import TeacherStats, default_stats_path, load_statistics, patch_batch_moments
 
 
 class ConvStatHook:
@@ -60,15 +60,13 @@ class ConvStatHook:
             self.value = (torch.linalg.vector_norm(mean - self.mean) + torch.linalg.vector_norm(var - self.var)) * scale
         self.patch_value = None
         if self.patch is not None:
-            n, c, h, w = y.shape
+            h, w = y.shape[-2:]
             g = self.grid
             if h % g == 0 and w % g == 0:
-                cells = y.reshape(n, c, g, h // g, g, w // g)
-                var, mean = torch.var_mean(cells, dim=(0, 3, 5), unbiased=False)  # (C, P, P)
-                mean, var = mean.reshape(c, g * g).t(), var.reshape(c, g * g).t()
+                mean, var = patch_batch_moments(y, g)
                 pm, pv = self.patch
                 self.patch_value = ((torch.linalg.vector_norm(mean - pm) + torch.linalg.vector_norm(var - pv))
-                                    * (g * g * c) ** -0.5)
+                                    * (g * g * y.shape[1]) ** -0.5)
 
     def _class_distance(self, y: torch.Tensor) -> torch.Tensor:
         labels = self.labels
