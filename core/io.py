@@ -193,20 +193,16 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def finished_record(path: str | os.PathLike, fingerprint: str, what: str, config: dict | None = None,
-                    config_key: str = "", ignore: tuple[str, ...] = ()) -> dict | None:
+def finished_record(path: str | os.PathLike, fingerprint: str, what: str, differ=None) -> dict | None:
     """The JSON record a finished run left at ``path`` (``None`` if there is none). A record written by a run with
-    another config fingerprint is refused, so a re-run never mixes two runs' outputs in one folder; with ``config``
-    (this run's resolved config) and ``config_key`` (where the record keeps its own) the message names the fields
-    that differ."""
-    from distillset.core.config import config_diff
-
+    another config fingerprint is refused, so a re-run never mixes two runs' outputs in one folder; ``differ(record)``
+    (e.g. :func:`core.config.config_diff` against this run's config) says which fields differ."""
     path = Path(path)
     if not path.exists():
         return None
     done = read_json(path)
     if done.get("fingerprint") != fingerprint:
-        diff = config_diff(done.get(config_key), config, ignore) if config is not None else ""
+        diff = differ(done) if differ is not None else ""
         raise DistillError(f"{path.parent} holds {what} trained with another config{f' ({diff})' if diff else ''}; "
                            "choose another --out for this one, or delete that folder to replace it.")
     return done

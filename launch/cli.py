@@ -116,8 +116,9 @@ def run_command(name: str, argv: list[str]):
 
 def _plugin_registries() -> dict:
     from distillset.recover import base
+    from distillset.relabel.evaluators import EVALUATORS
 
-    return base.REGISTRIES
+    return {**base.REGISTRIES, "evaluator": EVALUATORS}
 
 
 def list_methods(name: str = "", as_json: bool = False) -> str:

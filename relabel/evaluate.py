@@ -31,6 +31,7 @@ from distillset.core.io import atomic_path, load_tensors, require_folder, write_
 from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime, progress
 from distillset.relabel.diversity import within_class_diversity
+from distillset.relabel.evaluators import EVALUATORS, register_evaluator
 from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
 from distillset.relabel.student import StudentSpec, train_student
 from distillset.squeeze.inputs import ZCA
@@ -61,6 +62,8 @@ class EvaluateConfig:
         flip: horizontal flips for hard-label training.
         seed: base seed of the students (the random baseline takes the distilled set's own seed: the real images an
             init-from-real run started from).
+        evaluators: measurements taken beside the students' accuracy (``distillset methods`` lists the registered
+            evaluators), stored in metrics.json under their names.
     """
 
     distilled: str = "output/recover"
@@ -79,8 +82,11 @@ class EvaluateConfig:
     min_scale: float = 0.08
     flip: bool = True
     seed: int = 0
+    evaluators: list[str] = field(default_factory=lambda: ["diversity"])
 
     def __post_init__(self):
+        for name in self.evaluators:
+            EVALUATORS.get(name)  # an unknown evaluator is a one-line error before any work
         if self.labels not in ("hard", "soft", "both"):
             raise DistillError(f"unknown labels '{self.labels}'; use hard, soft or both.")
         if self.protocol not in ("sre2l", "matching"):
@@ -299,7 +305,9 @@ def random_set(p: Plan, cfg: EvaluateConfig) -> ImageSet:
     return random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
 
 
-def diversity(p: Plan, cfg: EvaluateConfig) -> dict:
+@register_evaluator("diversity", description="within-class mean pairwise distance of the distilled set and of the "
+                    "random real baseline, in pixels and in the teacher's feature space")
+def diversity(p: Plan, cfg: EvaluateConfig, rt=None) -> dict:
     """Within-class diversity of the distilled set and of the random real baseline (pixels, teacher features)."""
     out = {"distilled": within_class_diversity(p.distilled, p.teacher)}
     if cfg.baseline:
@@ -412,7 +420,8 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
         log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", p.manifest["zca"])
     results = students(p, cfg, rt)
     metrics = summarize(p, cfg, results, time.perf_counter() - t0)
-    metrics["diversity"] = diversity(p, cfg)
+    for name in cfg.evaluators:
+        metrics[name] = EVALUATORS.get(name)(p, cfg, rt)
     if rt.is_main:
         write_metrics(p.out, cfg, metrics)
         log.info("evaluate:\n%s", format_summary(metrics))

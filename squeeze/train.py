@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distillset.core.config import check_number, fingerprint, to_dict, write_config
+from distillset.core.config import check_number, config_diff, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
 from distillset.core.io import finished_record, require_folder, write_json
@@ -111,7 +111,8 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
     rt = rt or get_runtime()
     out = require_folder(cfg.out)
     fp = fingerprint(cfg, NON_SEMANTIC)
-    done = finished_record(out / "config.json", fp, "a backbone", to_dict(cfg), "squeeze", NON_SEMANTIC)
+    done = finished_record(out / "config.json", fp, "a backbone",
+                           lambda old: config_diff(old.get("squeeze"), to_dict(cfg), NON_SEMANTIC))
     if done is not None:
         log.info("%s is already trained (test top-1 %.4f); nothing to do", out, done["metrics"].get("test_top1", 0))
         return done["metrics"]

@@ -26,3 +26,13 @@ def test_collapsed_set_scores_zero_and_spread_set_more(digits_teacher):
     b = within_class_diversity(ImageSet(spread, labels, ["a", "b"]), teacher)
     assert a["pixel"] == 0.0 and a["feature"] < 1e-4
     assert b["pixel"] > 0.2 and b["feature"] > 0.1
+
+
+def test_unknown_evaluator_is_refused_before_any_work():
+    import pytest
+
+    from distillset.core.errors import DistillError
+    from distillset.relabel.evaluate import EvaluateConfig
+
+    with pytest.raises(DistillError, match="unknown evaluator 'diversty'. Did you mean 'diversity'"):
+        EvaluateConfig(evaluators=["diversty"])

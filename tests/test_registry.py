@@ -128,7 +128,8 @@ def test_methods_and_models_print_the_registry(capsys):
     assert "float" in line and "1.0" in line and "weight of the BN term" in line
     assert main(["methods", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"objectives", "parametrizations", "augmentations"}
+    assert set(data) == {"objectives", "parametrizations", "augmentations", "evaluators"}
+    assert [e["name"] for e in data["evaluators"]] == ["diversity"]
     mtt = next(e for e in data["objectives"] if e["name"] == "mtt")
     ema = next(o for o in mtt["options"] if o["name"] == "ema")
     assert mtt["paper"] and (ema["type"], ema["default"]) == ("float", 0.0)
