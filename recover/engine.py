@@ -104,6 +104,13 @@ class Engine:
         if info and info["class_names"] and len(info["class_names"]) != self.num_classes:
             raise DistillError(f"the teacher predicts {self.num_classes} classes but the data has "
                                f"{len(info['class_names'])}; use a teacher trained on this data.")
+        data_size = tuple(info["image_shape"][-2:]) if info and info.get("image_shape") else None
+        if self.teachers and data_size and data_size != tuple(self.image_shape[-2:]) and not cfg.image_size:
+            h, w = self.image_shape[-2:]
+            ratio = (h * w) / (data_size[0] * data_size[1])
+            raise DistillError(f"teacher {self.teachers[0].config.arch} takes {h}x{w} images but the data's are "
+                               f"{data_size[0]}x{data_size[1]}; say which size to distil at: --image-size {h} (the "
+                               f"teacher's, {ratio:.3g}x the pixels) or --image-size {data_size[0]} (the data's).")
         if cfg.image_size:
             self.image_shape = (self.image_shape[0], cfg.image_size, cfg.image_size)
         if cfg.max_classes:
@@ -431,8 +438,8 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
         if old.get("fingerprint") != fp:
             diff = (config_diff(old.get("config"), to_dict(cfg), NON_SEMANTIC)
                     or f"fingerprint {old.get('fingerprint')} vs {fp}")
-            raise DistillError(f"{out} holds a different run (method {old.get('method')}; {diff}); choose another --out "
-                               "for this one, or delete that folder to replace it.")
+            raise DistillError(f"{out} holds a different run (method {old.get('method')}; {diff}); choose another "
+                               "--out for this one, or delete that folder to replace it.")
         _check_inputs(out, old, inputs, engine)
         if old.get("units") not in (None, records):
             raise DistillError(f"{out}/manifest.json lists another unit layout than this run's; the manifest is "

@@ -104,3 +104,19 @@ def test_demo_recipe_shows_progress_in_recover_and_evaluate(tmp_path, monkeypatc
     assert "unit 0:" in err  # recover's bar over the unit's steps
     assert "evaluate: student epochs" in err  # evaluate's bar over students x epochs, with an ETA
     assert "training 4 students (2 epochs each)" in caplog.text
+
+
+def test_teacher_and_data_sizes_that_differ_need_an_explicit_image_size(digits_teacher, tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
+    y = np.arange(40) % 10
+    np.savez(tmp_path / "d16.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    args = ["recover", "--teachers", str(digits_teacher), "--data", f"npz:{tmp_path / 'd16.npz'}", "--ipc", "1",
+            "--iterations", "1", "--autocast", "none", "--param-options", "{init: real}"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "takes 8x8 images but the data's are 16x16" in err and "--image-size 8" in err
+    assert not (tmp_path / "a").exists()
+    assert main([*args, "--image-size", "8", "--out", str(tmp_path / "b")]) == 0
