@@ -191,24 +191,26 @@ def load_distilled(folder: str | Path, require_complete: bool = True) -> tuple[I
     return ImageSet(images, labels, names), manifest
 
 
-def save_grid(path: str | Path, images: ImageSet, per_class: int = 10, max_classes: int = 10) -> None:
-    """A PNG grid: one row per class (first ``max_classes``), up to ``per_class`` images each."""
-    from PIL import Image
+def save_grid(path: str | Path, images: ImageSet, per_class: int = 10, max_classes: int = 10, gap: int = 2) -> None:
+    """A PNG grid: one row per class (first ``max_classes``) labelled with the class name, up to ``per_class``
+    images each, tiles separated by ``gap`` white pixels (so 8 px digits do not merge into chains)."""
+    from PIL import Image, ImageDraw
 
     from distillset.core.io import atomic_path
 
-    rows = []
-    for c in range(min(images.num_classes, max_classes)):
-        idx = torch.nonzero(images.labels == c).flatten()[:per_class]
-        if len(idx):
-            row = images.images[idx]
-            pad = per_class - len(idx)
-            if pad:
-                row = torch.cat([row, torch.zeros(pad, *row.shape[1:], dtype=row.dtype)])
-            rows.append(torch.cat(list(row), dim=2))
-    grid = torch.cat(rows, dim=1)
-    scale = max(1, 64 // images.images.shape[-1])  # make 8 px digits visible
-    a = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
-    img = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+    n, c, h, w = images.images.shape
+    scale = max(1, 64 // w)  # make 8 px digits visible
+    th, tw = h * scale, w * scale
+    classes = [k for k in range(min(images.num_classes, max_classes)) if bool((images.labels == k).any())]
+    label_w = 8 + 6 * max((len(images.class_names[k]) for k in classes), default=0)
+    canvas = Image.new("RGB", (label_w + per_class * (tw + gap) + gap, len(classes) * (th + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, k in enumerate(classes):
+        top = gap + r * (th + gap)
+        draw.text((4, top + th // 2 - 5), images.class_names[k], fill="black")
+        for j, i in enumerate(torch.nonzero(images.labels == k).flatten()[:per_class].tolist()):
+            a = images.images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
+            tile = Image.fromarray(a[0] if c == 1 else a.transpose(1, 2, 0)).convert("RGB")
+            canvas.paste(tile, (label_w + gap + j * (tw + gap), top))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")

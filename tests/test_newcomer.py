@@ -120,3 +120,18 @@ def test_teacher_and_data_sizes_that_differ_need_an_explicit_image_size(digits_t
     assert "takes 8x8 images but the data's are 16x16" in err and "--image-size 8" in err
     assert not (tmp_path / "a").exists()
     assert main([*args, "--image-size", "8", "--out", str(tmp_path / "b")]) == 0
+
+
+def test_grid_has_gaps_between_tiles_and_labelled_rows(tmp_path):
+    import torch
+    from PIL import Image
+
+    from distillset.core.data import ImageSet
+    from distillset.core.distilled import save_grid
+
+    x = torch.full((4, 1, 8, 8), 255, dtype=torch.uint8)  # white tiles: gaps must still show as rows/cols
+    save_grid(tmp_path / "g.png", ImageSet(x, torch.tensor([0, 0, 1, 1]), ["zero", "one"]), per_class=2)
+    img = Image.open(tmp_path / "g.png").convert("L")
+    label_w = 8 + 6 * 4
+    assert img.size == (label_w + 2 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+    assert min(img.getpixel((x, 10)) for x in range(4, 30)) < 128  # the row's class name is drawn in black
