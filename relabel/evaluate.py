@@ -260,9 +260,9 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
                 if mode == "soft" and not has_labels:
                     continue
                 jobs += [Job(arch, name, mode, cfg.seed + 1000 * k) for k in range(cfg.students)]
-    # what changes a student's result (the job key names its arch, set, labels and seed; evaluators measure the set)
-    key = {"config": {k: v for k, v in to_dict(cfg).items()
-                      if k not in ("out", "students", "evaluators", "baseline", "labels")},
+    # what changes a student's result (evaluators only measure the set: students recorded before they existed stay
+    # valid)
+    key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("out", "students", "evaluators")},
            "set": manifest.get("fingerprint"), "num_images": len(distilled), "model_kwargs": kwargs,
            "soft": soft.meta if soft is not None else None}
     fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
