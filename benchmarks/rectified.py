@@ -69,12 +69,14 @@ def main() -> None:
     tag = Path(a.data.split(":", 1)[-1]).stem
     root = Path(a.root) / tag
     teacher = root / "teacher"
-    squeeze_run(SqueezeConfig(out=str(teacher), data=a.data, arch="convnet3_bn", model_kwargs={"width": a.teacher_width},
-                              epochs=a.teacher_epochs, batch_size=128, lr=0.05), rt)
+    squeeze_run(SqueezeConfig(out=str(teacher), data=a.data, arch="convnet3_bn",
+                              model_kwargs={"width": a.teacher_width}, epochs=a.teacher_epochs, batch_size=128,
+                              lr=0.05), rt)
     table = []
     for name, method, overrides in rows:
         folder = root / f"{name}_ipc{a.ipc}"
-        base = dict(out=str(folder), data=a.data, teachers=[str(teacher)], method=method, ipc=a.ipc, classes_per_unit=10)
+        base = dict(out=str(folder), data=a.data, teachers=[str(teacher)], method=method, ipc=a.ipc,
+                    classes_per_unit=10)
         manifest = recover_run(RecoverConfig(**{**base, **overrides}), rt)
         # the method's own time: every run that wrote units of this set (a resumed benchmark adds its skips, ~0 s)
         seconds = sum(max(r["seconds"] for r in run["ranks"]) for run in manifest["runs"])
@@ -91,6 +93,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _div(d: dict, key: str, digits: int) -> str:
+    """``distilled (random)`` diversity, ``-`` where undefined (IPC 1)."""
+    def one(x):
+        return f"{x[key]:.{digits}f}" if key in x else "-"
+    return f"{one(d.get('distilled', {}))} ({one(d.get('random', {}))})"
 
 
 def render(table: list[dict], a, wall: float) -> list[str]:
@@ -117,8 +126,7 @@ def render(table: list[dict], a, wall: float) -> list[str]:
         d = r["diversity"]
         lines.append(f"| {r['name']} | {cell(r, ('distilled', 'soft'))} | {cell(r, ('random', 'soft'))} | "
                      f"{cell(r, ('distilled', 'hard'))} | {cell(r, ('random', 'hard'))} | "
-                     f"{r['seconds_per_image']:.3f} | {d['distilled']['pixel']:.3f} ({d['random']['pixel']:.3f}) | "
-                     f"{d['distilled'].get('feature', 0):.2f} ({d['random'].get('feature', 0):.2f}) |")
+                     f"{r['seconds_per_image']:.3f} | {_div(d, 'pixel', 3)} | {_div(d, 'feature', 2)} |")
     return lines
 
 

@@ -36,7 +36,7 @@ def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def within_class_diversity(images: ImageSet, teacher=None, batch: int = 256) -> dict[str, float]:
     """``{"pixel": ..., "feature": ...}``: the class-averaged mean pairwise distance of ``images`` in ``[0, 1]``
     pixel units (divided by sqrt(pixels), so sizes compare) and, with a ``teacher`` (a loaded distillset teacher
-    that normalises its own inputs), in its embedding space."""
+    that normalises its own inputs), in its embedding space; ``{}`` when no class has two images (IPC 1)."""
     x = images.images.float() / 255
     pix, feat = [], []
     for c in range(images.num_classes):
@@ -50,7 +50,9 @@ def within_class_diversity(images: ImageSet, teacher=None, batch: int = 256) -> 
             emb = torch.cat([_embed(teacher.model, teacher.normalize(xc[s:s + batch].to(dev))).flatten(1).float().cpu()
                              for s in range(0, len(xc), batch)])
             feat.append(mean_pairwise_distance(emb))
-    out = {"pixel": sum(pix) / len(pix) if pix else 0.0}
+    if not pix:  # no class has two images (IPC 1): within-class diversity is not defined
+        return {}
+    out = {"pixel": sum(pix) / len(pix)}
     if teacher is not None:
-        out["feature"] = sum(feat) / len(feat) if feat else 0.0
+        out["feature"] = sum(feat) / len(feat)
     return out

@@ -441,6 +441,7 @@ def format_summary(metrics: dict) -> str:
         lines.append("DD-Ranking: " + ", ".join(f"{k} {100 * v:+.2f}" if k != "LRS" else f"{k} {v:.3f}"
                                                 for k, v in ranking.items()))
     for name, d in (metrics.get("diversity") or {}).items():
-        lines.append(f"within-class diversity, {name}: pixel {d['pixel']:.4f}"
-                     + (f", teacher feature {d['feature']:.3f}" if "feature" in d else ""))
+        if d:  # empty at IPC 1: one image per class has no within-class spread
+            lines.append(f"within-class diversity, {name}: pixel {d['pixel']:.4f}"
+                         + (f", teacher feature {d['feature']:.3f}" if "feature" in d else ""))
     return "\n".join(lines)

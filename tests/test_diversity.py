@@ -12,6 +12,8 @@ def test_mean_pairwise_distance_is_the_pair_average():
     x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
     assert abs(mean_pairwise_distance(x) - (5 + 5 + 0) / 3) < 1e-9
     assert mean_pairwise_distance(x[:1]) == 0.0
+    one = ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+    assert within_class_diversity(one) == {}  # IPC 1: undefined, not zero
 
 
 def test_collapsed_set_scores_zero_and_spread_set_more(digits_teacher):
