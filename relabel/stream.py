@@ -1,8 +1,8 @@
 """Bounded-memory IO for relabelling: distilled images streamed in chunks, safetensors files written piecewise.
 
 Relabel memory must not grow with the number of distilled images: images are decoded from the shards a chunk at a
-time (in the order :func:`distillset.core.distilled.load_distilled` gives them) and each epoch block's labels go straight to
-their place in the output file, whose size is known in advance.
+time (in the order :func:`distillset.core.distilled.load_distilled` gives them) and each epoch block's labels go
+straight to their place in the output file, whose size is known in advance.
 """
 
 from __future__ import annotations

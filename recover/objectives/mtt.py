@@ -15,8 +15,8 @@ published formula drops the Hessian terms; this one keeps them), so graph memory
 
 Refinements (options): ``ema`` (FTD: the images written at the end are an exponential moving average of the
 iterates; the engine keeps it, see :mod:`recover.ema`), ``intermediate`` (AST-style: also match the expert at every
-intermediate epoch ``t+1 .. t+M-1`` at the proportional student step), ``loss_clip`` (saturate a diverging student's loss smoothly at ``loss_clip``, so one bad
-start epoch cannot blow the images up).
+intermediate epoch ``t+1 .. t+M-1`` at the proportional student step), ``loss_clip`` (saturate a diverging
+student's loss smoothly at ``loss_clip``, so one bad start epoch cannot blow the images up).
 """
 
 from __future__ import annotations
