@@ -26,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from distillset.core.errors import DistillError
+from distillset.core.errors import DistillError, unknown_name
 from distillset.core.registry import Registry
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -249,9 +249,16 @@ def _hf(path: Path, split: str) -> ImageSet:
         import datasets
     except ImportError:
         raise DistillError("the hf: source needs the 'datasets' package; pip install datasets.") from None
-    if not path.exists():
-        raise DistillError(f"Hugging Face dataset folder {path} does not exist.")
-    ds = datasets.load_from_disk(str(path))
+    saved = path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json",
+                                                                   "state.json"))
+    if saved:
+        ds = datasets.load_from_disk(str(path))
+    else:  # a hub name (cached by datasets; downloaded only where the network allows) or a local data folder
+        try:
+            ds = datasets.load_dataset(str(path))
+        except Exception as e:  # noqa: BLE001  (datasets raises many types: missing, offline, bad format)
+            raise DistillError(f"hf:{path} is neither a dataset saved with save_to_disk nor loadable with "
+                               f"datasets.load_dataset ({type(e).__name__}: {str(e).splitlines()[0][:160]}).") from None
     if isinstance(ds, datasets.DatasetDict):
         key = split if split in ds else ("validation" if split == "test" and "validation" in ds else None)
         if key is None:
@@ -336,10 +343,75 @@ class FolderSource(SourceKind):
             yield torch.from_numpy(read_image_file(f, self.image_size)), c
 
 
-@SOURCES.register("hf", description="hf:PATH, a Hugging Face dataset saved with save_to_disk (image, label)")
+@SOURCES.register("hf", description="hf:PATH|NAME, a Hugging Face dataset saved with save_to_disk, a local data folder "
+                  "or a hub name (datasets.load_dataset; columns image, label)")
 class HFSource(SourceKind):
     def load(self, split: str) -> ImageSet:
         return _hf(Path(self.arg), split)
+
+
+def _tv_dataset(arg: str, split: str):
+    """The torchvision dataset a ``torchvision:NAME[?root=DIR&download=true]`` spec names, for ``split``.
+
+    Only classes of ``torchvision.datasets`` are looked up (a name, never a module path). ``root`` defaults to
+    ``data/torchvision``; nothing is downloaded unless ``download=true`` is in the spec."""
+    import inspect
+    from urllib.parse import parse_qsl
+
+    import torchvision.datasets as tvd
+
+    name, _, query = arg.partition("?")
+    opts = dict(parse_qsl(query))
+    bad = sorted(set(opts) - {"root", "download"})
+    if bad:
+        raise DistillError(f"torchvision:{arg}: unknown option {bad[0]!r}; use ?root=DIR&download=true.")
+    cls = getattr(tvd, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, tvd.VisionDataset):
+        known = [n for n in dir(tvd) if isinstance(getattr(tvd, n), type) and issubclass(getattr(tvd, n),
+                                                                                         tvd.VisionDataset)]
+        raise unknown_name("torchvision dataset", name, known)
+    root = opts.get("root", "data/torchvision")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict = {}
+    if "train" in params:
+        kwargs["train"] = split == "train"
+    elif "split" in params:
+        kwargs["split"] = "train" if split == "train" else "test"
+    if "download" in params:
+        kwargs["download"] = opts.get("download", "false").lower() in ("1", "true", "yes")
+    try:
+        return cls(root, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:  # torchvision's "Dataset not found or corrupted" and kin
+        raise DistillError(f"torchvision:{name} ({split}) could not be read from {root} ({str(e).splitlines()[0]}); "
+                           f"put the dataset there, point ?root= at it, or add &download=true.") from None
+
+
+def _tv_to_imageset(ds, where: str) -> ImageSet:
+    """A torchvision dataset as uint8 NCHW images, from its ``data``/``targets`` arrays where it keeps them
+    (MNIST, CIFAR: no per-image decoding), else image by image."""
+    names = [str(c) for c in getattr(ds, "classes", [])]
+    data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
+    if data is not None and targets is not None and str(getattr(data, "dtype", "")) in ("uint8", "torch.uint8"):
+        x = torch.as_tensor(np.asarray(data))
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C)
+        y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    else:
+        xs, ys = [], []
+        for i in range(len(ds)):
+            img, label = ds[i]
+            xs.append(_pil_to_uint8(img, None, None))
+            ys.append(int(label))
+        x, y = torch.from_numpy(_stack(xs, where)), torch.tensor(ys)
+    if not names:
+        names = [str(i) for i in range(int(y.max()) + 1)]
+    return ImageSet(x.contiguous(), y, names)
+
+
+@SOURCES.register("torchvision", description="torchvision:NAME[?root=DIR&download=true], a torchvision.datasets "
+                  "class (CIFAR10, MNIST, ...) read from DIR (default data/torchvision)")
+class TorchvisionSource(SourceKind):
+    def load(self, split: str) -> ImageSet:
+        return _tv_to_imageset(_tv_dataset(self.arg, split), f"torchvision:{self.arg}")
 
 
 @SOURCES.register("wds", description="wds:PATH|PATTERN, webdataset shards with an _info.json, streamed per rank")
@@ -374,8 +446,8 @@ class Source:
         self.image_size = image_size
         kind, _, arg = spec.partition(":")
         if kind not in SOURCES:
-            raise DistillError(f"unknown data source '{spec}'; use digits, npz:PATH, folder:PATH, hf:PATH or "
-                               "wds:PATTERN.")
+            raise DistillError(f"unknown data source '{spec}'; use digits, npz:PATH, folder:PATH, hf:PATH|NAME, "
+                               "wds:PATTERN or torchvision:NAME.")
         impl_cls = SOURCES.get(kind)
         if impl_cls.needs_arg and not arg:
             raise DistillError(f"data source '{spec}' needs a path after '{kind}:'.")
