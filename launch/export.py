@@ -14,7 +14,7 @@ from pathlib import Path
 from distillset.core.data import encode_png, write_shard
 from distillset.core.distilled import load_distilled, sample_key
 from distillset.core.errors import DistillError
-from distillset.core.io import inside, temp_folder, write_json
+from distillset.core.io import inside, read_json, temp_folder, write_json, write_text
 
 log = logging.getLogger("distillset.export")
 
@@ -29,6 +29,9 @@ class ExportConfig:
         format: imagefolder, hf (Hugging Face dataset on disk) or wds (webdataset shards + timm _info.json).
         overwrite: replace an existing export folder.
         maxcount: samples per shard (wds).
+        soft_labels: copy the set's soft labels (labels/, as `distillset relabel` wrote them) beside the images.
+        metrics: the metrics.json whose accuracies the dataset card quotes (default: DISTILLED/eval/metrics.json
+            when it exists).
     """
 
     distilled: str = "output/recover"
@@ -36,6 +39,8 @@ class ExportConfig:
     format: str = "imagefolder"
     overwrite: bool = False
     maxcount: int = 1000
+    soft_labels: bool = True
+    metrics: str = ""
 
     def __post_init__(self):
         if self.format not in ("imagefolder", "hf", "wds"):
@@ -94,7 +99,11 @@ def run(cfg: ExportConfig, rt=None) -> dict:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / name)
             manifest = {**manifest, "zca": name.as_posix()}  # the name inside the export folder, never a path
+        if cfg.soft_labels:
+            _copy_soft_labels(Path(cfg.distilled), tmp)
         write_json(tmp / "manifest.json", manifest)
+        write_text(tmp / "README.md", dataset_card(manifest, cfg, len(images), _metrics(cfg),
+                                                   (tmp / "labels").exists()))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -104,6 +113,61 @@ def run(cfg: ExportConfig, rt=None) -> dict:
     log.info("export: %d images as %s in %s", len(images), cfg.format, out)
     rt.wait()
     return {"images": len(images), "format": cfg.format, "out": str(out)}
+
+
+def _copy_soft_labels(folder: Path, dest: Path) -> None:
+    """``labels/labels.json`` and the label files it counts (names checked to stay inside the set's folder)."""
+    meta_path = folder / "labels" / "labels.json"
+    if not meta_path.exists():
+        return
+    meta = read_json(meta_path)
+    (dest / "labels").mkdir()
+    shutil.copy2(meta_path, dest / "labels" / "labels.json")
+    for k in range(int(meta.get("files", 0))):
+        src = inside(folder, f"labels/soft-{k:06d}.safetensors", "labels.json 'files'", must_exist=True)
+        shutil.copy2(src, dest / "labels" / src.name)
+
+
+def _metrics(cfg: ExportConfig) -> dict | None:
+    path = Path(cfg.metrics) if cfg.metrics else Path(cfg.distilled) / "eval" / "metrics.json"
+    if cfg.metrics and not path.exists():
+        raise DistillError(f"--metrics {path} does not exist; run `distillset evaluate` first or drop --metrics.")
+    return read_json(path) if path.exists() else None
+
+
+def dataset_card(manifest: dict, cfg: ExportConfig, n: int, metrics: dict | None, soft: bool) -> str:
+    """A Hugging Face-style dataset card (YAML front matter + what the set is, how it was made, what it scores)."""
+    method, ipc = manifest.get("method", "?"), manifest.get("ipc", "?")
+    teachers = ", ".join(f"{t.get('arch', '?')} (sha256 {str(t.get('sha256', ''))[:12]})"
+                         for t in manifest.get("teachers") or []) or "none"
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((manifest.get("versions") or {}).items()))
+    shape = "x".join(map(str, manifest.get("image_shape", [])))
+    zca = f"; ZCA whitening in `{manifest['zca']}` (apply it before training)" if manifest.get("zca") else ""
+    labels = "in `labels/` (FKD-style, per epoch and crop; see labels/labels.json)" if soft else "none"
+    lines = ["---", "license: other",
+             "license_details: derived from the source dataset; the source's licence applies to these images",
+             "task_categories:", "- image-classification", "tags:", "- dataset-distillation", f"- {method}",
+             f"pretty_name: {method} distilled set (IPC {ipc})", "---", "",
+             f"# {method} distilled set, {ipc} images per class", "",
+             f"{n} synthetic images of {manifest.get('num_classes', '?')} classes ({shape}), distilled by distillset "
+             f"(method `{method}`, parametrization `{manifest.get('parametrization', '?')}`) from "
+             f"`{manifest.get('data') or 'a teacher only'}`.", "",
+             "## How it was made", "",
+             f"- teachers: {teachers}",
+             f"- seed: {manifest.get('seeds', {}).get('base', '?')}; versions: {versions}",
+             f"- input normalisation: mean {manifest.get('mean')}, std {manifest.get('std')}{zca}",
+             f"- soft labels: {labels}",
+             "- full configuration: `manifest.json`", "", "## Evaluation", ""]
+    if metrics:
+        lines += [f"Students ({metrics.get('protocol')} protocol, {metrics.get('epochs')} epochs) trained on this set "
+                  "and on random real images at the same IPC, top-1 on the real test split:", "",
+                  "| arch | set | labels | top-1 (%) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {s['arch']} | {s['set']} | {s['labels']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} |"
+                  for s in metrics.get("summary", [])]
+    else:
+        lines.append("Not evaluated yet: `distillset evaluate --distilled FOLDER` reports it beside random real "
+                     "images.")
+    return "\n".join(lines) + "\n"
 
 
 def _export_hf(images, folder: Path) -> None:

@@ -135,3 +135,17 @@ def test_grid_has_gaps_between_tiles_and_labelled_rows(tmp_path):
     label_w = 8 + 6 * 4
     assert img.size == (label_w + 2 * (64 + 2) + 2, 2 * (64 + 2) + 2)
     assert min(img.getpixel((x, y)) for x in range(2, label_w) for y in range(2, 66)) < 128  # the name, in black
+
+
+def test_export_writes_a_dataset_card_and_the_soft_labels(digits_teacher, tmp_path):
+    r = tmp_path / "r"
+    assert main(["recover", "--teachers", str(digits_teacher), "--ipc", "1", "--iterations", "1", "--autocast",
+                 "none", "--out", str(r)]) == 0
+    assert main(["relabel", "--distilled", str(r), "--epochs", "2", "--topk", "3"]) == 0
+    assert main(["evaluate", "--distilled", str(r), "--data", "digits", "--epochs", "1", "--students", "1"]) == 0
+    assert main(["export", "--distilled", str(r), "--format", "hf", "--out", str(tmp_path / "e")]) == 0
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert card.startswith("---\nlicense: other") and "dataset-distillation" in card and "IPC 1" in card
+    assert "| distilled | soft |" in card and "convnet_bn (sha256" in card
+    labels = json.loads((tmp_path / "e" / "labels" / "labels.json").read_text())
+    assert len(list((tmp_path / "e" / "labels").glob("soft-*.safetensors"))) == labels["files"] >= 1
