@@ -109,7 +109,7 @@ def test_matching_recipes_resolve_and_run_tiny(tmp_path):
     for name in ("dc", "dsa", "dm"):
         rec = load_yaml(f"recipes/{name}_cifar10.yaml")
         sec = dict(rec["recover"])
-        assert sec["method"] == name and sec["data"] == "npz:../shared/data/cifar10.npz"
+        assert sec["method"] == name and sec["data"].startswith("torchvision:CIFAR10")
         sec.update(out=str(tmp_path / name), data=DATA, ipc=1, iterations=2, autocast="none",
                    options={**sec["options"], "batch_real": 8, "width": 16})
         cfg = from_dict(RecoverConfig, sec)

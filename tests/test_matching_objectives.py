@@ -165,3 +165,33 @@ def test_acc_dd_pool_and_perturbation(real):
     # DM through the option runs on pool members
     syn = optimise("dm", real, 1, steps=2, lr=1.0, model_pool=1, perturb=0.01, pool_epochs=0.5, **SMALL)
     assert torch.isfinite(syn.data).all()
+
+
+def test_dm_batched_forward_equals_class_by_class(real):
+    """All classes in one forward (instance-norm nets) gives the class-by-class gaps and gradients; a BatchNorm net
+    keeps the per-class passes (its statistics would mix the classes)."""
+    from distillset.recover.objectives.model_aug import build_net
+
+    dm = get("objective", "dm").from_options(batch_real=32, width=32)
+    results = []
+    for batched in (False, True):
+        ctx = make_ctx(real, 2, seed=3)
+        dm.setup(ctx)
+        syn = make_syn(ctx, 2)
+        net = dm.source.sample(ctx)
+        gaps = torch.stack(dm.class_gaps(syn, ctx, net, batched=batched))
+        grad, = torch.autograd.grad(gaps.sum(), [p for p in syn.parameters() if p.requires_grad])
+        results.append((gaps.detach(), grad))
+    (g0, d0), (g1, d1) = results
+    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-5) and torch.allclose(d0, d1, rtol=1e-3, atol=1e-6)
+    dm.BATCH_IMAGES = 70  # groups of two classes: the same numbers again
+    ctx = make_ctx(real, 2, seed=3)
+    syn = make_syn(ctx, 2)
+    g2 = torch.stack(dm.class_gaps(syn, ctx, dm.source.sample(ctx), batched=True)).detach()
+    assert torch.allclose(g0, g2, rtol=1e-4, atol=1e-5)
+    ctx = make_ctx(real, 2)
+    bn = build_net("convnet_bn", ctx, 0, 16)
+    calls = []
+    bn.features.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    dm.class_gaps(make_syn(ctx, 2), ctx, bn)
+    assert max(calls) == 32  # one class at a time
