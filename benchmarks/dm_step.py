@@ -76,7 +76,8 @@ def main() -> None:
              f"{flops / 1e9:.1f} GFLOP per step (FlopCounterMode).", "",
              "| precision | path | ms / step (median) | GFLOP/s | speed-up vs fp32 class by class | loss |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {d} | {path} | {ms:.0f} | {gf:.0f} | {base / ms:.2f}x | {loss:.4f} |" for d, path, ms, gf, loss in rows]
+    lines += [f"| {d} | {path} | {ms:.0f} | {gf:.0f} | {base / ms:.2f}x | {loss:.4f} |"
+              for d, path, ms, gf, loss in rows]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
