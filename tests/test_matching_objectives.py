@@ -193,5 +193,6 @@ def test_dm_batched_forward_equals_class_by_class(real):
     bn = build_net("convnet_bn", ctx, 0, 16)
     calls = []
     bn.features.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    dm.cfg.batch_classes = True
     dm.class_gaps(make_syn(ctx, 2), ctx, bn)
-    assert max(calls) == 32  # one class at a time
+    assert max(calls) == 32  # one class at a time, even with batch_classes

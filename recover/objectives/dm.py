@@ -28,7 +28,16 @@ class DistributionMatching(Objective):
     @dataclass
     class Config(MatchingConfig):
         """Options of DM: ``batch_real``, the Siamese ``aug`` (dsa by default) and the networks (``arch``, ``width``,
-        Acc-DD's ``model_pool``/``perturb`` instead of fresh random networks)."""
+        Acc-DD's ``model_pool``/``perturb`` instead of fresh random networks).
+
+        Attributes:
+            batch_classes: push all classes of a unit through the network in one forward (real) and one (synthetic)
+                instead of class by class; the same numbers. Off by default: on the 2-core CPU measured it is slower
+                (0.65x at batch_real 32, 0.98x at 256: benchmarks/dm_step.py); large batches pay where small kernel
+                launches dominate (GPUs).
+        """
+
+        batch_classes: bool = False
 
     needs_real = True
     joint_classes = False
@@ -49,11 +58,12 @@ class DistributionMatching(Objective):
         """Squared mean-embedding gap of every class of the unit under ``net`` (one DSA draw per class).
 
         The augmented batches of all classes go through ``net`` in one forward for the real images (no autograd) and
-        one for the synthetic ones, then are split by class: the same numbers as class by class (same draws, same
-        order) in two large matmul-bound passes instead of 2 x classes small ones. A network with BatchNorm would
-        mix the classes' statistics, so it keeps the per-class passes (``batched`` forces either path)."""
+        one for the synthetic ones (option ``batch_classes``), then are split by class: the same numbers as class by
+        class (same draws, same order) in two large passes instead of 2 x classes small ones. A network with
+        BatchNorm would mix the classes' statistics, so it keeps the per-class passes (``batched`` forces a path)."""
         if batched is None:
-            batched = not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+            batched = self.cfg.batch_classes and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                         for m in net.modules())
         reals, syns = [], []
         for c, pos in class_positions(syn.labels):
             real = ctx.real.sample(c, self.batch_real, ctx.generator)
