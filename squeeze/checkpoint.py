@@ -11,6 +11,7 @@ Specs accepted by :func:`load_teacher`:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from torch import nn
 from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, file_sha256, load_tensors, save_tensors, write_json
 from distillset.squeeze.models import IMAGENET_MEAN, IMAGENET_STD, create_model, has_batchnorm
+
+log = logging.getLogger("distillset.squeeze")
 
 
 @dataclass
@@ -178,6 +181,30 @@ def _weights_file(spec: str) -> Path | None:
     return Path(spec) / "model.safetensors"
 
 
+def _is_own_spec(spec: str) -> bool:
+    return not spec.startswith(("local-dir:", "tv:", "timm:"))
+
+
+def find_moved_teacher(near: Path, sha: str, depth: int = 3) -> Path | None:
+    """A ``distillset squeeze`` folder whose weights hash to ``sha``, searched below the parent and grandparent of
+    ``near`` (where a moved run tree keeps its teacher beside its distilled sets), at most ``depth`` levels down.
+    Matching by content makes this safe: only the very weights the manifest recorded are accepted."""
+    near = Path(near).resolve()
+    seen: set[Path] = set()
+    for root in (near.parent, near.parent.parent):
+        if not root.is_dir():
+            continue
+        for cfg in sorted(root.glob("/".join(["*"] * depth) + "/config.json")) + sorted(
+                p for k in range(1, depth) for p in root.glob("/".join(["*"] * k) + "/config.json")):
+            model = cfg.parent / "model.safetensors"
+            if cfg.parent in seen or not model.is_file():
+                continue
+            seen.add(cfg.parent)
+            if file_sha256(model) == sha:
+                return cfg.parent
+    return None
+
+
 def load_recorded_teacher(record: dict, where: str, num_classes: int | None = None,
                           device: str | torch.device = "cpu") -> Teacher:
     """A teacher named by a file (a manifest's or labels.json's ``teachers`` entry), loaded only if its weights
@@ -198,7 +225,12 @@ def load_recorded_teacher(record: dict, where: str, num_classes: int | None = No
         raise DistillError(f"{where} names a teacher without a path and sha256 ({record!r}); pass --teachers PATH.")
     weights = _weights_file(spec)
     if weights is None or not weights.is_file():
-        raise DistillError(f"{where} names teacher {spec}, whose weights are not there; pass --teachers PATH.")
+        moved = find_moved_teacher(Path(where).parent, sha) if _is_own_spec(spec) else None
+        if moved is None:
+            raise DistillError(f"{where} names teacher {spec}, whose weights are not there (nor, by their sha256, in a "
+                               "squeeze folder near it); pass --teachers PATH.")
+        log.info("teacher %s named by %s was moved: found by its sha256 at %s", spec, where, moved)
+        spec, weights = str(moved), moved / "model.safetensors"
     if file_sha256(weights) != sha:
         raise DistillError(f"teacher {spec} named by {where} is not the one recorded there (weights sha256 "
                            f"{sha[:12]} recorded, {file_sha256(weights)[:12]} found: retrained or replaced); "

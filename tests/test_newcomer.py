@@ -149,3 +149,20 @@ def test_export_writes_a_dataset_card_and_the_soft_labels(digits_teacher, tmp_pa
     assert "| distilled | soft |" in card and "convnet_bn (sha256" in card
     labels = json.loads((tmp_path / "e" / "labels" / "labels.json").read_text())
     assert len(list((tmp_path / "e" / "labels").glob("soft-*.safetensors"))) == labels["files"] >= 1
+
+
+def test_a_moved_run_tree_finds_its_teacher_by_content_hash(tmp_path, capsys):
+    import shutil
+
+    a = tmp_path / "a"
+    assert main(["squeeze", "--data", "digits", "--arch", "convnet_bn", "--model-kwargs", "{width: 8}", "--epochs",
+                 "1", "--autocast", "none", "--out", str(a / "teacher")]) == 0
+    assert main(["recover", "--teachers", str(a / "teacher"), "--ipc", "1", "--iterations", "1", "--autocast",
+                 "none", "--out", str(a / "set")]) == 0
+    shutil.move(str(a), str(tmp_path / "b"))  # the manifest still names a/teacher
+    assert main(["relabel", "--distilled", str(tmp_path / "b" / "set"), "--epochs", "1"]) == 0
+    (tmp_path / "b" / "teacher" / "model.safetensors").write_bytes(b"other weights")  # and never other weights
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "b" / "set" / "labels")
+    assert main(["relabel", "--distilled", str(tmp_path / "b" / "set"), "--epochs", "1"]) == 2
+    assert "pass --teachers PATH" in capsys.readouterr().err
