@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,35 @@ class Runtime:
         dist.all_gather_object(out, obj)
         return out
 
+    # ---------------------------------------------------------------------------------------- experiment tracking
+
+    @property
+    def tracking(self) -> bool:
+        """Whether ``--report-to`` names a tracker (tensorboard, wandb, mlflow) and one is started."""
+        return bool(getattr(self.accelerator, "trackers", None))
+
+    def start_tracking(self, folder: str | os.PathLike, name: str, config: dict | None = None) -> None:
+        """Start accelerate's trackers for one stage, writing under ``folder/runs`` (TensorBoard event files, MLflow
+        runs; W&B uses its own store); a no-op without ``--report-to``."""
+        if not REPORT_TO or self.accelerator is None:
+            return
+        self.end_tracking()
+        runs = str(Path(folder) / "runs")
+        self.accelerator.project_configuration.set_directories(runs)
+        self.accelerator.project_configuration.logging_dir = runs
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config or {}).items()}
+        self.accelerator.init_trackers(name, config=flat)
+
+    def log_metrics(self, values: dict, step: int) -> None:
+        """Scalars to the stage's trackers (main process; nothing without ``--report-to``)."""
+        if self.tracking:
+            self.accelerator.log({k: float(v) for k, v in values.items()}, step=step)
+
+    def end_tracking(self) -> None:
+        if self.tracking:
+            self.accelerator.end_training()
+            self.accelerator.trackers = []
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over every rank (a new tensor on ``t``'s device; ``t`` itself when ``world == 1``).
 
@@ -57,6 +87,18 @@ class Runtime:
 
 
 _RUNTIME: Runtime | None = None
+REPORT_TO_ENV = "DISTILLSET_REPORT_TO"  # set by the CLI's --report-to: tensorboard, wandb, mlflow (or none)
+REPORT_TO = [t for t in os.environ.get(REPORT_TO_ENV, "").split(",") if t and t != "none"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def get_runtime(mixed_precision: str = "no") -> Runtime:
@@ -68,7 +110,19 @@ def get_runtime(mixed_precision: str = "no") -> Runtime:
     from accelerate import Accelerator
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    report = [t for t in os.environ.get(REPORT_TO_ENV, "").split(",") if t and t != "none"]
+    REPORT_TO[:] = report
+    kwargs = {}
+    if report:
+        from accelerate.utils import ProjectConfiguration
+
+        kwargs = {"log_with": report,
+                  "project_config": ProjectConfiguration(project_dir="output", logging_dir="output")}
+    try:
+        acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, **kwargs)
+    except (ValueError, ImportError) as e:  # an unknown tracker or its package missing
+        raise DistillError(f"--report-to {','.join(report)}: {str(e).splitlines()[0]} (tensorboard needs `pip install "
+                           "tensorboard`, wandb `pip install wandb`, mlflow `pip install mlflow`).") from None
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != expected:
         raise DistillError(f"WORLD_SIZE={expected} but accelerate sees {acc.num_processes} process(es); on a CPU "

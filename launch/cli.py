@@ -5,6 +5,7 @@
     distillset methods | models                                      list plugins / backbones
     --trust-code (any command)  allow a prior folder's prior.json to name a generator module to import
     -v / -q (any command)       more logging (recover and squeeze losses every --log-every) / warnings only
+    --report-to T (any command) track losses and accuracies with accelerate's trackers: tensorboard, wandb, mlflow
 
     distillset methods [NAME] [--json] | models [--json]             list plugins (a plugin's options) / backbones
 
@@ -194,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
         argv.remove("--trust-code")
         os.environ["DISTILLSET_TRUST_CODE"] = "1"
+    if "--report-to" in argv:  # any command: experiment tracking through accelerate's trackers
+        import os
+
+        i = argv.index("--report-to")
+        if i + 1 >= len(argv):
+            print("error: --report-to needs a value: tensorboard, wandb, mlflow or none.", file=sys.stderr)
+            return 2
+        os.environ["DISTILLSET_REPORT_TO"] = argv[i + 1]
+        del argv[i:i + 2]
     for flag, level in (("-v", "DEBUG"), ("--verbose", "DEBUG"), ("-q", "WARNING"), ("--quiet", "WARNING")):
         if flag in argv:  # any command: how much distillset logs (-v shows recover's losses every --log-every)
             import os

@@ -260,6 +260,8 @@ class Engine:
                 good = (step, {k: v.detach().clone() for k, v in syn.state_dict().items()})
                 bar.set_postfix(loss=f"{value:.4g}")
                 log.debug("unit %d step %d %s", unit.index, step + 1, logs)
+                self.rt.log_metrics({f"recover/{k}": v for k, v in logs.items()},
+                                    unit.index * cfg.iterations + step + 1)
             if state_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
                 self._save_state(state_path, syn, opt, ctx, step + 1, ema)
         bar.close()
@@ -405,7 +407,7 @@ def _refuse_foreign(out: Path) -> None:
 
     def foreign(p: Path) -> bool:
         if p.is_dir() and not p.is_symlink():
-            return p.name != "locks" and any(foreign(q) for q in p.iterdir())
+            return p.name not in ("locks", "runs") and any(foreign(q) for q in p.iterdir())
         return p.name != "config.yaml" and not is_temp(p.name)
 
     if any(foreign(p) for p in out.iterdir()):
@@ -478,6 +480,7 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
     check_unit_memory(units, engine.image_shape, cfg, rt.device, engine.objective_cls.selects)
     run_lock = _enter(out, rt)
     _check_or_write_manifest(out, cfg, engine, rt, units)
+    rt.start_tracking(out, "recover", to_dict(cfg))
     if engine.zca is not None and rt.is_main and not (out / ZCA_FILE).exists():
         engine.zca.save(out / ZCA_FILE)  # before any unit: a partial set is evaluated in the right space too
     rt.wait()
@@ -491,6 +494,7 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
         _finish(out, units, all_stats, rt)
     rt.wait()
     run_lock.release()
+    rt.end_tracking()
     return read_json(out / "manifest.json")
 
 

@@ -370,6 +370,7 @@ def students(p: Plan, cfg: EvaluateConfig, rt) -> list[dict]:
             bar.set_postfix_str(f"{job.set} {job.labels} seed {job.seed}")
             acc = train_one(p, cfg, job, *sets[job.set], rt, on_epoch=lambda: bar.update(1))
             log.info("evaluate: %s %s %s seed %d: top-1 %.4f", job.arch, job.set, job.labels, job.seed, acc)
+            rt.log_metrics({f"evaluate/{job.arch}/{job.set}/{job.labels}": acc}, job.seed)
         results.append({"arch": job.arch, "set": job.set, "labels": job.labels, "seed": job.seed, "top1": acc})
     bar.close()
     return [r for part in rt.gather_object(results) for r in part]
@@ -418,6 +419,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
     rt = rt or get_runtime()
     t0 = time.perf_counter()
     p = plan(cfg, rt)
+    rt.start_tracking(p.out, "evaluate", to_dict(cfg))
     if p.zca is not None:
         log.info("evaluate: students see ZCA-whitened inputs (%s), as the set was distilled", p.manifest["zca"])
     results = students(p, cfg, rt)
@@ -427,6 +429,7 @@ def run(cfg: EvaluateConfig, rt=None) -> dict:
     if rt.is_main:
         write_metrics(p.out, cfg, metrics)
         log.info("evaluate:\n%s", format_summary(metrics))
+    rt.end_tracking()
     rt.wait()
     return metrics
 

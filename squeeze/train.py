@@ -118,6 +118,7 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
         return done["metrics"]
     entry = model_entry(cfg.arch)
     source = Source(cfg.data, cfg.image_size or None)
+    rt.start_tracking(out, "squeeze", to_dict(cfg))
     if source.is_stream:
         from distillset.squeeze.stream import stream_setup
 
@@ -145,6 +146,8 @@ def run(cfg: SqueezeConfig, rt: Runtime | None = None) -> dict:
                 ckpt.parent.rmdir()
         log.info("squeeze: %s test top-1 %.4f in %.1fs", cfg.arch, metrics["test_top1"], metrics["seconds"])
     rt.wait()
+    rt.log_metrics({"squeeze/test_top1": metrics["test_top1"]}, cfg.epochs)
+    rt.end_tracking()
     return metrics
 
 
@@ -217,6 +220,7 @@ def fit(model, cfg: SqueezeConfig, rt: Runtime, mean, std, out: Path, fp: str, s
         if not math.isfinite(loss_val):
             raise DistillError(f"training loss became NaN at epoch {epoch}; lower --lr.")
         log.info("squeeze epoch %d/%d: loss %.4f (%.0fs)", epoch + 1, cfg.epochs, loss_val, time.perf_counter() - t0)
+        rt.log_metrics({"squeeze/train_loss": loss_val}, epoch + 1)
         if rt.is_main:
             save_atomic_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "opt": opt.state_dict(),
                                      "model": rt.accelerator.unwrap_model(model).state_dict()})

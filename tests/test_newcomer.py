@@ -166,3 +166,26 @@ def test_a_moved_run_tree_finds_its_teacher_by_content_hash(tmp_path, capsys):
     shutil.rmtree(tmp_path / "b" / "set" / "labels")
     assert main(["relabel", "--distilled", str(tmp_path / "b" / "set"), "--epochs", "1"]) == 2
     assert "pass --teachers PATH" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_writes_event_files_with_the_losses(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = {**os.environ, "DISTILLSET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "distillset.launch.cli", "--report-to", "tensorboard"]
+    for args in (["squeeze", "--data", "digits", "--arch", "convnet_bn", "--model-kwargs", "{width: 8}", "--epochs",
+                  "2", "--autocast", "none", "--out", str(tmp_path / "t")],
+                 ["recover", "--teachers", str(tmp_path / "t"), "--ipc", "1", "--iterations", "4", "--log-every", "2",
+                  "--autocast", "none", "--out", str(tmp_path / "r")]):
+        r = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-1500:]
+    for folder, tag, n in ((tmp_path / "t", "squeeze/train_loss", 2), (tmp_path / "r", "recover/loss", 2)):
+        events = list((folder / "runs").rglob("events.out.tfevents.*"))
+        assert events, folder
+        acc = EventAccumulator(str(events[0].parent))
+        acc.Reload()
+        assert tag in acc.Tags()["scalars"] and len(acc.Scalars(tag)) == n
