@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,19 +34,29 @@ class PixelSet(Parametrization):
         """Options of the pixel parametrization.
 
         Attributes:
-            init: ``noise`` (Gaussian in normalised space, as SRe2L) or ``real`` (a real image of the class, chosen
-                by the image's own seed).
+            init: ``noise`` (Gaussian in normalised space, as SRe2L), ``real`` (a real image of the class, chosen
+                by the image's own seed) or ``rded`` (EDC's initialisation: the image RDED selects and stitches
+                from teacher-scored real crops; needs teachers).
             noise_std: standard deviation of the initial noise in normalised (or whitened) units.
             whitened: optimise whitened images when the run has a ZCA (default); false keeps raw normalised pixels.
+            rded_options: options of the RDED selection used by ``init: rded`` (factor, crops, pool, ...).
         """
 
         init: str = "noise"
         noise_std: float = 1.0
         whitened: bool = True
+        rded_options: dict = field(default_factory=dict)
 
         def __post_init__(self):
-            if self.init not in ("noise", "real"):
-                raise DistillError(f"unknown pixel init '{self.init}'; use noise or real.")
+            if self.init not in ("noise", "real", "rded"):
+                raise DistillError(f"unknown pixel init '{self.init}'; use noise, real or rded.")
+            if self.rded_options and self.init != "rded":
+                raise DistillError("rded_options only apply with init: rded.")
+            if self.init == "rded":
+                from distillset.core.config import from_dict
+                from distillset.recover.objectives.rded import RDED
+
+                from_dict(RDED.Config, self.rded_options, what="pixel init 'rded'")
 
     def __init__(self, cfg: Config | None, classes: torch.Tensor, indices: torch.Tensor,
                  image_shape: tuple[int, int, int], seed: int, ctx: Context):
@@ -58,10 +68,14 @@ class PixelSet(Parametrization):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
         data = torch.empty(len(classes), *image_shape)
+        rded = self._rded(ctx) if init == "rded" else None
         for k, (cls, idx) in enumerate(zip(classes.tolist(), indices.tolist())):
             g = torch.Generator().manual_seed(mix_seed(seed, cls, idx))
             if init == "noise":
                 data[k] = torch.randn(image_shape, generator=g) * noise_std
+            elif rded is not None:
+                img = rded.class_images(cls, ctx.ipc, ctx)[idx].cpu()
+                data[k] = (img - self.mean[0].cpu()) / self.std[0].cpu()
             else:
                 img = ctx.real.get(ctx.real.init_choice(cls, idx, seed)).cpu()[0]
                 data[k] = (img - self.mean[0].cpu()) / self.std[0].cpu()
@@ -77,11 +91,22 @@ class PixelSet(Parametrization):
             self.register_buffer("zca_mean", zca.mean.clone(), persistent=False)
             self.register_buffer("zca_w", zca.transform.clone(), persistent=False)
             self.register_buffer("zca_winv", zca.inverse_transform.clone(), persistent=False)
-            if init == "real":
+            if init in ("real", "rded"):
                 data = whiten(data, self.zca_mean, self.zca_w)
         self.data = nn.Parameter(data)
         if self.whitened:
             self.project_()
+
+    def _rded(self, ctx: Context):
+        """The RDED selector of ``init: rded`` (its per-class images are a pure function of (seed, class))."""
+        from distillset.core.config import from_dict
+        from distillset.recover.objectives.rded import RDED
+
+        if not ctx.teachers or ctx.real is None:
+            raise DistillError("pixel init 'rded' scores real crops with the teachers: pass --teachers and --data.")
+        rded = RDED(from_dict(RDED.Config, self.cfg.rded_options, what="pixel init 'rded'"))
+        rded.setup(ctx)
+        return rded
 
     def render(self, index=None) -> torch.Tensor:
         x = self.data if index is None else self.data[index]

@@ -127,3 +127,18 @@ def test_two_gloo_processes_select_the_single_process_images(digits_teacher, tmp
     assert multi.returncode == 0, multi.stderr[-3000:]
     a, b = load_distilled(tmp_path / "one")[0], load_distilled(tmp_path / "two")[0]
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_edc_style_rded_initialisation_of_bn_inversion(digits_teacher, tmp_path):
+    """``init: rded`` starts the pixels at RDED's stitched selection (EDC's initialisation): with 0 iterations the
+    written set is RDED's own, to the uint8 rounding of the normalised round trip."""
+    common = dict(data="digits", teachers=[str(digits_teacher)], ipc=2, classes_per_unit=5, autocast="none")
+    run(RecoverConfig(out=str(tmp_path / "rded"), method="rded", options={"factor": 2, "pool": 40}, **common))
+    run(RecoverConfig(out=str(tmp_path / "init"), method="sre2l", iterations=0,
+                      param_options={"init": "rded", "rded_options": {"factor": 2, "pool": 40}}, **common))
+    a, b = load_distilled(tmp_path / "rded")[0], load_distilled(tmp_path / "init")[0]
+    assert (a.images.int() - b.images.int()).abs().max() <= 1
+    with pytest.raises(DistillError, match="rded_options only apply with init: rded"):
+        RecoverConfig(out=str(tmp_path / "x"), param_options={"rded_options": {"factor": 2}}, **common)
+    with pytest.raises(DistillError, match="pixel init 'rded' option 'factr'"):
+        RecoverConfig(out=str(tmp_path / "x"), param_options={"init": "rded", "rded_options": {"factr": 2}}, **common)
