@@ -104,6 +104,14 @@ class Engine:
         if info and info["class_names"] and len(info["class_names"]) != self.num_classes:
             raise DistillError(f"the teacher predicts {self.num_classes} classes but the data has "
                                f"{len(info['class_names'])}; use a teacher trained on this data.")
+        tc_names = self.teachers[0].config.class_names if self.teachers else None
+        named = tc_names and list(tc_names) != [str(i) for i in range(len(tc_names))]  # not just indices
+        if named and info and info["class_names"] and list(tc_names) != list(info["class_names"]):
+            bad = next(i for i, (a, b) in enumerate(zip(tc_names, info["class_names"])) if a != b)
+            raise DistillError(f"the teacher's classes differ from the data's (class {bad} is '{tc_names[bad]}' for "
+                               f"the teacher, '{info['class_names'][bad]}' in the data): a teacher trained with "
+                               "another class order silently gives ~chance accuracy; use a teacher trained on this "
+                               "data.")
         data_size = tuple(info["image_shape"][-2:]) if info and info.get("image_shape") else None
         if self.teachers and data_size and data_size != tuple(self.image_shape[-2:]) and not cfg.image_size:
             h, w = self.image_shape[-2:]

@@ -142,3 +142,28 @@ def test_edc_style_rded_initialisation_of_bn_inversion(digits_teacher, tmp_path)
         RecoverConfig(out=str(tmp_path / "x"), param_options={"rded_options": {"factor": 2}}, **common)
     with pytest.raises(DistillError, match="pixel init 'rded' option 'factr'"):
         RecoverConfig(out=str(tmp_path / "x"), param_options={"init": "rded", "rded_options": {"factr": 2}}, **common)
+
+
+def test_teacher_with_another_class_order_is_refused(tmp_path):
+    import numpy as np
+
+    from distillset.core.data import Source
+    from distillset.squeeze.train import SqueezeConfig
+    from distillset.squeeze.train import run as squeeze
+
+    d = Source("digits")
+    tr, te = d.load("train"), d.load("test")
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+    def npz(path, names):
+        np.savez(path, x_train=tr.images.permute(0, 2, 3, 1).numpy(), y_train=tr.labels.numpy(),
+                 x_test=te.images.permute(0, 2, 3, 1).numpy(), y_test=te.labels.numpy(), class_names=np.array(names))
+
+    npz(tmp_path / "words.npz", words)
+    npz(tmp_path / "rev.npz", words[::-1])  # the same images, the classes listed in another order
+    squeeze(SqueezeConfig(out=str(tmp_path / "t"), data=f"npz:{tmp_path / 'words.npz'}", arch="convnet_bn",
+                          model_kwargs={"width": 8}, epochs=1, autocast="none"))
+    with pytest.raises(DistillError, match="class 0 is 'zero' for the teacher, 'nine' in the data"):
+        run(RecoverConfig(out=str(tmp_path / "r"), data=f"npz:{tmp_path / 'rev.npz'}", teachers=[str(tmp_path / "t")],
+                          method="rded", ipc=1, autocast="none"))
+    assert not (tmp_path / "r").exists()
