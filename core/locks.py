@@ -7,7 +7,8 @@ several machines share one folder.
 
 * :func:`try_lock` takes a lock without waiting (``None`` if someone holds it): one per work unit.
 * :func:`hold` waits for a lock (shared or exclusive): a run holds ``run.lock`` shared while it runs, and only a run
-  that can take it exclusively (no other run is active) cleans the temporary files killed writes left behind.
+  that can take it exclusively (no other run is active) cleans the temporary files killed writes left behind;
+  ``with hold(path):`` is a critical section across processes (a manifest's read-modify-write).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -95,13 +95,3 @@ def hold(path: str | os.PathLike, shared: bool = False, wait: bool = True) -> Lo
     if not shared:
         _stamp(fd)
     return Lock(path, fd)
-
-
-@contextlib.contextmanager
-def exclusive(path: str | os.PathLike) -> Iterator[Lock]:
-    """``with exclusive(path):`` a critical section across processes (e.g. a manifest's read-modify-write)."""
-    lock = hold(path)
-    try:
-        yield lock
-    finally:
-        lock.release()

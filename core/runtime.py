@@ -53,7 +53,7 @@ class Runtime:
     def start_tracking(self, folder: str | os.PathLike, name: str, config: dict | None = None) -> None:
         """Start accelerate's trackers for one stage, writing under ``folder/runs`` (TensorBoard event files, MLflow
         runs; W&B uses its own store); a no-op without ``--report-to``."""
-        if not REPORT_TO or self.accelerator is None:
+        if not getattr(self.accelerator, "log_with", None):  # no --report-to: accelerate was made without trackers
             return
         self.end_tracking()
         runs = str(Path(folder) / "runs")
@@ -88,7 +88,6 @@ class Runtime:
 
 _RUNTIME: Runtime | None = None
 REPORT_TO_ENV = "DISTILLSET_REPORT_TO"  # set by the CLI's --report-to: tensorboard, wandb, mlflow (or none)
-REPORT_TO = [t for t in os.environ.get(REPORT_TO_ENV, "").split(",") if t and t != "none"]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -111,7 +110,6 @@ def get_runtime(mixed_precision: str = "no") -> Runtime:
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     report = [t for t in os.environ.get(REPORT_TO_ENV, "").split(",") if t and t != "none"]
-    REPORT_TO[:] = report
     kwargs = {}
     if report:
         from accelerate.utils import ProjectConfiguration

@@ -188,34 +188,48 @@ def _usage() -> str:
             f"  {'models':<{width}} list backbones\n\n`distillset <command> --help` lists a command's options.")
 
 
+# flags any command takes, set as environment variables read where they act: flag -> (variable, value; None = the
+# flag's argument)
+GLOBAL_FLAGS = {
+    "--trust-code": ("DISTILLSET_TRUST_CODE", "1"),  # prior.json may name a module to import (generative.glad)
+    "--report-to": ("DISTILLSET_REPORT_TO", None),  # accelerate's trackers (core.runtime)
+    "-v": ("DISTILLSET_LOG_LEVEL", "DEBUG"), "--verbose": ("DISTILLSET_LOG_LEVEL", "DEBUG"),
+    "-q": ("DISTILLSET_LOG_LEVEL", "WARNING"), "--quiet": ("DISTILLSET_LOG_LEVEL", "WARNING"),
+}
+
+
+def _take_global_flags(argv: list[str]) -> list[str]:
+    """``argv`` without the :data:`GLOBAL_FLAGS`, each one applied."""
+    import os
+
+    rest = []
+    it = iter(argv)
+    for arg in it:
+        if arg not in GLOBAL_FLAGS:
+            rest.append(arg)
+            continue
+        var, value = GLOBAL_FLAGS[arg]
+        if value is None:
+            value = next(it, None)
+            if value is None:
+                raise DistillError(f"{arg} needs a value (e.g. {arg} tensorboard).")
+        os.environ[var] = value
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--trust-code" in argv:  # any command: allow importing the code a prior folder names (see generative.glad)
-        import os
-
-        argv.remove("--trust-code")
-        os.environ["DISTILLSET_TRUST_CODE"] = "1"
-    if "--report-to" in argv:  # any command: experiment tracking through accelerate's trackers
-        import os
-
-        i = argv.index("--report-to")
-        if i + 1 >= len(argv):
-            print("error: --report-to needs a value: tensorboard, wandb, mlflow or none.", file=sys.stderr)
-            return 2
-        os.environ["DISTILLSET_REPORT_TO"] = argv[i + 1]
-        del argv[i:i + 2]
-    for flag, level in (("-v", "DEBUG"), ("--verbose", "DEBUG"), ("-q", "WARNING"), ("--quiet", "WARNING")):
-        if flag in argv:  # any command: how much distillset logs (-v shows recover's losses every --log-every)
-            import os
-
-            argv.remove(flag)
-            os.environ["DISTILLSET_LOG_LEVEL"] = level
+    try:
+        argv = _take_global_flags(argv)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     try:
         if argv[0] in ("methods", "models"):
-            p = argparse.ArgumentParser(prog=f"distillset {argv[0]}")
+            p = _Parser(prog=f"distillset {argv[0]}")
             if argv[0] == "methods":
                 p.add_argument("name", nargs="?", default="", help="a plugin whose options to list")
             p.add_argument("--json", action="store_true", help="print the registry metadata as JSON")

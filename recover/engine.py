@@ -22,7 +22,7 @@ from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
 from distillset.core.errors import DistillError
 from distillset.core.io import clean_temp, content_sha256, is_temp, read_json, require_folder, save_tensors, write_json
-from distillset.core.locks import Lock, exclusive, hold, owner, try_lock
+from distillset.core.locks import Lock, hold, owner, try_lock
 from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
@@ -339,12 +339,12 @@ def check_unit_memory(units: list[Unit], image_shape: tuple[int, int, int], cfg:
     from distillset.core.runtime import available_memory
 
     n = max((u.c1 - u.c0) * (u.i1 - u.i0) for u in units)
-    per_image = math.prod(image_shape)
     copies = 1 if selects else (4 if cfg.optimizer == "adam" else 3) + 2
-    need = n * per_image * (1 if selects else 4) * copies
+    per_image = math.prod(image_shape) * (1 if selects else 4) * copies  # bytes: uint8 selected, float32 optimised
+    need = n * per_image
     avail, where = available_memory(device)
     if need > avail:
-        fits = max(1, int(avail // (per_image * (1 if selects else 4) * copies)))
+        fits = max(1, int(avail // per_image))
         raise DistillError(f"a work unit of {n} images ({'x'.join(map(str, image_shape))}) needs at least "
                            f"{need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB of {where} is available; lower --ipc "
                            f"or set --ipc-per-unit/--classes-per-unit so a unit holds at most {fits} images.")
@@ -352,14 +352,12 @@ def check_unit_memory(units: list[Unit], image_shape: tuple[int, int, int], cfg:
 
 def _path_of(spec: str) -> Path | None:
     """The file or folder a teacher spec or a path-valued option names (``None`` if it names none on disk)."""
+    from distillset.squeeze.checkpoint import parse_spec
+
     if not isinstance(spec, str) or not spec or "\n" in spec:
         return None
-    for prefix in ("local-dir:",):
-        spec = spec.removeprefix(prefix)
-    if spec.startswith(("tv:", "timm:")) and "=" in spec:
-        spec = spec.partition("=")[2]
     try:
-        p = Path(spec)
+        p = parse_spec(spec)[2]
         return p if p.exists() else None
     except (OSError, ValueError):
         return None
@@ -459,8 +457,7 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
             if rt.is_main:
                 write_json(path, old)
         return old
-    _refuse_foreign(out)
-    manifest = {
+    manifest = {  # the folder was checked for foreign content by _enter, before its lock file was made
         "format": "distillset/1", "status": "running", "fingerprint": fp, "method": cfg.method,
         "parametrization": cfg.parametrization, "augmentation": cfg.augmentation, "config": to_dict(cfg),
         "teachers": [t.describe() for t in engine.teachers], "ipc": cfg.ipc, "num_classes": engine.num_classes,
@@ -536,9 +533,8 @@ def _work(engine: Engine, units: list[Unit], out: Path, rt: Runtime, poll: float
     Each unit is computed under its own lock (``locks/unit-XXXXXX.lock``), so concurrent runs into one folder and the
     ranks of one launch share the units instead of computing them twice; a unit whose holder died is taken over (the
     kernel frees its lock) and resumes from its checkpoint. Units held by a live process are waited for."""
-    mine = list(units_for_rank(len(units), rt.rank, rt.world))
-    order = mine + [i for i in range(len(units)) if i not in set(mine)]
-    pending = [units[i] for i in order]
+    mine = units_for_rank(len(units), rt.rank, rt.world)  # a range: membership is O(1)
+    pending = [units[i] for i in mine] + [u for u in units if u.index not in mine]
     done = skipped = 0
     stats: list[dict] = []
     waited = False
@@ -578,7 +574,7 @@ def _finish(out: Path, units: list[Unit], all_stats: list, rt: Runtime) -> None:
     missing = [u.index for u in units if not shard_path(out, u.index).exists()]
     if missing:
         raise DistillError(f"units {missing[:5]} were not written; re-run the same command to finish them.")
-    with exclusive(out / "locks" / "manifest.lock"):
+    with hold(out / "locks" / "manifest.lock"):
         manifest = read_json(out / "manifest.json")
         images, _ = load_distilled(out, require_complete=False)
         save_grid(out / "grid.png", images)

@@ -99,12 +99,11 @@ class PixelSet(Parametrization):
 
     def _rded(self, ctx: Context):
         """The RDED selector of ``init: rded`` (its per-class images are a pure function of (seed, class))."""
-        from distillset.core.config import from_dict
         from distillset.recover.objectives.rded import RDED
 
         if not ctx.teachers or ctx.real is None:
             raise DistillError("pixel init 'rded' scores real crops with the teachers: pass --teachers and --data.")
-        rded = RDED(from_dict(RDED.Config, self.cfg.rded_options, what="pixel init 'rded'"))
+        rded = RDED.from_options(**self.cfg.rded_options)  # validated with the config (Config.__post_init__)
         rded.setup(ctx)
         return rded
 

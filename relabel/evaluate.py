@@ -181,6 +181,7 @@ class Plan:
     jobs: list[Job]
     fingerprint: str
     teacher: object = None  # the set's first teacher (diversity in its feature space), when it has one
+    random: ImageSet | None = None  # the random-real baseline, drawn once (students and evaluators share it)
 
     def fit(self, s: ImageSet) -> ImageSet:
         return plan_fit(s, self.distilled.image_shape[-1])
@@ -303,8 +304,10 @@ def _relabel_teacher(spec: str | dict, folder: Path, num_classes: int, device="c
 
 def random_set(p: Plan, cfg: EvaluateConfig) -> ImageSet:
     """The random real images at the same IPC: those an init-from-real run of this set started from."""
-    rand_seed = int(p.manifest.get("seeds", {}).get("base", cfg.seed))
-    return random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
+    if p.random is None:
+        rand_seed = int(p.manifest.get("seeds", {}).get("base", cfg.seed))
+        p.random = random_subset(p.fit(p.source.load("train")), p.ipc, rand_seed, p.distilled.num_classes)
+    return p.random
 
 
 @register_evaluator("diversity", description="within-class mean pairwise distance of the distilled set and of the "

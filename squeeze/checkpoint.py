@@ -154,16 +154,28 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> N
                            f"{unexpected[:3]}); check the architecture name.")
 
 
+def parse_spec(spec: str) -> tuple[str, str, Path]:
+    """``(kind, name, path)`` of a teacher spec: ``("own", "", FOLDER)`` for a squeeze folder, ``("local-dir", "",
+    FOLDER)``, or ``("external", "tv:ARCH" | "timm:ARCH", FILE)``; the one reading of the spec forms."""
+    spec = str(spec)
+    if spec.startswith("local-dir:"):
+        return "local-dir", "", Path(spec.removeprefix("local-dir:"))
+    if spec.startswith(("tv:", "timm:")) and "=" in spec:
+        name, _, path = spec.partition("=")
+        return "external", name, Path(path)
+    return "own", "", Path(spec)
+
+
 def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.device = "cpu") -> Teacher:
     """Load a trained backbone from local files (never from the network), in eval mode, gradients off."""
     spec = str(spec)
-    if spec.startswith("local-dir:"):
-        teacher = _load_timm_local_dir(Path(spec.removeprefix("local-dir:")), num_classes)
-    elif spec.startswith(("tv:", "timm:")) and "=" in spec:
-        name, _, path = spec.partition("=")
-        teacher = _load_external(name, Path(path), num_classes)
+    kind, name, path = parse_spec(spec)
+    if kind == "local-dir":
+        teacher = _load_timm_local_dir(path, num_classes)
+    elif kind == "external":
+        teacher = _load_external(name, path, num_classes)
     else:
-        teacher = _load_own(Path(spec))
+        teacher = _load_own(path)
     if num_classes is not None and teacher.config.num_classes != num_classes:
         raise DistillError(f"teacher {spec} predicts {teacher.config.num_classes} classes but the data has "
                            f"{num_classes}; use a teacher trained on this data.")
@@ -173,16 +185,10 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
 
 def _weights_file(spec: str) -> Path | None:
     """The weights file a teacher spec loads (what its recorded sha256 identifies)."""
-    if spec.startswith("local-dir:"):
-        folder = Path(spec.removeprefix("local-dir:"))
-        return next((p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.exists()), None)
-    if spec.startswith(("tv:", "timm:")) and "=" in spec:
-        return Path(spec.partition("=")[2])
-    return Path(spec) / "model.safetensors"
-
-
-def _is_own_spec(spec: str) -> bool:
-    return not spec.startswith(("local-dir:", "tv:", "timm:"))
+    kind, _, path = parse_spec(spec)
+    if kind == "local-dir":
+        return next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()), None)
+    return path if kind == "external" else path / "model.safetensors"
 
 
 def find_moved_teacher(near: Path, sha: str, depth: int = 3) -> Path | None:
@@ -225,15 +231,16 @@ def load_recorded_teacher(record: dict, where: str, num_classes: int | None = No
         raise DistillError(f"{where} names a teacher without a path and sha256 ({record!r}); pass --teachers PATH.")
     weights = _weights_file(spec)
     if weights is None or not weights.is_file():
-        moved = find_moved_teacher(Path(where).parent, sha) if _is_own_spec(spec) else None
+        moved = find_moved_teacher(Path(where).parent, sha) if parse_spec(spec)[0] == "own" else None
         if moved is None:
             raise DistillError(f"{where} names teacher {spec}, whose weights are not there (nor, by their sha256, in a "
                                "squeeze folder near it); pass --teachers PATH.")
         log.info("teacher %s named by %s was moved: found by its sha256 at %s", spec, where, moved)
         spec, weights = str(moved), moved / "model.safetensors"
-    if file_sha256(weights) != sha:
+    found = file_sha256(weights)
+    if found != sha:
         raise DistillError(f"teacher {spec} named by {where} is not the one recorded there (weights sha256 "
-                           f"{sha[:12]} recorded, {file_sha256(weights)[:12]} found: retrained or replaced); "
+                           f"{sha[:12]} recorded, {found[:12]} found: retrained or replaced); "
                            "pass --teachers PATH to use it anyway.")
     return load_teacher(spec, num_classes, device)
 
