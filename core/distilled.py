@@ -194,22 +194,37 @@ def load_distilled(folder: str | Path, require_complete: bool = True) -> tuple[I
 def save_grid(path: str | Path, images: ImageSet, per_class: int = 10, max_classes: int = 10, gap: int = 2) -> None:
     """A PNG grid: one row per class (first ``max_classes``) labelled with the class name, up to ``per_class``
     images each, tiles separated by ``gap`` white pixels (so 8 px digits do not merge into chains)."""
+    classes = [k for k in range(min(images.num_classes, max_classes)) if bool((images.labels == k).any())]
+    rows = [[images.images[i] for i in torch.nonzero(images.labels == k).flatten()[:per_class].tolist()]
+            for k in classes]
+    save_rows(path, rows, [images.class_names[k] for k in classes], gap=gap)
+
+
+def save_rows(path: str | Path, rows: list[list[torch.Tensor]], labels: list[str] | None = None,
+              header: list[str] | None = None, gap: int = 2) -> None:
+    """A PNG of rows of uint8 ``(C, H, W)`` tiles (one size), each row led by its label and the columns headed by
+    ``header``; small images are scaled up to about 64 px so that they can be seen."""
     from PIL import Image, ImageDraw
 
     from distillset.core.io import atomic_path
 
-    n, c, h, w = images.images.shape
+    first = next(t for r in rows for t in r)
+    c, h, w = first.shape
     scale = max(1, 64 // w)  # make 8 px digits visible
     th, tw = h * scale, w * scale
-    classes = [k for k in range(min(images.num_classes, max_classes)) if bool((images.labels == k).any())]
-    label_w = 8 + 6 * max((len(images.class_names[k]) for k in classes), default=0)
-    canvas = Image.new("RGB", (label_w + per_class * (tw + gap) + gap, len(classes) * (th + gap) + gap), "white")
+    labels = labels or [""] * len(rows)
+    label_w = 8 + 6 * max((len(s) for s in labels), default=0)
+    top0 = 14 if header else 0
+    ncol = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (label_w + ncol * (tw + gap) + gap, top0 + len(rows) * (th + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, k in enumerate(classes):
-        top = gap + r * (th + gap)
-        draw.text((4, top + th // 2 - 5), images.class_names[k], fill="black")
-        for j, i in enumerate(torch.nonzero(images.labels == k).flatten()[:per_class].tolist()):
-            a = images.images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
+    for j, text in enumerate(header or []):
+        draw.text((label_w + gap + j * (tw + gap), 2), text[: max(1, tw // 6)], fill="black")
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        top = top0 + gap + r * (th + gap)
+        draw.text((4, top + th // 2 - 5), label, fill="black")
+        for j, t in enumerate(row):
+            a = t.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
             tile = Image.fromarray(a[0] if c == 1 else a.transpose(1, 2, 0)).convert("RGB")
             canvas.paste(tile, (label_w + gap + j * (tw + gap), top))
     with atomic_path(path) as tmp:

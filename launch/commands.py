@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("distillset.launch.export:ExportConfig", "distillset.launch.export:run", "export a distilled set"),
     "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run",
                 "write a source as webdataset shards"),
+    "privacy mia": ("distillset.launch.privacy:MIAConfig", "distillset.launch.privacy:run_mia",
+                     "membership inference on models trained on members, distilled sets and coresets"),
+    "privacy nearest": ("distillset.launch.privacy:NearestConfig", "distillset.launch.privacy:run_nearest",
+                         "nearest training images of each synthetic image (L2, SSIM, features)"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),
 }

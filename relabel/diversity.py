@@ -23,7 +23,7 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The penultimate embedding of ``model`` when it exposes one (ConvNet ``embed``, timm ``forward_head``)."""
     if hasattr(model, "embed"):
         return model.embed(x)
@@ -47,7 +47,7 @@ def within_class_diversity(images: ImageSet, teacher=None, batch: int = 256) -> 
         pix.append(mean_pairwise_distance(xc.flatten(1)) / xc[0].numel() ** 0.5)
         if teacher is not None:
             dev = next(teacher.parameters()).device
-            emb = torch.cat([_embed(teacher.model, teacher.normalize(xc[s:s + batch].to(dev))).flatten(1).float().cpu()
+            emb = torch.cat([penultimate(teacher.model, teacher.normalize(xc[s:s + batch].to(dev))).flatten(1).float().cpu()
                              for s in range(0, len(xc), batch)])
             feat.append(mean_pairwise_distance(emb))
     if not pix:  # no class has two images (IPC 1): within-class diversity is not defined

@@ -33,7 +33,7 @@ from distillset.core.runtime import get_runtime, progress
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.evaluators import EVALUATORS, register_evaluator
 from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
-from distillset.relabel.student import StudentSpec, train_student
+from distillset.relabel.student import PROTOCOLS, StudentSpec, train_student
 from distillset.squeeze.inputs import ZCA
 
 log = logging.getLogger("distillset.evaluate")
@@ -52,7 +52,7 @@ class EvaluateConfig:
             architecture gets the teacher's own and other architectures none. ``{}`` means none for all.
         students: students (seeds) per setting.
         epochs: student training epochs (soft labels cover at most as many epochs as relabel stored; they repeat).
-        protocol: sre2l (AdamW + KD) or matching (SGD + DSA, lr x0.1 at half).
+        protocol: sre2l (AdamW + KD), matching (SGD + DSA, lr x0.1 at half) or plain (matching without augmentation).
         labels: hard, soft or both.
         baseline: also train on random real images at the same IPC.
         teachers: teachers for relabelling the random baseline (default: those of the soft labels).
@@ -89,8 +89,8 @@ class EvaluateConfig:
             EVALUATORS.get(name)  # an unknown evaluator is a one-line error before any work
         if self.labels not in ("hard", "soft", "both"):
             raise DistillError(f"unknown labels '{self.labels}'; use hard, soft or both.")
-        if self.protocol not in ("sre2l", "matching"):
-            raise DistillError(f"unknown protocol '{self.protocol}'; use sre2l or matching.")
+        if self.protocol not in PROTOCOLS:
+            raise DistillError(f"unknown protocol '{self.protocol}'; use {', '.join(PROTOCOLS)}.")
         if self.students < 1 or self.epochs < 1 or self.batch_size < 1:
             raise DistillError("students, epochs and batch_size must be >= 1.")
         check_number(self.lr, "lr (0 = the protocol's)", high=1e4, allow_low=True)

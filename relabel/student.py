@@ -6,6 +6,9 @@ Two protocols, because published numbers use two (REFERENCE.md, "Comparing fairl
     ``matching``  SGD (momentum 0.9, wd 5e-4, lr 0.01 or the learned lr of MTT/DATM), lr x0.1 at half, DSA
                   augmentation (:func:`distillset.squeeze.dsa.dsa_augment`); hard labels, or learned soft
                   labels (DATM).
+
+A third, ``plain`` (the matching protocol's SGD and schedule without any augmentation), is the usual target model of
+membership-inference studies: it fits its training images as closely as it can.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class StudentSpec:
 
 
 
+PROTOCOLS = ("sre2l", "matching", "plain")
+
+
 def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std, seed: int, device,
                   soft: SoftLabels | None = None, soft_targets: torch.Tensor | None = None,
                   zca: ZCA | None = None, on_epoch=None) -> float:
@@ -53,8 +59,15 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
     ``zca`` whitens the student's inputs (train and test) after normalisation, as the set was distilled;
     ``on_epoch()`` is called after every epoch (a progress bar).
     """
-    if spec.protocol not in ("sre2l", "matching"):
-        raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use sre2l or matching.")
+    model = fit_student(train, spec, mean, std, seed, device, soft, soft_targets, zca, on_epoch)
+    return evaluate_model(model, test, mean, std, device, zca=zca)
+
+
+def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device, soft: SoftLabels | None = None,
+                soft_targets: torch.Tensor | None = None, zca: ZCA | None = None, on_epoch=None) -> torch.nn.Module:
+    """Train one fresh student (seeded) on ``train`` and return it in eval mode (see :func:`train_student`)."""
+    if spec.protocol not in PROTOCOLS:
+        raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use {', '.join(PROTOCOLS)}.")
     torch.manual_seed(seed)
     n, c = len(train), train.num_classes
     model = create_model(spec.arch, c, train.image_shape[0], train.image_shape[-1], **spec.model_kwargs).to(device)
@@ -67,6 +80,7 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
         opt = torch.optim.SGD(model.parameters(), lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
     dsa = dsa_augment if spec.protocol == "matching" else None
+    plain = spec.protocol == "plain"
     amp = autocast_dtype(spec.autocast, torch.device(device))
     norm = InputTransform(mean, std, zca).to(device)
     x_all = train.images.to(device).float() / 255
@@ -81,11 +95,12 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
         perm = torch.randperm(n, generator=g)
         # soft labels repeat after the stored epochs: the crops must repeat with them
         crop_epoch = epoch % soft.epochs if soft is not None else epoch
-        crops = epoch_crops(n, crop_seed, crop_epoch, min_scale, flip) if dsa is None else None
+        crops = epoch_crops(n, crop_seed, crop_epoch, min_scale, flip) if spec.protocol == "sre2l" else None
         for k in range(steps_per_epoch):
             j = perm[k * spec.batch_size:(k + 1) * spec.batch_size]
             x = x_all[j.to(device)]
-            x = apply_crops(x, crops, j) if crops is not None else dsa(x, g)
+            if not plain:
+                x = apply_crops(x, crops, j) if crops is not None else dsa(x, g)
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
                 logits = model(norm(x)).float()
             if soft is not None:
@@ -104,4 +119,4 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
             on_epoch()
     if not math.isfinite(float(loss.detach())):
         raise DistillError("student training diverged (NaN loss); lower the student lr.")
-    return evaluate_model(model, test, mean, std, device, zca=zca)
+    return model.eval()
