@@ -361,6 +361,8 @@ class NearestConfig:
 
     Attributes:
         distilled: distilled-set folders to compare (e.g. DM from noise and DM from real initialisation).
+        mia: a ``privacy mia`` run folder: its distilled sets of the first seed are compared too (a recipe chains
+            it).
         out: output folder (nearest.json, nearest.csv, nearest_<set>.png, config.yaml).
         data: the real data (default: the source the first set records).
         teacher: a teacher spec for the feature-space distance (default: the first set's recorded teacher; none
@@ -371,6 +373,7 @@ class NearestConfig:
     """
 
     distilled: list[str] = field(default_factory=list)
+    mia: str = ""
     out: str = "output/privacy/nearest"
     data: str = ""
     teacher: str = ""
@@ -379,8 +382,22 @@ class NearestConfig:
     rows: int = 10
 
     def __post_init__(self):
-        if not self.distilled:
-            raise DistillError("give at least one distilled set: --distilled DIR[,DIR...].")
+        if not self.distilled and not self.mia:
+            raise DistillError("give at least one distilled set: --distilled DIR[,DIR...] (or --mia RUN, a privacy mia "
+                               "folder).")
+
+    def folders(self) -> list[str]:
+        """The sets to compare: ``distilled`` and the first seed's sets of the ``mia`` run."""
+        found = list(self.distilled)
+        if self.mia:
+            sets = Path(self.mia) / "sets"
+            seeds = sorted({p.name for p in sets.glob("*/seed*") if "shadow" not in p.name and
+                            (p / "manifest.json").exists()}, key=lambda s: int(s[4:]))
+            if not seeds:
+                raise DistillError(f"{self.mia} holds no finished distilled sets (sets/NAME/seedK); run privacy mia "
+                                   "with a distilled target first.")
+            found += [str(p) for p in sorted(sets.glob(f"*/{seeds[0]}")) if (p / "manifest.json").exists()]
+        return found
         if self.k < 1 or self.reference < 1 or self.rows < 1:
             raise DistillError("k, reference and rows must be >= 1.")
 
@@ -389,7 +406,8 @@ def _set_names(folders: list[str]) -> list[str]:
     names = []
     for f in folders:
         p = Path(f)
-        name = p.name if p.name not in ("recover", "") else f"{p.parent.name}_{p.name}"
+        # a recipe's set is <out>/recover, a privacy mia set <run>/sets/NAME/seedK: name them by their parent
+        name = f"{p.parent.name}_{p.name}" if p.name == "recover" or p.name.startswith("seed") else p.name
         while name in names:
             name = f"{name}_{len(names)}"
         names.append(name)
@@ -412,17 +430,18 @@ def run_nearest(cfg: NearestConfig, rt=None) -> dict:
     from distillset.relabel.privacy import nearest_summary
     from distillset.squeeze.checkpoint import load_recorded_teacher, load_teacher
 
-    sets = [load_distilled(Path(f)) for f in cfg.distilled]  # every set read (and checked) before any work
+    folders = cfg.folders()
+    sets = [load_distilled(Path(f)) for f in folders]  # every set read (and checked) before any work
     out = require_folder(cfg.out)
     data = cfg.data or sets[0][1].get("data")
     if not data:
-        raise DistillError(f"{cfg.distilled[0]} does not record its data source; pass --data SPEC.")
+        raise DistillError(f"{folders[0]} does not record its data source; pass --data SPEC.")
     src = Source(data)
     size = sets[0][0].image_shape
-    for f, (s, _) in zip(cfg.distilled, sets):
+    for f, (s, _) in zip(folders, sets):
         if s.image_shape != size or s.num_classes != sets[0][0].num_classes:
             raise DistillError(f"{f} holds {s.num_classes} classes of {s.image_shape} images but "
-                               f"{cfg.distilled[0]} holds {sets[0][0].num_classes} of {size}; compare sets of one "
+                               f"{folders[0]} holds {sets[0][0].num_classes} of {size}; compare sets of one "
                                "task.")
     train = plan_fit(src.load("train"), size[-1])
     if train.image_shape != size:
@@ -434,11 +453,11 @@ def run_nearest(cfg: NearestConfig, rt=None) -> dict:
     if cfg.teacher:
         teacher = load_teacher(cfg.teacher, train.num_classes)
     elif sets[0][1].get("teachers"):
-        teacher = load_recorded_teacher(sets[0][1]["teachers"][0], f"{cfg.distilled[0]}/manifest.json",
+        teacher = load_recorded_teacher(sets[0][1]["teachers"][0], f"{folders[0]}/manifest.json",
                                         train.num_classes)
     write_config(out, cfg)
     result: dict = {"sets": {}, "data": data, "teacher": cfg.teacher or (teacher.path if teacher else None)}
-    for name, folder, (syn, manifest) in zip(_set_names(cfg.distilled), cfg.distilled, sets):
+    for name, folder, (syn, manifest) in zip(_set_names(folders), folders, sets):
         t0 = time.perf_counter()
         s = nearest_summary(syn, train, reference, cfg.k, teacher)  # one pass over the training set per measure
         per = s.pop("_per_image")["synthetic"]

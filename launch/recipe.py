@@ -22,7 +22,7 @@ from distillset.launch.commands import load as _load
 log = logging.getLogger("distillset.run")
 
 ORDER = ["squeeze", "squeeze_stats", "squeeze_trajectories", "prior_train", "recover", "relabel", "evaluate",
-         "export"]
+         "privacy_mia", "privacy_nearest", "export"]
 
 
 def _command(section: str) -> str:
@@ -53,12 +53,18 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
             data["teachers"] = chain["teachers"]
         if "distilled" in fields and not data.get("distilled") and "distilled" in chain:
             data["distilled"] = chain["distilled"]
+        if "teacher" in fields and not data.get("teacher") and "teachers" in chain:
+            data["teacher"] = chain["teachers"][0]
+        if "mia" in fields and not data.get("mia") and "mia" in chain:
+            data["mia"] = chain["mia"]
         cfg = from_dict(cls, data)
         if section == "squeeze":
             chain["teachers"] = [cfg.out]
             chain["data"] = cfg.data
         if section == "recover":
             chain["distilled"] = cfg.out
+        if section == "privacy_mia":
+            chain["mia"] = cfg.out
         out.append((section, cfg))
     return out
 

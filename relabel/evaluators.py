@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from distillset.core.registry import Registry
 
-EVALUATORS = Registry("evaluator", "distillset.evaluators", ("distillset.relabel.evaluate",))
+EVALUATORS = Registry("evaluator", "distillset.evaluators", ("distillset.relabel.evaluate",
+                                                             "distillset.relabel.privacy"))
 register_evaluator = EVALUATORS.register

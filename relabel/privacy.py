@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from distillset.core.data import ImageSet
 from distillset.core.errors import DistillError
+from distillset.relabel.evaluators import register_evaluator
 from distillset.squeeze.inputs import InputTransform
 
 # ------------------------------------------------------------------------------------------------- splits and scores
@@ -307,4 +308,43 @@ def roc_plot(path, curves: dict[str, dict]) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+
+# --------------------------------------------------------------------------------------- the evaluate-side evaluator
+
+
+@register_evaluator("mia", description="loss-threshold membership inference on a hard-label student of the set (and "
+                    "of the random baseline): training images vs as many test images",
+                    paper="Dong et al. 2022, Privacy for Free: How does Dataset Condensation Help Privacy? (ICML)")
+def mia_evaluator(p, cfg, rt=None) -> dict:
+    """``evaluators: [mia]`` in ``distillset evaluate``: the loss attack on a hard-label student of the set (and of
+    the random baseline), members = training images of the source the set was made from, non-members = as many
+    test images. A first look; ``distillset privacy mia`` runs the controlled experiment (disjoint member split,
+    several targets and seeds)."""
+    from distillset.relabel.evaluate import random_set
+    from distillset.relabel.student import StudentSpec, fit_student
+
+    device = rt.device if rt is not None else "cpu"
+    train = p.fit(p.source.load("train"))
+    n = min(len(train), len(p.test), 1000)
+    g = torch.Generator().manual_seed(cfg.seed)
+    members = train.subset(torch.randperm(len(train), generator=g)[:n])
+    non = p.test.subset(torch.randperm(len(p.test), generator=g)[:n])
+    out = {"members": n, "note": "members: training images of the source (the set saw them through distillation); "
+           "non-members: test images"}
+    sets = {"distilled": p.distilled}
+    if cfg.baseline:
+        sets["random"] = random_set(p, cfg)
+    arch = p.archs[0]
+    for name, images in sets.items():
+        spec = StudentSpec(arch, p.model_kwargs[arch], cfg.epochs, cfg.protocol, cfg.batch_size, cfg.lr or None,
+                           min_scale=cfg.min_scale, flip=cfg.flip)
+        model = fit_student(images, spec, p.mean, p.std, cfg.seed, device, zca=p.zca)
+        l_m, _ = example_outputs(model, members, p.mean, p.std, device, p.zca)
+        l_n, _ = example_outputs(model, non, p.mean, p.std, device, p.zca)
+        a = threshold_attack(-l_m, -l_n)
+        a.pop("roc")
+        out[name] = a
+    return out
 

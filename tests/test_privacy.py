@@ -103,7 +103,7 @@ def test_nearest_finds_a_planted_copy():
 
 def _cli(*argv):
     return subprocess.run([sys.executable, "-m", "distillset.launch.cli", *argv], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_mia_end_to_end_and_resume(tmp_path):
@@ -174,3 +174,18 @@ def test_nearest_bad_input(tmp_path):
     assert r.returncode == 2 and "at least one distilled set" in r.stderr
     r = _cli("privacy", "nearest", "--distilled", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_mia_evaluator_in_evaluate(tmp_path):
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.engine import run as recover
+    from distillset.relabel.evaluate import EvaluateConfig
+    from distillset.relabel.evaluate import run as evaluate
+
+    out = tmp_path / "dm"
+    recover(RecoverConfig(out=str(out), data="digits", method="dm", ipc=2, iterations=2, lr=1.0, optimizer="sgd",
+                          augmentation="none", classes_per_unit=0, options={"batch_real": 8, "width": 8}))
+    m = evaluate(EvaluateConfig(distilled=str(out), epochs=2, students=1, labels="hard", protocol="plain",
+                                model_kwargs={"width": 8}, evaluators=["mia"]))
+    assert set(m["mia"]) >= {"distilled", "random", "members"} and m["mia"]["members"] == 500
+    assert -1 <= m["mia"]["distilled"]["advantage_heldout"] <= 1 and 0 <= m["mia"]["random"]["auc"] <= 1

@@ -129,7 +129,7 @@ def test_methods_and_models_print_the_registry(capsys):
     assert main(["methods", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"objectives", "parametrizations", "augmentations", "evaluators"}
-    assert [e["name"] for e in data["evaluators"]] == ["diversity"]
+    assert [e["name"] for e in data["evaluators"]] == ["diversity", "mia"]
     mtt = next(e for e in data["objectives"] if e["name"] == "mtt")
     ema = next(o for o in mtt["options"] if o["name"] == "ema")
     assert mtt["paper"] and (ema["type"], ema["default"]) == ("float", 0.0)
