@@ -32,7 +32,7 @@ from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime, progress
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.evaluators import EVALUATORS, register_evaluator
-from distillset.relabel.softlabels import RelabelConfig, SoftLabels, generate, label_meta, load_soft_labels
+from distillset.relabel.softlabels import SoftLabels, config_from_meta, generate, label_meta, load_soft_labels
 from distillset.relabel.student import PROTOCOLS, StudentSpec, train_student
 from distillset.squeeze.inputs import ZCA
 
@@ -229,6 +229,8 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
             soft = load_soft_labels(folder)
         elif cfg.labels == "soft":
             raise DistillError(f"{folder} has no soft labels; run `distillset relabel --distilled {folder}` first.")
+        if soft is not None:
+            soft.check_student_epochs(cfg.epochs)  # pruned labels hold one student length's pool
     learned = learned_params(folder)
     teachers_info = manifest.get("teachers", [])
     full, teacher_arch, teacher_kwargs, t = None, None, {}, None
@@ -327,10 +329,7 @@ def baseline(p: Plan, cfg: EvaluateConfig, rt, need_soft: bool) -> tuple[ImageSe
     if p.soft is None or not need_soft:
         return rand, None
     teachers = [_relabel_teacher(s, p.folder, p.distilled.num_classes, rt.device) for s in p.relabel_teachers]
-    m = p.soft.meta
-    rcfg = RelabelConfig(epochs=int(m["epochs"]), topk=int(m["topk"]), temperature=float(m["temperature"]),
-                         min_scale=float(m["min_scale"]), flip=bool(m["flip"]), crop_seed=int(m["crop_seed"]),
-                         quantize=m.get("quantize", "fp16"))
+    rcfg = config_from_meta(p.soft.meta)
     tensors = generate(rand, teachers, rcfg, rt.device, show_progress=False)
     return rand, SoftLabels(tensors["values"], tensors.get("indices"),
                             label_meta(rcfg, teachers, p.distilled.num_classes, len(rand)), tensors.get("scale"))

@@ -49,6 +49,10 @@ class RelabelConfig:
         autocast: auto (bf16 where fast), bf16, fp16 or none.
         quantize: how stored probabilities are encoded: fp16, or uint8 (each crop's values scaled by their maximum,
             one fp16 scale per crop; see benchmarks/results/softlabels.md).
+        prune: fraction of the (epoch, crop) soft labels kept, in (0, 1] (LPLD's random label pruning, Xiao & He,
+            NeurIPS'24): ``ceil(prune x epochs)`` epochs of crops and labels are stored, and a student of ``epochs``
+            epochs draws, for every image and epoch, one of its stored (crop, label) pairs at random. 1 = every
+            epoch stored (FKD).
     """
 
     distilled: str = "output/recover"
@@ -63,6 +67,7 @@ class RelabelConfig:
     batch_size: int = 512
     autocast: str = "auto"
     quantize: str = "fp16"
+    prune: float = 1.0
 
     def __post_init__(self):
         if self.epochs < 1 or self.epochs_per_file < 1:
@@ -76,6 +81,14 @@ class RelabelConfig:
             raise DistillError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.quantize not in ("fp16", "uint8"):
             raise DistillError(f"unknown quantize '{self.quantize}'; use fp16 or uint8.")
+        if not (isinstance(self.prune, (int, float)) and 0 < self.prune <= 1):
+            raise DistillError(f"prune is the fraction of soft labels kept, in (0, 1] (e.g. 0.025 keeps 1 in 40; 1 = "
+                               f"all), got {self.prune}.")
+
+    @property
+    def stored_epochs(self) -> int:
+        """Epochs of crops and labels stored: all of them, or ``ceil(prune x epochs)`` when pruning."""
+        return max(1, math.ceil(self.prune * self.epochs - 1e-9))
 
 
 def epoch_crops(n: int, crop_seed: int, epoch: int, min_scale: float, flip: bool) -> dict[str, torch.Tensor]:
@@ -187,10 +200,51 @@ class SoftLabels:
 
     @property
     def epochs(self) -> int:
+        """Stored epochs (fewer than a student's when the labels are pruned)."""
         return int(self.values.shape[0])
 
-    def targets(self, epoch: int, index: torch.Tensor) -> torch.Tensor:
-        e = epoch % self.epochs
+    @property
+    def pruned(self) -> bool:
+        return float(self.meta.get("prune", 1.0)) < 1
+
+    def check_student_epochs(self, epochs: int) -> None:
+        """Pruned labels were drawn for one student length; another length is refused (one line)."""
+        want = int(self.meta.get("student_epochs", self.epochs))
+        if self.pruned and epochs != want:
+            raise DistillError(f"these soft labels are pruned to {self.epochs} of {want} student epochs (prune "
+                               f"{self.meta['prune']}); a student of {epochs} epochs would see another label pool: "
+                               f"train for {want} epochs (--epochs {want}) or relabel with --epochs {epochs}.")
+
+    def draw(self, epoch: int) -> torch.Tensor:
+        """The stored epoch each image uses in student epoch ``epoch``: cyclic (``epoch mod stored``) for full
+        labels; for pruned labels a uniform draw per image (LPLD's random pool), a pure function of the crop seed and
+        the epoch, so every student of these labels sees the same pairs."""
+        n = self.values.shape[1]
+        if not self.pruned:
+            return torch.full((n,), epoch % self.epochs, dtype=torch.long)
+        from distillset.core.partition import mix_seed
+
+        g = torch.Generator().manual_seed(mix_seed(int(self.meta["crop_seed"]), 11, epoch))
+        return torch.randint(self.epochs, (n,), generator=g)
+
+    def crops(self, stored: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The crops of the (stored epoch, image) pairs ``stored[i], i`` (recomputed from the crop seed)."""
+        m = self.meta
+        n = self.values.shape[1]
+        out: dict[str, torch.Tensor] = {}
+        for e in stored.unique().tolist():
+            c = epoch_crops(n, int(m["crop_seed"]), e, float(m["min_scale"]), bool(m["flip"]))
+            sel = stored == e
+            for k, v in c.items():
+                if k not in out:
+                    out[k] = torch.empty_like(v)
+                out[k][sel] = v[sel]
+        return out
+
+    def targets(self, epoch: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Dense distributions of images ``index`` in student epoch ``epoch`` (an int: cyclic), or of the stored
+        epochs ``epoch`` (a tensor aligned with ``index``, from :meth:`draw`)."""
+        e = epoch % self.epochs if isinstance(epoch, int) else epoch
         ind = None if self.indices is None else self.indices[e, index]
         scale = None if self.scale is None else self.scale[e, index]
         return dense_targets(dequantize(self.values[e, index], scale), ind, int(self.meta["num_classes"]))
@@ -224,7 +278,7 @@ def generate(images: ImageSet, teachers, cfg: RelabelConfig, device, epochs: ran
     In memory (the result is returned); :func:`run` streams the same labels straight to files instead.
     """
     amp = autocast_dtype(cfg.autocast, device)
-    epochs = epochs if epochs is not None else range(cfg.epochs)
+    epochs = epochs if epochs is not None else range(cfg.stored_epochs)
     n = len(images)
     out: dict[str, torch.Tensor] = {}
     for s in progress(range(0, n, cfg.batch_size), desc="relabel", enabled=show_progress):
@@ -278,9 +332,18 @@ def write_block(path: Path, folder: str | Path, n: int, num_classes: int, teache
 
 def label_meta(cfg: RelabelConfig, teachers, num_classes: int, n: int) -> dict:
     return {"num_classes": num_classes, "num_images": n, "topk": cfg.topk, "temperature": cfg.temperature,
-            "min_scale": cfg.min_scale, "flip": cfg.flip, "crop_seed": cfg.crop_seed, "epochs": cfg.epochs,
+            "min_scale": cfg.min_scale, "flip": cfg.flip, "crop_seed": cfg.crop_seed, "epochs": cfg.stored_epochs,
             "teachers": [t.describe() for t in teachers],
-            **({"quantize": cfg.quantize} if cfg.quantize != "fp16" else {})}  # absent = fp16 (older label folders)
+            **({"quantize": cfg.quantize} if cfg.quantize != "fp16" else {}),  # absent = fp16 (older label folders)
+            **({"prune": cfg.prune, "student_epochs": cfg.epochs} if cfg.prune < 1 else {})}
+
+
+def config_from_meta(m: dict) -> RelabelConfig:
+    """The relabel settings a ``labels.json`` records (to label another set, e.g. the random baseline, alike)."""
+    return RelabelConfig(epochs=int(m.get("student_epochs", m["epochs"])), topk=int(m["topk"]),
+                         temperature=float(m["temperature"]), min_scale=float(m["min_scale"]), flip=bool(m["flip"]),
+                         crop_seed=int(m["crop_seed"]), quantize=m.get("quantize", "fp16"),
+                         prune=float(m.get("prune", 1.0)))
 
 
 def load_soft_labels(folder: str | Path) -> SoftLabels:
@@ -336,7 +399,8 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
                 [load_recorded_teacher(t, f"{cfg.distilled}/manifest.json", num_classes, rt.device) for t in recorded])
     folder = Path(cfg.distilled) / "labels"
     meta = label_meta(cfg, teachers, num_classes, n)
-    blocks = [range(s, min(cfg.epochs, s + cfg.epochs_per_file)) for s in range(0, cfg.epochs, cfg.epochs_per_file)]
+    stored = cfg.stored_epochs
+    blocks = [range(s, min(stored, s + cfg.epochs_per_file)) for s in range(0, stored, cfg.epochs_per_file)]
     meta["files"] = len(blocks)
     meta_path = folder / "labels.json"
     if meta_path.exists():
@@ -356,11 +420,11 @@ def run(cfg: RelabelConfig, rt=None) -> dict:
         write_block(path, cfg.distilled, n, num_classes, teachers, cfg, rt.device, epochs, show_progress=rt.is_main)
     rt.wait()
     result = {"bytes_per_image": label_bytes(folder, meta) / max(1, n), "seconds": time.perf_counter() - t0,
-              "images": n, "epochs": cfg.epochs, "topk": cfg.topk}
+              "images": n, "epochs": cfg.epochs, "stored_epochs": stored, "topk": cfg.topk}
     if rt.is_main:
         write_json(meta_path, {**meta, "bytes_per_image": result["bytes_per_image"]})
-        log.info("relabel: %d images x %d epochs, %.0f bytes per image (top-%d), %.1fs", n, cfg.epochs,
-                 result["bytes_per_image"], cfg.topk, result["seconds"])
+        log.info("relabel: %d images x %d epochs (%d stored), %.0f bytes per image (top-%d), %.1fs", n, cfg.epochs,
+                 stored, result["bytes_per_image"], cfg.topk, result["seconds"])
     rt.wait()
     return result
 

@@ -68,6 +68,8 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
     """Train one fresh student (seeded) on ``train`` and return it in eval mode (see :func:`train_student`)."""
     if spec.protocol not in PROTOCOLS:
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use {', '.join(PROTOCOLS)}.")
+    if soft is not None:
+        soft.check_student_epochs(spec.epochs)
     torch.manual_seed(seed)
     n, c = len(train), train.num_classes
     model = create_model(spec.arch, c, train.image_shape[0], train.image_shape[-1], **spec.model_kwargs).to(device)
@@ -80,31 +82,32 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
         opt = torch.optim.SGD(model.parameters(), lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
     dsa = dsa_augment if spec.protocol == "matching" else None
-    plain = spec.protocol == "plain"
     amp = autocast_dtype(spec.autocast, torch.device(device))
     norm = InputTransform(mean, std, zca).to(device)
     x_all = train.images.to(device).float() / 255
     y_all = train.labels.to(device)
     g = torch.Generator().manual_seed(seed)
-    crop_seed = int(soft.meta["crop_seed"]) if soft is not None else seed
-    min_scale = float(soft.meta["min_scale"]) if soft is not None else spec.min_scale
-    flip = bool(soft.meta["flip"]) if soft is not None else spec.flip
     temperature = float(soft.meta["temperature"]) if soft is not None else spec.temperature
     model.train()
     for epoch in range(spec.epochs):
         perm = torch.randperm(n, generator=g)
-        # soft labels repeat after the stored epochs: the crops must repeat with them
-        crop_epoch = epoch % soft.epochs if soft is not None else epoch
-        crops = epoch_crops(n, crop_seed, crop_epoch, min_scale, flip) if spec.protocol == "sre2l" else None
+        stored = soft.draw(epoch) if soft is not None else None  # the stored (crop, label) pair of every image
+        crops = None  # plain: no augmentation; matching: DSA below
+        if stored is not None and dsa is None:
+            crops = soft.crops(stored)  # the crops the labels were computed on
+        elif spec.protocol == "sre2l":
+            crops = epoch_crops(n, seed, epoch, spec.min_scale, spec.flip)
         for k in range(steps_per_epoch):
             j = perm[k * spec.batch_size:(k + 1) * spec.batch_size]
             x = x_all[j.to(device)]
-            if not plain:
-                x = apply_crops(x, crops, j) if crops is not None else dsa(x, g)
+            if crops is not None:
+                x = apply_crops(x, crops, j)
+            elif dsa is not None:
+                x = dsa(x, g)
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
                 logits = model(norm(x)).float()
             if soft is not None:
-                target = soft.targets(epoch, j).to(device)
+                target = soft.targets(stored[j], j).to(device)
                 loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean")
                 loss = loss * temperature ** 2
             elif soft_targets is not None:
