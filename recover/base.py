@@ -239,6 +239,11 @@ class Objective:
         """Build from option values (validated into :attr:`Config` first), e.g. in tests and notebooks."""
         return cls(from_dict(cls.Config, options, what=f"objective '{cls.name}'"))
 
+    def uses_real(self) -> bool:
+        """Whether this configured objective reads ``ctx.real`` (default: the class's ``needs_real``; an option may
+        turn real data on, as EDC's class-aware statistics do for BN inversion)."""
+        return self.needs_real
+
     def setup(self, ctx: Context) -> None:
         """Prepare once per unit (hooks, statistics, sampled networks). ``ctx.teachers``/``ctx.real`` are set."""
 

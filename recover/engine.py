@@ -55,8 +55,7 @@ class Engine:
         self._build_plugins()
         self.teachers = self._load_teachers()
         self.source = Source(cfg.data) if cfg.data else None
-        oc = self.objective_cls
-        needs_real = oc.needs_real or cfg.param_options.get("init") in ("real", "rded") or cfg.zca == "fit"
+        needs_real = self.objective.uses_real() or cfg.param_options.get("init") in ("real", "rded") or cfg.zca == "fit"
         if needs_real and self.source is None:
             raise DistillError(f"method '{cfg.method}' (or init from real) needs real data; pass --data SPEC.")
         self._settle_task(self.source.info() if self.source else None)

@@ -6,6 +6,12 @@ layer's running statistics (L2 distances), the first BN layer weighted ``first_b
 ``bn_norm="rms"`` (default) divides each layer's distances by sqrt(channels) and averages over layers, so the BN
 term has the same scale on a ConvNet, a ResNet-18 or a ResNet-50 and one ``r_bn`` transfers between backbones;
 ``bn_norm="sum"`` is SRe2L's raw sum (use its ``r_bn = 0.01``).
+
+``class_aware = w > 0`` is EDC's soft category-aware matching (Shao et al., NeurIPS'24): the statistics of each
+class's synthetic images at every BN input are also matched to that class's real statistics (measured once per run
+with the teacher on up to ``class_stats_images`` real images per class), and the BN term becomes
+``(1 - w) x global + w x class-wise`` (mean over the unit's classes). The running statistics describe all classes
+at once: a batch of one class matched to them alone is pushed towards the average of all classes.
 """
 
 from __future__ import annotations
@@ -66,18 +72,41 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple
 
 
 class BNStatHook:
-    """Forward hook on one BatchNorm layer: distance of the batch statistics of its input to the running ones."""
+    """Forward hook on one BatchNorm layer: distance of the batch statistics of its input to the running ones.
+
+    With ``groups`` set (``[(class, positions)]``) and ``class_stats`` known for those classes, ``class_value`` is
+    the mean over the groups of the same distance between a group's statistics and its class's real ones.
+    ``record`` (a list) makes the hook collect ``(mean, var)`` of the input instead, for measuring real statistics.
+    """
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm, normalise: bool):
         self.module = module
         self.scale = module.num_features ** -0.5 if normalise else 1.0
         self.value: torch.Tensor | None = None
+        self.class_value: torch.Tensor | None = None
+        self.groups: list[tuple[int, torch.Tensor]] | None = None
+        self.class_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.record: list | None = None
         self.handle = module.register_forward_hook(self.hook)
+
+    def distance(self, mean, var, rm, rv) -> torch.Tensor:
+        return (torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv)) * self.scale
 
     def hook(self, module, inputs, output):
         rm, rv = module.running_mean.float(), module.running_var.float()
+        if self.record is not None:
+            self.record.append(channel_moments(inputs[0].detach(), rm))
+            return
         mean, var = channel_moments(inputs[0], rm)  # fp32 statistics even under bf16 autocast
-        self.value = (torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv)) * self.scale
+        self.value = self.distance(mean, var, rm, rv)
+        self.class_value = None
+        if self.groups:
+            terms = []
+            for c, pos in self.groups:
+                cm, cv = self.class_stats[c]
+                m_c, v_c = channel_moments(inputs[0][pos.to(inputs[0].device)], cm)
+                terms.append(self.distance(m_c, v_c, cm, cv))
+            self.class_value = torch.stack(terms).mean()
 
     def remove(self):
         self.handle.remove()
@@ -101,16 +130,27 @@ class BNInversion(Objective):
             first_bn_mult: extra weight of the first BN layer (SRe2L: 10).
             bn_norm: ``rms`` (per-architecture normalisation) or ``sum`` (SRe2L's raw sum).
             ce_weight: weight of the cross-entropy term.
+            class_aware: EDC's soft category-aware matching weight w in [0, 1]: BN term = (1 - w) x global +
+                w x per-class (each class's synthetic statistics against its real ones); 0 = SRe2L (off). Needs
+                --data (the real images whose per-class statistics are measured).
+            class_stats_images: real images per class measured for the class-wise statistics.
         """
 
         r_bn: float = 1.0
         first_bn_mult: float = 10.0
         bn_norm: str = "rms"
         ce_weight: float = 1.0
+        class_aware: float = 0.0
+        class_stats_images: int = 256
 
         def __post_init__(self):
             if self.bn_norm not in ("rms", "sum"):
                 raise DistillError(f"unknown bn_norm '{self.bn_norm}'; use rms or sum.")
+            if not 0 <= self.class_aware <= 1:
+                raise DistillError(f"class_aware is a weight in [0, 1] (EDC's soft category-aware matching; 0 = off), "
+                                   f"got {self.class_aware}.")
+            if self.class_stats_images < 1:
+                raise DistillError(f"class_stats_images must be >= 1, got {self.class_stats_images}.")
 
     needs_teacher = True
     needs_bn = True
@@ -121,6 +161,11 @@ class BNInversion(Objective):
         self.r_bn, self.first_bn_mult, self.bn_norm, self.ce_weight = c.r_bn, c.first_bn_mult, c.bn_norm, c.ce_weight
         self.hooks: list[list[BNStatHook]] = []
         self._logs: dict[str, torch.Tensor] = {}
+        # (teacher, class) -> per BN layer (mean, var) of real images: measured once per run, kept across units
+        self._class_stats: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def uses_real(self) -> bool:
+        return self.cfg.class_aware > 0
 
     def setup(self, ctx: Context) -> None:
         self.teardown()
@@ -130,23 +175,68 @@ class BNInversion(Objective):
                 raise DistillError(f"teacher {t.config.arch} has no BatchNorm layer, so BN inversion has no "
                                    "statistics to match; use a BatchNorm backbone (e.g. convnet_bn, resnet18_cifar).")
             self.hooks.append([BNStatHook(m, self.bn_norm == "rms") for m in layers])
+        if self.cfg.class_aware > 0:
+            for c in torch.unique(ctx.classes).tolist():
+                for k in range(len(ctx.teachers)):
+                    stats = self.real_class_stats(ctx, k, int(c))
+                    for h, st in zip(self.hooks[k], stats):
+                        h.class_stats[int(c)] = st
+
+    @torch.no_grad()
+    def real_class_stats(self, ctx: Context, k: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per BN layer ``(mean, var)`` of teacher ``k``'s inputs on real images of class ``c`` (the first
+        ``class_stats_images`` of the class's seeded order, so every process and unit layout measures the same)."""
+        if (k, c) not in self._class_stats:
+            from distillset.core.partition import init_order
+
+            idx = init_order(ctx.real.index[c], c, ctx.seed)[:self.cfg.class_stats_images]
+            hooks = self.hooks[k]
+            parts: list[list] = [[] for _ in hooks]
+            for s in range(0, len(idx), 256):
+                for h, part in zip(hooks, parts):
+                    h.record = part
+                try:
+                    ctx.teachers[k](ctx.real.get(idx[s:s + 256]))
+                finally:
+                    for h in hooks:
+                        h.record = None
+            n = [min(256, len(idx) - s) for s in range(0, len(idx), 256)]
+            stats = []
+            for part in parts:  # pool the chunks' moments (weighted by their sizes; variance by the law of total var)
+                w = torch.tensor(n, dtype=torch.float32, device=part[0][0].device) / sum(n)
+                means = torch.stack([m for m, _ in part])
+                vars_ = torch.stack([v for _, v in part])
+                mean = (w[:, None] * means).sum(0)
+                var = (w[:, None] * (vars_ + (means - mean).square())).sum(0)
+                stats.append((mean, var))
+            self._class_stats[(k, c)] = stats
+        return self._class_stats[(k, c)]
 
     def teacher_index(self, ctx: Context) -> int:
         return ctx.step % len(ctx.teachers)
 
-    def bn_term(self, hooks: list[BNStatHook]) -> torch.Tensor:
+    def bn_term(self, hooks: list[BNStatHook], attr: str = "value") -> torch.Tensor:
         w = [self.first_bn_mult] + [1.0] * (len(hooks) - 1)
-        total = sum(wi * h.value for wi, h in zip(w, hooks))
+        total = sum(wi * getattr(h, attr) for wi, h in zip(w, hooks))
         return total / sum(w) if self.bn_norm == "rms" else total
 
     def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
         k = self.teacher_index(ctx)
         x = ctx.augment(syn.render(), ctx)
+        w = self.cfg.class_aware
+        if w > 0:
+            groups = [(int(c), torch.nonzero(syn.labels == c).flatten()) for c in torch.unique(syn.labels).tolist()]
+            for h in self.hooks[k]:
+                h.groups = groups
         with ctx.autocast():
             logits = ctx.teachers[k](x)
         ce = F.cross_entropy(logits.float(), syn.labels)
         bn = self.bn_term(self.hooks[k])
         self._logs = {"ce": ce.detach(), "bn": bn.detach()}
+        if w > 0:
+            bn_class = self.bn_term(self.hooks[k], "class_value")
+            self._logs["bn_class"] = bn_class.detach()
+            bn = (1 - w) * bn + w * bn_class
         return self.ce_weight * ce + self.r_bn * bn
 
     def logs(self) -> dict[str, float]:
