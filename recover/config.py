@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from distillset.core.config import check_number
-from distillset.core.errors import DistillError
+from distillset.core.errors import DistillError, unknown_name
 
 
 @dataclass
@@ -105,6 +108,9 @@ class RecoverConfig:
             raise DistillError(f"log_every must be >= 1, got {self.log_every}.")
         if not 0 <= self.ema_decay < 1:
             raise DistillError(f"ema_decay is a decay in [0, 1), got {self.ema_decay}.")
+        for kind, name in (("objective", self.method), ("parametrization", self.parametrization),
+                           ("augmentation", self.augmentation)):
+            check_plugin_name(kind, name)  # before torch and every plugin module are imported
         self.plugins()
 
     def plugins(self) -> tuple[tuple[type, Any], tuple[type, Any], tuple[type, Any]]:
@@ -115,6 +121,35 @@ class RecoverConfig:
         return (resolve_options("objective", self.method, self.options),
                 resolve_options("parametrization", self.parametrization, self.param_options),
                 resolve_options("augmentation", self.augmentation, self.aug_options))
+
+
+_DECORATOR = re.compile(r'@register_(objective|parametrization|augmentation)\(\s*"([\w.-]+)"')
+
+
+@lru_cache(maxsize=1)
+def declared_names() -> dict[str, frozenset[str]]:
+    """The built-in plugin names, read from the plugin modules' sources without importing them (so an unknown name
+    is refused in a fraction of a second, before torch loads); ``tests/test_registry.py`` checks that they are the
+    registries' own names."""
+    root = Path(__file__).parent
+    files = [*root.glob("objectives/*.py"), *root.glob("augmentations/*.py"), root / "params.py", root / "latent.py"]
+    found: dict[str, set[str]] = {"objective": set(), "parametrization": set(), "augmentation": set()}
+    for f in files:
+        for kind, name in _DECORATOR.findall(f.read_text(encoding="utf-8")):
+            found[kind].add(name)
+    return {k: frozenset(v) for k, v in found.items()}
+
+
+def check_plugin_name(kind: str, name: str) -> None:
+    """A name that is neither built in nor declared by an installed plugin package is a one-line error."""
+    names = declared_names()[kind]
+    if name in names:
+        return
+    from importlib.metadata import entry_points
+
+    if any(ep.name == name for ep in entry_points(group=f"distillset.{kind}s")):
+        return  # a third-party plugin: the registry imports and checks it
+    raise unknown_name(kind, name, sorted(names))
 
 
 # options that do not change the result: a re-run with other values continues the same run

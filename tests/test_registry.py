@@ -138,3 +138,25 @@ def test_methods_and_models_print_the_registry(capsys):
     assert models["convnet_bn"]["metadata"]["has_bn"] is True and models["convnet"]["metadata"]["has_bn"] is False
     assert main(["methods", "nosuch"]) == 2
     assert "unknown method or plugin 'nosuch'" in capsys.readouterr().err
+
+
+def test_declared_names_are_the_registries_names():
+    """The source scan that refuses unknown names before torch loads sees exactly what the registries register."""
+    from distillset.recover import base
+    from distillset.recover.config import declared_names
+
+    declared = declared_names()
+    for kind, reg in base.REGISTRIES.items():
+        assert declared[kind] == {e.name for e in reg.entries() if e.builtin}, kind
+
+
+def test_unknown_method_is_refused_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom distillset.launch.cli import main\n"
+            f"rc = main(['recover', '--method', 'sre2', '--out', {str(tmp_path / 'x')!r}])\n"
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert "Did you mean 'sre2l'?" in r.stderr
