@@ -117,9 +117,10 @@ def run_command(name: str, argv: list[str]):
 
 def _plugin_registries() -> dict:
     from distillset.recover import base
+    from distillset.recover.refinements import REFINEMENTS
     from distillset.relabel.evaluators import EVALUATORS
 
-    return {**base.REGISTRIES, "evaluator": EVALUATORS}
+    return {**base.REGISTRIES, "refinement": REFINEMENTS, "evaluator": EVALUATORS}
 
 
 def list_methods(name: str = "", as_json: bool = False) -> str:
@@ -153,6 +154,10 @@ def _describe(entry) -> str:
     lines = [f"{entry.name} ({entry.kind}): {entry.description}"]
     if entry.paper:
         lines.append(f"paper: {entry.paper}")
+    if entry.kind == "refinement":  # an option set of base methods, which own the option docs
+        lines.append(f"switch on: {entry.obj.usage(entry.name).split(': ', 1)[1]}; `distillset methods "
+                     f"{entry.obj.methods[0]}` documents the options.")
+        return "\n".join(lines)
     opts = entry.options()
     if not opts:
         lines.append("options: none")

@@ -149,6 +149,11 @@ def check_plugin_name(kind: str, name: str) -> None:
 
     if any(ep.name == name for ep in entry_points(group=f"distillset.{kind}s")):
         return  # a third-party plugin: the registry imports and checks it
+    if kind == "objective":
+        from distillset.recover.refinements import hint
+
+        if hint(name.lower()):
+            raise DistillError(hint(name.lower()))
     raise unknown_name(kind, name, sorted(names))
 
 

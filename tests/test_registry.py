@@ -3,6 +3,7 @@ shadowing a built-in, failing in one line when the plugin asked for cannot be im
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import sys
@@ -128,7 +129,7 @@ def test_methods_and_models_print_the_registry(capsys):
     assert "float" in line and "1.0" in line and "weight of the BN term" in line
     assert main(["methods", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"objectives", "parametrizations", "augmentations", "evaluators"}
+    assert set(data) == {"objectives", "parametrizations", "augmentations", "refinements", "evaluators"}
     assert [e["name"] for e in data["evaluators"]] == ["diversity", "mia"]
     mtt = next(e for e in data["objectives"] if e["name"] == "mtt")
     ema = next(o for o in mtt["options"] if o["name"] == "ema")
@@ -160,3 +161,18 @@ def test_unknown_method_is_refused_before_torch_loads(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
     assert "Did you mean 'sre2l'?" in r.stderr
+
+
+@pytest.mark.parametrize("name, base, option", [("ftd", "mtt", "ema"), ("acc-dd", "dc", "model_pool"),
+                                                ("ast", "mtt", "intermediate"), ("EDC", "sre2l", "class_aware")])
+def test_refinements_are_named_and_point_to_their_options(name, base, option, capsys):
+    from distillset.recover.base import get
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.refinements import REFINEMENTS
+
+    ref = REFINEMENTS.entry(name.lower()).obj
+    for m in ref.methods:  # every option a refinement names is an option of each base method it names
+        assert set(ref.options) <= {f.name for f in dataclasses.fields(get("objective", m).Config)}, m
+    with pytest.raises(DistillError, match=f"refinement of {base}.*: use --method {base} --options '.{option}: "):
+        RecoverConfig(method=name)
+    assert main(["methods"]) == 0 and name.lower() in capsys.readouterr().out
