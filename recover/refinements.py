@@ -39,12 +39,12 @@ _TABLE = {
             "Du et al. 2023, Minimizing the Accumulated Trajectory Error to Improve Dataset Distillation (CVPR)",
             "an exponential moving average of the synthetic images is written instead of the last iterate"),
     "ast": (Refinement(("mtt", "datm"), ("intermediate",)),
-            "Shen et al. 2023, AST: Effective Dataset Distillation through Alignment with Smooth and High-Quality "
-            "Expert Trajectories", "also match the expert at its intermediate epochs"),
+            ("Shen et al. 2023, AST: Effective Dataset Distillation through Alignment with Smooth and High-Quality "
+             "Expert Trajectories"), "also match the expert at its intermediate epochs"),
     "edc": (Refinement(("sre2l", "gvbsm"), ("class_aware",), ("param_options", "ema_decay")),
             "Shao et al. 2024, Elucidating the Design Space of Dataset Condensation (NeurIPS)",
-            "class-aware BN statistics (class_aware), RDED initialisation (param_options {init: rded}), EMA of "
-            "the images (ema_decay); several teachers with --teachers A,B"),
+            ("class-aware BN statistics (class_aware), RDED initialisation (param_options {init: rded}), EMA of "
+             "the images (ema_decay); several teachers with --teachers A,B")),
 }
 
 for _name, (_ref, _paper, _what) in _TABLE.items():
