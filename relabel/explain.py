@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillset.core.config import check_number, fingerprint, to_dict, write_config
+from distillset.core.config import check_number, config_diff, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, group_index, parse_grouped
 from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError, unknown_name
-from distillset.core.io import atomic_path, require_folder, write_json, write_text
+from distillset.core.io import atomic_path, finished_record, require_folder, write_json, write_text
 from distillset.core.runtime import get_runtime
 
 log = logging.getLogger("distillset.explain")
@@ -213,7 +213,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, sc
     ``fill``; insertion starts from ``fill`` and puts them back. The curves are the target's softmax probability at
     ``j = 0..steps``: ``(del_curve (N, steps+1), ins_curve, del_auc (N,), ins_auc)``.
     """
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     rank = torch.empty_like(scores, dtype=torch.long)
     order = scores.argsort(1, descending=True)
     rank.scatter_(1, order, torch.arange(h * w).expand(n, -1).contiguous())
@@ -353,8 +353,8 @@ class Task:
     fingerprint: str
 
 
-def _groups_of(cfg: ExplainConfig, manifest: dict | None) -> dict:
-    """The grouping: ``--groups``, else the distilled set's own ``grouped:`` source (they must agree if both)."""
+def _groups_of(cfg: ExplainConfig, manifest: dict | None) -> tuple[dict, dict | None]:
+    """``(grouping, the one the distilled set records)``: ``--groups``, else the set's own ``grouped:`` source."""
     recorded = None
     spec = str((manifest or {}).get("data") or "")
     if spec.startswith("grouped:"):
@@ -363,7 +363,7 @@ def _groups_of(cfg: ExplainConfig, manifest: dict | None) -> dict:
     if not groups:
         raise DistillError("no grouping of the fine classes: pass --groups '{GROUP: [class, ...], ...}' (or explain "
                            "against a set distilled from a grouped: source, which records it).")
-    return groups
+    return groups, recorded
 
 
 def plan(cfg: ExplainConfig) -> Task:
@@ -398,9 +398,16 @@ def plan(cfg: ExplainConfig) -> Task:
     distilled, manifest = (None, None)
     if cfg.distilled:
         distilled, manifest = load_distilled(cfg.distilled)
-    groups = _groups_of(cfg, manifest)
+    groups, recorded = _groups_of(cfg, manifest)
     fine_to_coarse = torch.tensor(group_index(groups, test.class_names, "the grouping (--groups)"))
     group_names = list(groups)
+    if recorded is not None and cfg.groups:
+        mine = fine_to_coarse.tolist()
+        theirs = group_index(recorded, test.class_names, f"the grouping recorded by {cfg.distilled}")
+        if mine != theirs or list(recorded) != group_names:
+            bad = next((test.class_names[c] for c in range(len(mine)) if mine[c] != theirs[c]), group_names[0])
+            raise DistillError(f"--groups differs from the grouping {cfg.distilled} was distilled with (e.g. at "
+                               f"'{bad}'); leave --groups out to use the set's own, or distil with these groups.")
     if distilled is not None:
         if distilled.class_names != group_names:
             raise DistillError(f"the distilled set {cfg.distilled} has classes {distilled.class_names[:6]}, not the "
@@ -619,6 +626,11 @@ def run(cfg: ExplainConfig, rt=None) -> dict:
     t0 = time.perf_counter()
     out = require_folder(cfg.out)
     task = plan(cfg)
+    done = finished_record(out / "explain.json", task.fingerprint, "an explanation run",
+                           lambda old: config_diff(old.get("config"), to_dict(cfg), NON_SEMANTIC))
+    if done is not None:
+        log.info("explain: %s is already finished; nothing to do", out)
+        return done
     rows: list[dict] = []
     for ti, teacher in enumerate(task.teachers):
         for s in range(cfg.seeds):

@@ -13,13 +13,22 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import CIFAR, TINY
 from distillset.core.data import ImageSet, Source, grouped_spec
 from distillset.core.errors import DistillError
 from distillset.launch.cli import main
-from distillset.relabel.explain import (BASELINES, Target, box_mask, check_gradients, deletion_insertion,
-                                        distilled_baseline, integrated_gradients, make_baselines, object_mass,
-                                        pixel_scores)
+from distillset.relabel.explain import (
+    BASELINES,
+    Target,
+    box_mask,
+    check_gradients,
+    deletion_insertion,
+    distilled_baseline,
+    integrated_gradients,
+    make_baselines,
+    object_mass,
+    pixel_scores,
+)
+from tests.conftest import CIFAR, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 VEHICLES = {"vehicles": ["airplane", "automobile", "ship", "truck"],
@@ -155,10 +164,14 @@ def test_cifar_recipe_runs_end_to_end_and_reruns_without_work(cifar_run):
     parts = {p: p.stat().st_mtime_ns for p in (folder / "parts").iterdir()}
     from distillset.launch.recipe import run_recipe
 
+    (folder / "explain.json").unlink()  # as if killed after its (teacher, seed) parts were written
     again = run_recipe(str(ROOT / "recipes" / "explain_cifar10.yaml"), out_root=str(cifar_run),
                        overrides=[f"squeeze.data={CIFAR}", *TINY_OVERRIDES])["results"]["explain"]
     assert again["summary"] == result["summary"]
     assert {p: p.stat().st_mtime_ns for p in (folder / "parts").iterdir()} == parts  # nothing recomputed
+    with pytest.raises(DistillError, match=r"another config \(n_steps: 8 -> 4"):  # another run is refused
+        run_recipe(str(ROOT / "recipes" / "explain_cifar10.yaml"), out_root=str(cifar_run),
+                   overrides=[f"squeeze.data={CIFAR}", *TINY_OVERRIDES, "explain.n_steps=4"], stages=["explain"])
 
 
 def test_tiny10_recipe_runs_end_to_end(tmp_path):
@@ -195,8 +208,8 @@ def bad(cifar_run, tmp_path_factory) -> dict:
     from distillset.recover.engine import run as recover
 
     d = tmp_path_factory.mktemp("explain_bad")
-    common = dict(method="dm", ipc=1, iterations=1, param_options={"init": "real"}, augmentation="none",
-                  options={"batch_real": 8, "width": 8}, autocast="none")
+    common = {"method": "dm", "ipc": 1, "iterations": 1, "param_options": {"init": "real"}, "augmentation": "none",
+              "options": {"batch_real": 8, "width": 8}, "autocast": "none"}
     recover(RecoverConfig(out=str(d / "fine"), data=CIFAR, **common))
     recover(RecoverConfig(out=str(d / "small"), data=grouped_spec(VEHICLES, CIFAR), image_size=16, **common))
     import shutil
@@ -213,6 +226,10 @@ def bad(cifar_run, tmp_path_factory) -> dict:
     ("set_of_other_classes", ["--distilled", "{d}/fine", "--groups", json.dumps(VEHICLES)],
      "has classes ['airplane', 'automobile'"),
     ("set_of_other_size", ["--distilled", "{d}/small"], "holds 3x16x16 images but the classifier takes 3x32x32"),
+    ("groups_differ_from_the_set", ["--groups", json.dumps({"vehicles": ["airplane", "automobile", "ship", "bird"],
+                                                            "animals": ["truck", "cat", "deer", "dog", "frog",
+                                                                        "horse"]})],
+     "differs from the grouping"),
     ("model_without_gradients", ["--teachers", "{d}/flat"], "zero (or non-finite) gradient"),
 ])
 def test_bad_input_is_one_line_exit_2(bad, case, args, phrase, tmp_path, capsys):
@@ -221,7 +238,7 @@ def test_bad_input_is_one_line_exit_2(bad, case, args, phrase, tmp_path, capsys)
     argv = ["explain", "--out", str(tmp_path / "o")] + [t for k, v in {**base, **given}.items() for t in (k, v)]
     if case == "model_without_gradients":  # one case as a real process: exit code 2 and no traceback
         p = subprocess.run([sys.executable, "-m", "distillset.launch.cli", *argv], capture_output=True, text=True,
-                           cwd=ROOT)
+                           cwd=ROOT, check=False)
         assert p.returncode == 2, p.stderr
         err = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
         assert len(err) == 1 and phrase in err[0] and "Traceback" not in p.stderr, p.stderr
