@@ -14,8 +14,10 @@ the nearest of IPC k in the classifier's feature space). Every baseline is score
 - the fraction of attribution mass on the object: the data have no masks, so a central box stands in for the
   object (CIFAR-10 and Tiny-ImageNet photographs are centred on it); a uniform map scores the box's area.
 
-Results are mean +- std over test images and seeds, per baseline: ``explain.json``, one row per (teacher, seed,
-image, baseline) in ``explain.csv``, a table in ``summary.md`` and one PNG per example under ``examples/``.
+Results are mean +- std over test images and seeds, per baseline, and the distilled baseline paired against each
+other one on the same images (difference, and the fraction of images where it is better): ``explain.json``, one row
+per (teacher, seed, image, baseline) in ``explain.csv``, the tables in ``summary.md`` and one PNG per example under
+``examples/``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class ExplainConfig:
         output: what IG attributes: logit or prob (softmax probability) of the target.
         n_steps: IG integration steps.
         ig_method: captum's integration rule (gausslegendre, riemann_trapezoid, riemann_middle, ...).
-        batch_size: images per IG / metric batch (captum's internal batch is batch_size x n_steps... bounded by it).
+        batch_size: images per IG and metric batch; captum's internal batch (scaled inputs through the model at once)
+            is max(4 x batch_size, n_steps).
         blur_sigma: Gaussian blur sigma in pixels of the blur baseline and fill (0 = image side / 8).
         curve_steps: steps of the deletion and insertion curves.
         fills: what removed pixels become in deletion (and where insertion starts): mean (training mean), blur
@@ -534,6 +537,45 @@ def summarize(cfg: ExplainConfig, rows: list[dict]) -> dict:
     return out
 
 
+BETTER_HIGH = ("insertion", "object_mass")  # metrics where higher is better (prefixes); the rest: lower is better
+
+
+def paired(cfg: ExplainConfig, rows: list[dict], of: str = "distilled") -> dict:
+    """``of`` against every other baseline on the same (teacher, seed, image): per metric, the mean +- std of the
+    difference ``of - other`` and the fraction of images where ``of`` is better (ties count half)."""
+    by = {(r["teacher"], r["seed"], r["image"], r["baseline"]): r for r in rows}
+    mine = [r for r in rows if r["baseline"] == of]
+    out = {}
+    for other in (b for b in cfg.baselines if b != of):
+        res = {}
+        for m in metric_names(cfg):
+            if m == "abs_delta" or m == "rel_delta":
+                continue  # completeness error is a property of the integral, not a ranking between baselines
+            diffs = []
+            for r in mine:
+                o = by.get((r["teacher"], r["seed"], r["image"], other))
+                if o is not None and math.isfinite(r.get(m, math.nan)) and math.isfinite(o.get(m, math.nan)):
+                    diffs.append(r[m] - o[m])
+            if diffs:
+                sign = 1 if m.startswith(BETTER_HIGH) else -1
+                wins = sum(1.0 if sign * d > 0 else 0.5 if d == 0 else 0.0 for d in diffs)
+                res[m] = {**mean_std(diffs), "better": wins / len(diffs)}
+        out[f"{of} - {other}"] = res
+    return out
+
+
+def format_paired(cfg: ExplainConfig, pairs: dict) -> str:
+    """The paired table: difference (mean +- std over images) and the fraction of images where the first is
+    better."""
+    cols = [m for m in metric_names(cfg) if m not in ("abs_delta", "rel_delta")]
+    lines = ["| paired (same images) | " + " | ".join(_head(m) for m in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, metrics in pairs.items():
+        cells = [f"{metrics[m]['mean']:+.3g} +- {metrics[m]['std']:.2g} (better on {100 * metrics[m]['better']:.0f} %)"
+                 if m in metrics else "" for m in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def merge_rows(rows: list[dict]) -> list[dict]:
     """The random-order reference rows of one image (one per fill) merged into one row."""
     out: list[dict] = []
@@ -555,17 +597,17 @@ HEADERS = {"abs_delta": "|delta|", "rel_delta": "|delta| / |f(x)-f(b)|", "infide
            "sensitivity": "sensitivity (lower)", "object_mass": "mass in box (higher)"}
 
 
+def _head(m: str) -> str:
+    if m in HEADERS:
+        return HEADERS[m]
+    kind, fill = m.split("_", 1)
+    return f"{kind} AUC, {fill} fill ({'lower' if kind == 'deletion' else 'higher'})"
+
+
 def format_table(cfg: ExplainConfig, summary: dict, chance: float) -> str:
     """A markdown table: one row per baseline, mean +- std of every metric."""
     cols = metric_names(cfg)
-
-    def head(m):
-        if m in HEADERS:
-            return HEADERS[m]
-        kind, fill = m.split("_", 1)
-        return f"{kind} AUC, {fill} fill ({'lower' if kind == 'deletion' else 'higher'})"
-
-    lines = ["| baseline | " + " | ".join(head(m) for m in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    lines = ["| baseline | " + " | ".join(_head(m) for m in cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, metrics in summary.items():
         cells = []
         for m in cols:
@@ -652,7 +694,8 @@ def run(cfg: ExplainConfig, rt=None) -> dict:
     rows = merge_rows(rows)
     chance = float(box_mask(*task.test.image_shape[1:], cfg.object_box).float().mean())
     summary = summarize(cfg, rows)
-    result = {"summary": summary, "object_box_chance": chance, "groups": dict(zip(task.group_names, [
+    pairs = paired(cfg, rows) if "distilled" in cfg.baselines and len(cfg.baselines) > 1 else {}
+    result = {"summary": summary, "paired": pairs, "object_box_chance": chance, "groups": dict(zip(task.group_names, [
         [task.test.class_names[c] for c in range(task.test.num_classes) if int(task.fine_to_coarse[c]) == g]
         for g in range(len(task.group_names))])), "images": len({(r["seed"], r["image"]) for r in rows}),
         "teachers": [t.describe() for t in task.teachers], "fingerprint": task.fingerprint,
@@ -660,7 +703,7 @@ def run(cfg: ExplainConfig, rt=None) -> dict:
     if rt.is_main:
         write_json(out / "explain.json", result)
         write_csv(out / "explain.csv", cfg, rows)
-        table = format_table(cfg, summary, chance)
+        table = format_table(cfg, summary, chance) + ("\n\n" + format_paired(cfg, pairs) if pairs else "")
         write_text(out / "summary.md", table + "\n")
         write_config(out, cfg)
         log.info("explain:\n%s", table)

@@ -104,6 +104,20 @@ def test_deletion_and_insertion_on_a_toy_model_whose_answer_is_known():
     assert object_mass(torch.ones(1, 3, 8, 8), box_mask(8, 8, 0.5)).item() == pytest.approx(0.25)
 
 
+def test_paired_comparison_on_the_same_images():
+    from distillset.relabel.explain import ExplainConfig, paired
+
+    cfg = ExplainConfig(baselines=["black", "distilled"], fills=["mean"], distilled="x")
+    rows = [{"teacher": "t", "seed": 0, "image": i, "baseline": b, "deletion_mean": d, "insertion_mean": 0.5,
+             "object_mass": m} for i, (b, d, m) in enumerate([("black", 0.4, 0.3), ("distilled", 0.2, 0.3)])]
+    rows[1]["image"] = 0  # the same image under both baselines
+    rows += [{**r, "image": 1, "deletion_mean": 0.1 if r["baseline"] == "black" else 0.3} for r in rows]
+    p = paired(cfg, rows)["distilled - black"]
+    assert p["deletion_mean"]["mean"] == pytest.approx(0.0) and p["deletion_mean"]["better"] == 0.5  # one win each
+    assert p["deletion_mean"]["std"] == pytest.approx(math.sqrt(0.08))  # differences -0.2, +0.2
+    assert p["insertion_mean"]["better"] == 0.5 and p["object_mass"]["mean"] == 0.0  # ties count half
+
+
 def test_nearest_distilled_image_in_feature_space():
     x = Source(CIFAR).load("test").images[:2].float() / 255
     pool = torch.cat([x.flip(0), x]).mul(255).round().to(torch.uint8)  # group 0: [x1, x0, x1, x0]
@@ -161,6 +175,8 @@ def test_cifar_recipe_runs_end_to_end_and_reruns_without_work(cifar_run):
     assert len(rows) == 1 + 20 * (len(BASELINES) + 1)
     assert sorted(p.name for p in (folder / "examples").iterdir()) == ["example_00.png", "example_01.png"]
     assert (folder / "config.yaml").exists() and "| distilled |" in (folder / "summary.md").read_text()
+    assert set(result["paired"]) == {f"distilled - {b}" for b in BASELINES if b != "distilled"}
+    assert result["paired"]["distilled - blur"]["deletion_blur"]["n"] == 20
     parts = {p: p.stat().st_mtime_ns for p in (folder / "parts").iterdir()}
     from distillset.launch.recipe import run_recipe
 
