@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from distillset.core.data import grouped_spec, parse_grouped
 from distillset.core.runtime import get_runtime
 from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import run as recover_run
-from distillset.relabel.explain import ExplainConfig, format_table
+from distillset.relabel.explain import ExplainConfig, format_paired, format_table, paired
 from distillset.relabel.explain import run as explain_run
 from distillset.squeeze.train import SqueezeConfig
 from distillset.squeeze.train import run as squeeze_run
@@ -42,6 +43,14 @@ DATASETS = {  # data, recipe (its grouping), classifier, its epochs, DM real bat
 def groups_of(recipe: str) -> dict:
     spec = load_yaml(ROOT / "recipes" / recipe)["recover"]["data"]
     return parse_grouped(spec.removeprefix("grouped:"))[0]
+
+
+def part_rows(folder: Path, rename: dict) -> list[dict]:
+    """The per-image rows an explain run kept in ``parts/``, baselines renamed (to tell the coarse sets apart)."""
+    rows = []
+    for f in sorted((folder / "parts").glob("*.json")):
+        rows += [{**r, "baseline": rename.get(r["baseline"], r["baseline"])} for r in json.loads(f.read_text())["rows"]]
+    return rows
 
 
 def main() -> None:
@@ -83,13 +92,24 @@ def main() -> None:
         distilled_row = summary.pop("distilled")
         reference = summary.pop("random order (reference)")
         summary["distilled (DM, IPC 1)"] = distilled_row
+        rows = part_rows(root / "explain", {})
         for key, label, pick in (("dm10", "distilled (DM, IPC 10, nearest)", "nearest"),
                                  ("real1", "real image of the group (random, IPC 1)", "first")):
             r = explain_run(dataclasses.replace(base, out=str(root / f"explain_{key}"), distilled=str(root / key),
                                                 baselines=["distilled"], pick=pick), rt)
             summary[label] = r["summary"]["distilled"]
+            rows += part_rows(root / f"explain_{key}", {"distilled": label})
         summary["random order (reference)"] = reference
         table = format_table(base, summary, main_run["object_box_chance"])
+        # every coarse baseline paired with every standard one and with each other, on the very same images
+        every = [*base.baselines, "distilled (DM, IPC 10, nearest)", "real image of the group (random, IPC 1)"]
+        pairs = {}
+        for of in every[-3:]:
+            for k, v in paired(base, rows, of, every).items():
+                other = k.split(" - ", 1)[1]
+                if other in ("black", "mean", "blur", "uniform") or (of == "distilled" and "real" in other):
+                    pairs[k.replace("distilled - ", "distilled (DM, IPC 1) - ", 1)] = v
+        table += "\n\n" + format_paired(base, pairs)
         head = (f"### {name}: groups {', '.join(f'{g} ({len(v)})' for g, v in groups.items())}; classifier {arch} "
                 f"width {a.width}, test top-1 {100 * metrics['test_top1']:.1f} %; {main_run['images']} test images "
                 f"({per_class} per class x {a.seeds} seeds), IG {a.n_steps} steps (Gauss-Legendre), "

@@ -540,13 +540,14 @@ def summarize(cfg: ExplainConfig, rows: list[dict]) -> dict:
 BETTER_HIGH = ("insertion", "object_mass")  # metrics where higher is better (prefixes); the rest: lower is better
 
 
-def paired(cfg: ExplainConfig, rows: list[dict], of: str = "distilled") -> dict:
-    """``of`` against every other baseline on the same (teacher, seed, image): per metric, the mean +- std of the
-    difference ``of - other`` and the fraction of images where ``of`` is better (ties count half)."""
+def paired(cfg: ExplainConfig, rows: list[dict], of: str = "distilled", others: list[str] | None = None) -> dict:
+    """``of`` against every other baseline (``others``, default the config's) on the same (teacher, seed, image):
+    per metric, the mean +- std of the difference ``of - other`` and the fraction of images where ``of`` is better
+    (ties count half)."""
     by = {(r["teacher"], r["seed"], r["image"], r["baseline"]): r for r in rows}
     mine = [r for r in rows if r["baseline"] == of]
     out = {}
-    for other in (b for b in cfg.baselines if b != of):
+    for other in (b for b in (cfg.baselines if others is None else others) if b != of):
         res = {}
         for m in metric_names(cfg):
             if m == "abs_delta" or m == "rel_delta":
