@@ -2,8 +2,9 @@
 hypernyms: animal / artifact / natural object), on a CPU budget.
 
 Per dataset: a fine classifier (ConvNet-BN) is trained by squeeze; recover distils the data by its coarse groups
-(DM, IPC 1 from real images; IPC 10 for the nearest pick) and picks random real images of each group (the
-``random`` coreset, IPC 1) as a control; ``explain`` compares black, mean, blur, uniform and the distilled baseline
+(DM, IPC 1 from real images; IPC 10 for the nearest pick; RDED, IPC 1, one teacher-scored real crop per group,
+from a coarse classifier trained on the grouped source) and picks random real images of each group (the ``random``
+coreset, IPC 1: DM's starting images) as a control; ``explain`` compares black, mean, blur, uniform and the distilled baseline
 on the same images and model (several seeds), then the two other coarse sets as the distilled baseline on the same
 images. The grouping is the shipped recipes' (recipes/explain_*.yaml).
 
@@ -38,6 +39,14 @@ DATASETS = {  # data, recipe (its grouping), classifier, its epochs, DM real bat
     "cifar10": (f"npz:{SHARED / 'cifar10.npz'}", "explain_cifar10.yaml", "convnet3_bn", 6, 128, 2),
     "tiny10": (f"npz:{SHARED / 'tinyimagenet10_64.npz'}", "explain_tiny10.yaml", "convnet4_bn", 20, 64, 1),
 }
+
+
+COARSE = [  # the coarse sets whose images serve as the distilled baseline: (folder, row label, pick)
+    ("dm1", "distilled (DM, IPC 1)", "first"),
+    ("dm10", "distilled (DM, IPC 10, nearest)", "nearest"),
+    ("rded1", "distilled (RDED, IPC 1)", "first"),
+    ("real1", "real image of the group (random, IPC 1)", "first"),
+]
 
 
 def groups_of(recipe: str) -> dict:
@@ -82,6 +91,12 @@ def main() -> None:
               "schedule": "constant", "options": {"batch_real": batch_real, "aug": "dsa", "width": a.width}}
         sets = {"dm1": {**common, **dm, "ipc": 1}, "dm10": {**common, **dm, "ipc": 10},
                 "real1": {**common, "method": "random", "ipc": 1}}
+        # RDED needs a teacher of the groups: a coarse classifier trained by squeeze on the grouped source
+        coarse_teacher = root / "squeeze_coarse"
+        coarse_metrics = squeeze_run(SqueezeConfig(out=str(coarse_teacher), data=coarse, arch=arch, model_kwargs={"width": a.width},
+                                                   epochs=max(2, epochs // 2), batch_size=64, lr=0.05), rt)
+        sets["rded1"] = {"data": coarse, "teachers": [str(coarse_teacher)], "method": "rded", "ipc": 1,
+                         "augmentation": "none", "options": {"factor": 1, "min_scale": 0.5}}
         for key, kw in sets.items():
             recover_run(RecoverConfig(out=str(root / key), **kw), rt)
         base = ExplainConfig(out=str(root / "explain"), teachers=[str(teacher)], distilled=str(root / "dm1"),
@@ -93,8 +108,7 @@ def main() -> None:
         reference = summary.pop("random order (reference)")
         summary["distilled (DM, IPC 1)"] = distilled_row
         rows = part_rows(root / "explain", {})
-        for key, label, pick in (("dm10", "distilled (DM, IPC 10, nearest)", "nearest"),
-                                 ("real1", "real image of the group (random, IPC 1)", "first")):
+        for key, label, pick in COARSE[1:]:
             r = explain_run(dataclasses.replace(base, out=str(root / f"explain_{key}"), distilled=str(root / key),
                                                 baselines=["distilled"], pick=pick), rt)
             summary[label] = r["summary"]["distilled"]
@@ -102,16 +116,17 @@ def main() -> None:
         summary["random order (reference)"] = reference
         table = format_table(base, summary, main_run["object_box_chance"])
         # every coarse baseline paired with every standard one and with each other, on the very same images
-        every = [*base.baselines, "distilled (DM, IPC 10, nearest)", "real image of the group (random, IPC 1)"]
+        every = [*base.baselines, *(label for _, label, _ in COARSE[1:])]
         pairs = {}
-        for of in every[-3:]:
+        for of in ["distilled", *every[-len(COARSE) + 1:]]:
             for k, v in paired(base, rows, of, every).items():
                 other = k.split(" - ", 1)[1]
-                if other in ("black", "mean", "blur", "uniform") or (of == "distilled" and "real" in other):
+                if other in ("black", "mean", "blur", "uniform") or ("real" in other and "real" not in of):
                     pairs[k.replace("distilled - ", "distilled (DM, IPC 1) - ", 1)] = v
         table += "\n\n" + format_paired(base, pairs)
         head = (f"### {name}: groups {', '.join(f'{g} ({len(v)})' for g, v in groups.items())}; classifier {arch} "
-                f"width {a.width}, test top-1 {100 * metrics['test_top1']:.1f} %; {main_run['images']} test images "
+                f"width {a.width}, test top-1 {100 * metrics['test_top1']:.1f} % (RDED's coarse teacher "
+                f"{100 * coarse_metrics['test_top1']:.1f} %); {main_run['images']} test images "
                 f"({per_class} per class x {a.seeds} seeds), IG {a.n_steps} steps (Gauss-Legendre), "
                 f"{time.time() - t0:.0f} s")
         sections.append(head + "\n\n" + table)
