@@ -62,6 +62,25 @@ def part_rows(folder: Path, rename: dict) -> list[dict]:
     return rows
 
 
+CURVES = ["deletion_mean", "insertion_mean", "deletion_blur", "insertion_blur"]
+
+
+def compact(summary: dict, pairs: dict) -> str:
+    """The docs' tables: fewer columns, three decimals; paired rows as difference (share of images better)."""
+    cols = [*CURVES, "abs_delta", "infidelity", "sensitivity", "object_mass"]
+    lines = ["| baseline | deletion, mean fill | insertion, mean fill | deletion, blur fill | insertion, blur fill | "
+             "\\|delta\\| | infidelity | sensitivity | mass in box |", "| --- |" + " --- |" * len(cols)]
+    for name, m in summary.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]['mean']:.3f} +- {m[c]['std']:.3f}" if c in m else ""
+                                                 for c in cols) + " |")
+    lines += ["", "| paired | deletion, mean fill | insertion, mean fill | deletion, blur fill | insertion, blur fill | "
+              "sensitivity |", "| --- |" + " --- |" * 5]
+    for name, m in pairs.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]['mean']:+.3f} ({100 * m[c]['better']:.0f} %)"
+                                                 for c in [*CURVES, "sensitivity"]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", default="cifar10,tiny10")
@@ -129,7 +148,7 @@ def main() -> None:
                 f"{100 * coarse_metrics['test_top1']:.1f} %); {main_run['images']} test images "
                 f"({per_class} per class x {a.seeds} seeds), IG {a.n_steps} steps (Gauss-Legendre), "
                 f"{time.time() - t0:.0f} s")
-        sections.append(head + "\n\n" + table)
+        sections.append(head + "\n\n" + table + "\n\ncompact (docs/benchmarks.md):\n\n" + compact(summary, pairs))
         print(sections[-1] + "\n", flush=True)
     text = "\n\n".join(sections) + "\n"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import logging
 import math
 import statistics
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,8 +315,8 @@ def distilled_baseline(model: nn.Module, x: torch.Tensor, coarse: torch.Tensor, 
     return images[index], index
 
 
-def make_baselines(names: list[str], x: torch.Tensor, mean: list[float], sigma: float, generator: torch.Generator,
-                   distilled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def make_baselines(names: list[str], x: torch.Tensor, mean: list[float], sigma: float,
+                   generator: torch.Generator | None, distilled: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Every baseline for the images ``x`` (``[0, 1]``): black, channel mean, blurred input, uniform noise,
     the distilled images (given, one per input)."""
     out = {}
@@ -447,78 +448,89 @@ def draw(test: ImageSet, per_class: int, seed: int) -> torch.Tensor:
     return torch.cat(idx)
 
 
+def rng(seed: int, purpose: str) -> torch.Generator:
+    """A generator per (seed, purpose): the uniform baseline, the metrics' perturbations and the random-order
+    reference each draw their own numbers, so none depends on which baselines are listed or in what order, and
+    every baseline meets the same infidelity and sensitivity perturbations (a paired comparison)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(purpose.encode()) % 1_000_003)
+
+
+def batched(fn, n: int, batch: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn`` over ``batch``-sized slices of ``tensors`` (first dimension ``n``), concatenated."""
+    return torch.cat([fn(*(t[i:i + batch] for t in tensors)) for i in range(0, n, batch)])
+
+
+def measure(cfg: ExplainConfig, f: nn.Module, teacher: nn.Module, x: torch.Tensor, base: torch.Tensor,
+            target: torch.Tensor, fills: dict[str, torch.Tensor], box: torch.Tensor, seed: int) -> dict:
+    """IG of ``x`` against ``base`` and every faithfulness metric of it, one value per image."""
+    n, b = len(x), cfg.batch_size
+    parts = [integrated_gradients(f, x[i:i + b], base[i:i + b], target[i:i + b], cfg.n_steps, cfg.ig_method, b)
+             for i in range(0, n, b)]
+    attr, delta = torch.cat([a for a, _ in parts]), torch.cat([d for _, d in parts])
+    def at_target(xs, ts):
+        return f(xs).gather(1, ts[:, None]).squeeze(1)
+
+    with torch.no_grad():
+        fx, fb = batched(at_target, n, b, x, target), batched(at_target, n, b, base, target)
+    out = {"attr": attr, "f_x": fx, "f_baseline": fb, "abs_delta": delta.abs(),
+           "rel_delta": delta.abs() / (fx - fb).abs().clamp_min(1e-12), "object_mass": object_mass(attr, box)}
+    scores = pixel_scores(attr)
+    for fill, fv in fills.items():
+        _, _, out[f"deletion_{fill}"], out[f"insertion_{fill}"] = deletion_insertion(teacher, x, fv, scores, target,
+                                                                                     cfg.curve_steps)
+    g = rng(seed, "metrics")
+    nan = torch.full((n,), math.nan)
+    out["infidelity"] = (infidelity_score(f, x, attr, target, cfg.infidelity_samples, cfg.infidelity_std, g)
+                         if cfg.infidelity_samples else nan)
+    out["sensitivity"] = (batched(lambda xs, bs, ts: sensitivity_score(f, xs, bs, ts, cfg.sensitivity_samples,
+                                                                       cfg.sensitivity_radius, cfg.n_steps,
+                                                                       cfg.ig_method, g), n, b, x, base, target)
+                          if cfg.sensitivity_samples else nan)
+    return out
+
+
 def explain_one(cfg: ExplainConfig, task: Task, teacher, seed: int) -> tuple[list[dict], dict]:
     """Every image x baseline of one (teacher, seed): the per-image rows and the tensors the example PNGs show."""
-    g = torch.Generator().manual_seed(seed)
     idx = draw(task.test, cfg.images_per_class, seed)
-    x_all = task.test.images[idx].float().div(255)
+    x = task.test.images[idx].float().div(255)
     labels = task.test.labels[idx]
     f = Target(teacher, cfg.output)
     with torch.no_grad():
-        pred = torch.cat([teacher(x_all[i:i + cfg.batch_size]).argmax(1) for i in range(0, len(x_all),
-                                                                                        cfg.batch_size)])
+        pred = batched(lambda xs: teacher(xs).argmax(1), len(x), cfg.batch_size, x)
     target = pred if cfg.target == "predicted" else labels
     coarse = task.fine_to_coarse[target]
-    h, w = x_all.shape[-2:]
+    h, w = x.shape[-2:]
     sigma = cfg.blur_sigma or min(h, w) / 8
-    dist_img, dist_idx = (distilled_baseline(teacher, x_all, coarse, task.distilled, cfg.pick)
+    dist_img, dist_idx = (distilled_baseline(teacher, x, coarse, task.distilled, cfg.pick)
                           if "distilled" in cfg.baselines else (None, None))
-    baselines = make_baselines(cfg.baselines, x_all, task.mean, sigma, g, dist_img)
-    fills = {name: make_baselines([name], x_all, task.mean, sigma, g, None)[name] for name in cfg.fills}
+    baselines = make_baselines(cfg.baselines, x, task.mean, sigma, rng(seed, "uniform"), dist_img)
+    fills = {name: make_baselines([name], x, task.mean, sigma, None, None)[name] for name in cfg.fills}
     box = box_mask(h, w, cfg.object_box)
+    names = task.test.class_names
+    common = [{"teacher": teacher.path or teacher.config.arch, "seed": seed, "image": int(idx[k]),
+               "label": names[int(labels[k])], "target": names[int(target[k])],
+               "coarse": task.group_names[int(coarse[k])]} for k in range(len(x))]
     rows: list[dict] = []
-    shown: dict = {"x": x_all[:cfg.examples], "target": target[:cfg.examples], "label": labels[:cfg.examples],
+    shown: dict = {"x": x[:cfg.examples], "target": target[:cfg.examples], "label": labels[:cfg.examples],
                    "baselines": {}, "attr": {}}
     for name, base in baselines.items():
-        attrs, deltas = [], []
-        for i in range(0, len(x_all), cfg.batch_size):
-            sl = slice(i, i + cfg.batch_size)
-            a, d = integrated_gradients(f, x_all[sl], base[sl], target[sl], cfg.n_steps, cfg.ig_method,
-                                        cfg.batch_size)
-            attrs.append(a)
-            deltas.append(d)
-        attr, delta = torch.cat(attrs), torch.cat(deltas)
-        with torch.no_grad():
-            fx = f(x_all).gather(1, target[:, None]).squeeze(1)
-            fb = f(base).gather(1, target[:, None]).squeeze(1)
-        scores = pixel_scores(attr)
-        curves = {fill: deletion_insertion(teacher, x_all, fv, scores, target, cfg.curve_steps)
-                  for fill, fv in fills.items()}
-        infid = (infidelity_score(f, x_all, attr, target, cfg.infidelity_samples, cfg.infidelity_std, g)
-                 if cfg.infidelity_samples else torch.full((len(x_all),), math.nan))
-        sens = torch.cat([sensitivity_score(f, x_all[i:i + cfg.batch_size], base[i:i + cfg.batch_size],
-                                            target[i:i + cfg.batch_size], cfg.sensitivity_samples,
-                                            cfg.sensitivity_radius, cfg.n_steps, cfg.ig_method, g)
-                          for i in range(0, len(x_all), cfg.batch_size)]) if cfg.sensitivity_samples \
-            else torch.full((len(x_all),), math.nan)
-        mass = object_mass(attr, box)
-        for k in range(len(x_all)):
-            gap = float(fx[k] - fb[k])
-            row = {"teacher": teacher.path or teacher.config.arch, "seed": seed, "image": int(idx[k]),
-                   "label": task.test.class_names[int(labels[k])], "target": task.test.class_names[int(target[k])],
-                   "coarse": task.group_names[int(coarse[k])], "baseline": name, "f_x": float(fx[k]),
-                   "f_baseline": float(fb[k]), "abs_delta": abs(float(delta[k])),
-                   "rel_delta": abs(float(delta[k])) / max(abs(gap), 1e-12), "infidelity": float(infid[k]),
-                   "sensitivity": float(sens[k]), "object_mass": float(mass[k])}
-            for fill, (_, _, d_auc, i_auc) in curves.items():
-                row[f"deletion_{fill}"] = float(d_auc[k])
-                row[f"insertion_{fill}"] = float(i_auc[k])
+        m = measure(cfg, f, teacher, x, base, target, fills, box, seed)
+        for k in range(len(x)):
+            row = {**common[k], "baseline": name, **{key: float(v[k]) for key, v in m.items() if key != "attr"}}
             if name == "distilled":
                 row["distilled_index"] = int(dist_idx[k])
             rows.append(row)
         shown["baselines"][name] = base[:cfg.examples]
-        shown["attr"][name] = attr[:cfg.examples]
+        shown["attr"][name] = m["attr"][:cfg.examples]
     # a reference without any attribution: pixels removed in random order (what a map must beat)
+    ref = [{**c, "baseline": "random order (reference)"} for c in common]
+    g = rng(seed, "reference")
     for fill, fv in fills.items():
-        rand = torch.rand(len(x_all), h * w, generator=g)
-        _, _, d_auc, i_auc = deletion_insertion(teacher, x_all, fv, rand, target, cfg.curve_steps)
-        for k in range(len(x_all)):
-            rows.append({"teacher": teacher.path or teacher.config.arch, "seed": seed, "image": int(idx[k]),
-                         "label": task.test.class_names[int(labels[k])],
-                         "target": task.test.class_names[int(target[k])],
-                         "coarse": task.group_names[int(coarse[k])], "baseline": "random order (reference)",
-                         f"deletion_{fill}": float(d_auc[k]), f"insertion_{fill}": float(i_auc[k])})
-    return rows, shown
+        _, _, d_auc, i_auc = deletion_insertion(teacher, x, fv, torch.rand(len(x), h * w, generator=g), target,
+                                                cfg.curve_steps)
+        for k, r in enumerate(ref):
+            r.update({f"deletion_{fill}": float(d_auc[k]), f"insertion_{fill}": float(i_auc[k])})
+    return rows + ref, shown
 
 
 def metric_names(cfg: ExplainConfig) -> list[str]:
@@ -575,23 +587,6 @@ def format_paired(cfg: ExplainConfig, pairs: dict) -> str:
                  if m in metrics else "" for m in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def merge_rows(rows: list[dict]) -> list[dict]:
-    """The random-order reference rows of one image (one per fill) merged into one row."""
-    out: list[dict] = []
-    index: dict = {}
-    for r in rows:
-        if r["baseline"] != "random order (reference)":
-            out.append(r)
-            continue
-        key = (r["teacher"], r["seed"], r["image"])
-        if key in index:
-            index[key].update(r)
-        else:
-            index[key] = dict(r)
-            out.append(index[key])
-    return out
 
 
 HEADERS = {"abs_delta": "|delta|", "rel_delta": "|delta| / |f(x)-f(b)|", "infidelity": "infidelity (lower)",
@@ -692,7 +687,6 @@ def run(cfg: ExplainConfig, rt=None) -> dict:
             if rt.is_main:
                 write_json(part, {"fingerprint": task.fingerprint, "rows": part_rows})
             rows += part_rows
-    rows = merge_rows(rows)
     chance = float(box_mask(*task.test.image_shape[1:], cfg.object_box).float().mean())
     summary = summarize(cfg, rows)
     pairs = paired(cfg, rows) if "distilled" in cfg.baselines and len(cfg.baselines) > 1 else {}

@@ -263,3 +263,20 @@ def test_bad_input_is_one_line_exit_2(bad, case, args, phrase, tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
     assert not (tmp_path / "o" / "explain.json").exists()
+
+
+def test_a_baseline_is_scored_alike_whichever_others_are_listed(cifar_run):
+    """Each baseline's numbers (the uniform noise itself, infidelity and sensitivity perturbations) come from its own
+    generators: listing other baselines, or one alone as the benchmark does for extra coarse sets, changes nothing."""
+    from distillset.relabel.explain import ExplainConfig, explain_one, plan
+
+    def rows(baselines):
+        cfg = ExplainConfig(teachers=[str(cifar_run / "squeeze")], distilled=str(cifar_run / "recover"), data=CIFAR,
+                            baselines=baselines, seeds=1, images_per_class=1, n_steps=4, infidelity_samples=2,
+                            sensitivity_samples=1, curve_steps=4)
+        task = plan(cfg)
+        return {(r["image"], r["baseline"]): r for r in explain_one(cfg, task, task.teachers[0], 5)[0]}
+
+    both, alone = rows(["black", "uniform", "distilled"]), rows(["distilled", "uniform"])
+    for key, r in alone.items():  # the random-order reference has its own generator too
+        assert r == both[key], key
