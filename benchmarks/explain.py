@@ -68,13 +68,13 @@ CURVES = ["deletion_mean", "insertion_mean", "deletion_blur", "insertion_blur"]
 def compact(summary: dict, pairs: dict) -> str:
     """The docs' tables: fewer columns, three decimals; paired rows as difference (share of images better)."""
     cols = [*CURVES, "abs_delta", "infidelity", "sensitivity", "object_mass"]
-    lines = ["| baseline | deletion, mean fill | insertion, mean fill | deletion, blur fill | insertion, blur fill | "
-             "\\|delta\\| | infidelity | sensitivity | mass in box |", "| --- |" + " --- |" * len(cols)]
+    curves = "deletion, mean fill | insertion, mean fill | deletion, blur fill | insertion, blur fill"
+    lines = [f"| baseline | {curves} | \\|delta\\| | infidelity | sensitivity | mass in box |",
+             "| --- |" + " --- |" * len(cols)]
     for name, m in summary.items():
         lines.append(f"| {name} | " + " | ".join(f"{m[c]['mean']:.3f} +- {m[c]['std']:.3f}" if c in m else ""
                                                  for c in cols) + " |")
-    lines += ["", "| paired | deletion, mean fill | insertion, mean fill | deletion, blur fill | insertion, blur fill | "
-              "sensitivity |", "| --- |" + " --- |" * 5]
+    lines += ["", f"| paired | {curves} | sensitivity |", "| --- |" + " --- |" * 5]
     for name, m in pairs.items():
         lines.append(f"| {name} | " + " | ".join(f"{m[c]['mean']:+.3f} ({100 * m[c]['better']:.0f} %)"
                                                  for c in [*CURVES, "sensitivity"]) + " |")
