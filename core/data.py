@@ -9,6 +9,9 @@ Specs:
     ``hf:PATH``           a Hugging Face dataset saved with ``save_to_disk`` (columns ``image`` and ``label``).
     ``wds:PATH``          webdataset shards: a folder holding ``_info.json`` (as written by ``distillset shards``),
                           or a brace pattern whose folder holds one, e.g. ``wds:/data/in1k/train-{000000..001023}.tar``.
+    ``grouped:MAPPING``   another source with its classes merged into coarse groups: ``MAPPING`` is a YAML flow mapping
+                          ``{groups: {GROUP: [fine class name or index, ...], ...}, data: SPEC}``; every fine class
+                          must be in exactly one group; labels become group indices in the mapping's order.
 
 Every source yields ``(uint8 image (C, H, W), int label)``; normalisation and resolution belong to the backbone.
 """
@@ -432,6 +435,100 @@ class WdsSource(SourceKind):
         yield from self.shards.iterate(split, rank, world)
 
 
+def parse_grouped(arg: str) -> tuple[dict[str, list], str]:
+    """``(groups, base data spec)`` of a ``grouped:`` spec's argument, a YAML flow mapping
+    ``{groups: {GROUP: [fine class name or index, ...], ...}, data: SPEC}`` (``data`` may be left out where a recipe
+    fills it in from its chain)."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(arg) if arg.strip() else None
+    except yaml.YAMLError as e:
+        raise DistillError(f"grouped:{arg[:60]} is not a YAML mapping ({str(e).splitlines()[0]}); write "
+                           "grouped:{groups: {GROUP: [class, ...], ...}, data: SPEC}.") from None
+    if not isinstance(d, dict) or not isinstance(d.get("groups"), dict) or set(d) - {"groups", "data"}:
+        raise DistillError(f"grouped:{arg[:60]} must be a mapping with keys groups (GROUP: [class, ...]) and data "
+                           "(the fine-labelled source), e.g. grouped:{groups: {vehicles: [airplane, ship], animals: "
+                           "[cat, dog]}, data: npz:PATH}.")
+    groups = {str(k): v if isinstance(v, list) else [v] for k, v in d["groups"].items()}
+    return groups, str(d.get("data") or "")
+
+
+def grouped_spec(groups: dict[str, list], data: str) -> str:
+    """The ``grouped:`` spec of ``groups`` over the source ``data`` (the inverse of :func:`parse_grouped`)."""
+    import json
+
+    # JSON is a YAML flow mapping: one line, quotes wherever a name or a path needs them
+    return "grouped:" + json.dumps({"groups": groups, "data": data}, separators=(", ", ": "))
+
+
+def group_index(groups: dict[str, list], class_names: list[str], where: str = "the grouping") -> list[int]:
+    """The coarse group of each fine class (by index), checked: every fine class in exactly one group, every entry a
+    class name or index of ``class_names``, no group empty."""
+    if not groups:
+        raise DistillError(f"{where} has no groups; map each coarse group to its fine classes, e.g. "
+                           "{vehicles: [airplane, ship], animals: [cat, dog]}.")
+    owner: dict[int, str] = {}
+    for g, members in groups.items():
+        if not members:
+            raise DistillError(f"{where}: group '{g}' is empty; give it at least one fine class or remove it.")
+        for m in members:
+            if isinstance(m, int) and not isinstance(m, bool) and 0 <= m < len(class_names):
+                c = m
+            elif str(m) in class_names:
+                c = class_names.index(str(m))
+            else:
+                raise unknown_name(f"fine class (in group '{g}' of {where})", str(m), class_names)
+            if c in owner:
+                raise DistillError(f"{where}: fine class '{class_names[c]}' is in groups '{owner[c]}' and '{g}'; "
+                                   "each fine class belongs to exactly one group.")
+            owner[c] = g
+    missing = [class_names[c] for c in range(len(class_names)) if c not in owner]
+    if missing:
+        raise DistillError(f"{where} leaves fine class '{missing[0]}' without a coarse group ({len(missing)} "
+                           f"unassigned: {', '.join(missing[:4])}); add each fine class to one group.")
+    names = list(groups)
+    return [names.index(owner[c]) for c in range(len(class_names))]
+
+
+@SOURCES.register("grouped", description="grouped:{groups: {GROUP: [class, ...]}, data: SPEC}, another source's "
+                  "classes merged into coarse groups (labels are group indices, in the mapping's order)")
+class GroupedSource(SourceKind):
+    resizes = True  # the base source resizes
+
+    def __init__(self, arg: str, image_size: int | None):
+        super().__init__(arg, image_size)
+        self.groups, data = parse_grouped(arg)
+        if not data:
+            raise DistillError(f"grouped:{arg[:60]} names no data; add data: SPEC (the fine-labelled source).")
+        if data.startswith("grouped:"):
+            raise DistillError("a grouped: source cannot group another grouped: source; group the fine source once.")
+        self.base = Source(data, image_size)
+        self.shards = self.base.shards
+        self.is_stream = self.base.is_stream
+        self._index: torch.Tensor | None = None
+
+    def index(self) -> torch.Tensor:
+        """Fine class index -> group index (checked once against the base source's class names)."""
+        if self._index is None:
+            names = list(self.base.info()["class_names"])
+            self._index = torch.tensor(group_index(self.groups, names, f"grouped source over {self.base.spec}"))
+        return self._index
+
+    def load(self, split: str) -> ImageSet:
+        s = self.base.load(split)
+        return ImageSet(s.images, self.index()[s.labels], list(self.groups))
+
+    def info(self, source: Source) -> dict:
+        self.index()  # a grouping that does not fit the base source fails here, before any work
+        return {**self.base.info(), "class_names": list(self.groups)}
+
+    def stream(self, source: Source, split: str, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
+        index = self.index()
+        for x, y in self.base.stream(split, rank, world):
+            yield x, int(index[y])
+
+
 class Source:
     """A named data source. ``load(split)`` gives an in-memory :class:`ImageSet`; ``stream`` iterates lazily.
 
@@ -447,7 +544,7 @@ class Source:
         kind, _, arg = spec.partition(":")
         if kind not in SOURCES:
             raise DistillError(f"unknown data source '{spec}'; use digits, npz:PATH, folder:PATH, hf:PATH|NAME, "
-                               "wds:PATTERN or torchvision:NAME.")
+                               "wds:PATTERN, torchvision:NAME or grouped:{groups: ..., data: SPEC}.")
         impl_cls = SOURCES.get(kind)
         if impl_cls.needs_arg and not arg:
             raise DistillError(f"data source '{spec}' needs a path after '{kind}:'.")

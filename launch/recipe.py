@@ -2,9 +2,12 @@
 
 A recipe is a mapping with an ``out`` root and one section per stage, in this order when present:
 ``squeeze``, ``squeeze_stats``, ``squeeze_trajectories``, ``prior_train``, ``recover``, ``relabel``, ``evaluate``,
-``export``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
+``privacy_mia``, ``privacy_nearest``, ``export``, ``explain``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
 earlier stages: ``out`` -> ``<out>/<stage>``, ``data`` -> the squeeze data, ``teachers`` -> the squeeze folder,
-``distilled`` -> the recover folder. Every stage resumes, so re-running a recipe continues where it stopped.
+``distilled`` -> the recover folder. A ``grouped:{groups: ...}`` data spec without ``data`` regroups the chained
+data (the squeeze data), and such a section gets no chained teacher: the squeeze teacher knows the fine classes, not
+the groups (how ``recipes/explain_*.yaml`` distil by coarse labels). Every stage resumes, so re-running a recipe
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from distillset.launch.commands import load as _load
 log = logging.getLogger("distillset.run")
 
 ORDER = ["squeeze", "squeeze_stats", "squeeze_trajectories", "prior_train", "recover", "relabel", "evaluate",
-         "privacy_mia", "privacy_nearest", "export"]
+         "privacy_mia", "privacy_nearest", "export", "explain"]
 
 
 def _command(section: str) -> str:
@@ -49,7 +52,14 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
             data["out"] = str(Path(out_root) / section)
         if "data" in fields and not data.get("data") and "data" in chain:
             data["data"] = chain["data"]
-        if "teachers" in fields and not data.get("teachers") and "teachers" in chain:
+        grouped = "data" in fields and str(data.get("data") or "").startswith("grouped:")
+        if grouped:
+            from distillset.core.data import grouped_spec, parse_grouped
+
+            groups, base = parse_grouped(str(data["data"]).removeprefix("grouped:"))
+            if not base and "data" in chain:
+                data["data"] = grouped_spec(groups, chain["data"])
+        if "teachers" in fields and not data.get("teachers") and "teachers" in chain and not grouped:
             data["teachers"] = chain["teachers"]
         if "distilled" in fields and not data.get("distilled") and "distilled" in chain:
             data["distilled"] = chain["distilled"]
