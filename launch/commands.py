@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("distillset.launch.export:ExportConfig", "distillset.launch.export:run", "export a distilled set"),
     "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run",
                 "write a source as webdataset shards"),
+    "attack leak": ("distillset.launch.leak:LeakConfig", "distillset.launch.leak:run",
+                    "gradient leakage: reconstruct private images from a shared gradient (DLG, iDLG)"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),
 }
