@@ -132,6 +132,7 @@ class _Plan:
     shared: str = ""  # spec of the shared model when it is not fresh per trial
     captured: object = None  # the CapturedGradient of --gradient
     truth: dict | None = None
+    mean_image: torch.Tensor | None = None  # the pool's mean image in [0, 1]: the constant guess
 
 
 def _plan(cfg: LeakConfig, device) -> _Plan:
@@ -164,6 +165,8 @@ def _plan(cfg: LeakConfig, device) -> _Plan:
     else:
         plan.pool = Source(cfg.data).load("train")
         plan.pool_name = f"{cfg.data} (train)"
+    plan.mean_image = sum(plan.pool.images[i:i + 4096].double().sum(0) for i in range(0, len(plan.pool), 4096))
+    plan.mean_image = (plan.mean_image / (255 * len(plan.pool))).float()
     if cfg.batch_size > len(plan.pool):
         raise DistillError(f"batch_size {cfg.batch_size} exceeds the {len(plan.pool)} images of {plan.pool_name}.")
     if cfg.model:
@@ -230,8 +233,7 @@ def _trial(cfg: LeakConfig, plan: _Plan, t: int, out: Path, rt, fp: str) -> dict
               "gradient": str(gradient), "model": spec}
     if truth is not None:
         g = torch.Generator().manual_seed(mix_seed(seed, 11))
-        mean_image = plan.pool.images.float().mean(0) / 255 if plan.pool is not None else None
-        record["images"] = score(truth["images"], truth["labels"], images, labels, g, mean_image, plan.real)
+        record["images"] = score(truth["images"], truth["labels"], images, labels, g, plan.mean_image, plan.real)
         record["order"] = [im["reconstruction"] for im in record["images"]]
     else:
         record["images"] = [{"index": i, "reconstruction": i, "recovered_label": int(labels[i])}
@@ -267,8 +269,6 @@ def _fresh_model(cfg: LeakConfig, pool: ImageSet, folder: Path, seed: int) -> Pa
     from distillset.squeeze.checkpoint import BackboneConfig, save_backbone
     from distillset.squeeze.models import create_model
 
-    if (folder / "config.json").exists():  # complete (config.json is written last); the init is seeded anyway
-        return folder
     c, h, _ = pool.image_shape
     with torch.random.fork_rng(devices=[]):  # the trial's own seed, without touching the caller's generator
         torch.manual_seed(seed)

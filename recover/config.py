@@ -28,7 +28,8 @@ class RecoverConfig:
         iterations: optimisation steps per work unit.
         lr: learning rate of the synthetic tensors.
         optimizer: adam (SRe2L, betas below), sgd (matching methods; momentum below) or lbfgs (DLG/iDLG gradient
-            leakage: each step runs up to 20 L-BFGS evaluations of the loss, one learning rate for every tensor).
+            leakage: each step runs up to 20 L-BFGS iterations with a strong-Wolfe line search, lr the initial step
+            scale, one for every tensor).
         betas: Adam betas.
         momentum: SGD momentum.
         schedule: learning-rate schedule: cosine or constant.
