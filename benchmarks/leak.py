@@ -11,12 +11,14 @@ to its nearest real training image, and of the synthetic image itself to its nea
 
     OMP_NUM_THREADS=1 python benchmarks/leak.py            # ~10-15 min on one shared CPU thread
 
-Results: a table on stdout, ``benchmarks/results/leak.md`` and the batch-size curve ``benchmarks/results/leak.png``.
+Results: a table on stdout, ``benchmarks/results/leak.md``, the batch-size curve ``benchmarks/results/leak.png`` and
+two grids of originals over reconstructions (``leak_grid_*.png``). Finished cells are skipped on a re-run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -43,7 +45,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,2,4,8")
     p.add_argument("--trials", default="mnist=3,cifar10=2", help="trials per cell, per dataset")
     p.add_argument("--iterations", type=int, default=50, help="L-BFGS steps (DLG/iDLG: 300)")
-    p.add_argument("--distilled-trials", type=int, default=5)
+    p.add_argument("--methods", default="idlg,dlg")
+    p.add_argument("--distilled-trials", type=int, default=5, help="0: no distilled-set rows")
     p.add_argument("--label-images", type=int, default=1000, help="single-image gradients for the label-rule check")
     p.add_argument("--out", default=str(RESULTS / "leak.md"))
     a = p.parse_args()
@@ -52,13 +55,15 @@ def main() -> None:
     root = Path(a.root)
     trials = {k: int(v) for k, v in (kv.split("=") for kv in a.trials.split(","))}
     t_all = time.time()
-    labels = {ds: label_rule(f"npz:{SHARED / f'{ds}.npz'}", a.label_images) for ds in a.datasets.split(",")}
+    labels = {ds: label_rule(f"npz:{SHARED / f'{ds}.npz'}", a.label_images) for ds in a.datasets.split(",")
+              if a.label_images}
     rows = []
     for ds in a.datasets.split(","):
         data = f"npz:{SHARED / f'{ds}.npz'}"
         for b in (int(x) for x in a.batch_sizes.split(",")):
-            for method in ("idlg", "dlg"):
-                res = leak_run(LeakConfig(out=str(root / ds / f"{method}_b{b}"), data=data, method=method,
+            for method in a.methods.split(","):
+                cell = root / ds / (f"{method}_b{b}" + (f"_it{a.iterations}" if a.iterations != 50 else ""))
+                res = leak_run(LeakConfig(out=str(cell), data=data, method=method,
                                           batch_size=b, trials=trials.get(ds, 2), iterations=a.iterations), rt)
                 rows.append((ds, b, method, res))
                 m = res["means"]
@@ -66,7 +71,7 @@ def main() -> None:
                       f"{m['label_accuracy']:.2f} [{time.time() - t_all:.0f} s]", flush=True)
     distilled = []
     mnist = f"npz:{SHARED / 'mnist.npz'}"
-    for init in ("real", "noise"):
+    for init in ("real", "noise") if a.distilled_trials else ():
         folder = root / f"dm_mnist_ipc1_{init}"
         recover_run(RecoverConfig(out=str(folder), data=mnist, method="dm", ipc=1, iterations=200,
                                   param_options={"init": init}, augmentation="none", optimizer="sgd", lr=1.0,
@@ -79,7 +84,12 @@ def main() -> None:
         print(f"DM ({init} init) iDLG: psnr {res['means']['psnr']:.1f}", flush=True)
     total = time.time() - t_all
     write(a.out, rows, distilled, labels, a, total)
-    plot(RESULTS / "leak.png", rows)
+    out = Path(a.out)
+    plot(out.with_suffix(".png"), rows)
+    for ds, b, method, _ in rows:  # two grids worth looking at, beside the table
+        if (ds, b, method) in (("mnist", 4, "idlg"), ("cifar10", 1, "idlg")):
+            cell = root / ds / (f"{method}_b{b}" + (f"_it{a.iterations}" if a.iterations != 50 else ""))
+            shutil.copyfile(cell / "grid.png", out.parent / f"{out.stem}_grid_{ds}_b{b}.png")
 
 
 def label_rule(data: str, n: int, per_model: int = 20) -> tuple[int, int]:
@@ -106,10 +116,12 @@ def label_rule(data: str, n: int, per_model: int = 20) -> tuple[int, int]:
 
 
 def write(path: str, rows, distilled, labels, a, total: float) -> None:
-    lines = ["iDLG's label rule alone (single-image gradients of random training images, a fresh LeNet every 20): "
-             + ", ".join(f"{ds} {c}/{n}" for ds, (c, n) in labels.items()) + ".", "",
-"| data | B | method | images | label acc | PSNR mean | PSNR median | SSIM | PSNR random | PSNR mean image "
-             "| grad dist | s / trial |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if labels:
+        lines += ["iDLG's label rule alone (single-image gradients of random training images, a fresh LeNet every "
+                  "20): " + ", ".join(f"{ds} {c}/{n}" for ds, (c, n) in labels.items()) + ".", ""]
+    lines += ["| data | B | method | images | label acc | PSNR mean | PSNR median | SSIM | PSNR random | PSNR mean "
+              "image | grad dist | s / trial |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ds, b, method, res in rows:
         m = res["means"]
         n = res["trials"] * b

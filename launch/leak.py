@@ -9,10 +9,10 @@ Each *trial* plays one round of federated SGD and one attack on it:
    noise, L-BFGS), with the shared model as its teacher;
 3. the score: every reconstruction is paired with an original by the best assignment (the Hungarian method,
    ``scipy.optimize.linear_sum_assignment``, on the pixel MSE: the attack recovers a set, not an order), then MSE,
-   PSNR (capped at 100 dB) and SSIM (torchmetrics) and whether the recovered label is the original's; beside them the PSNR of a uniform
-   random image and of the pool's mean image (what guessing gets). For distilled-set captures the PSNR of each
-   reconstruction to its nearest real training image is reported too: sharing gradients of synthetic images leaks
-   the synthetic images, and this says how close those are to any real one.
+   PSNR (capped at 100 dB), SSIM (torchmetrics) and whether the recovered label is the original's; beside them the
+   PSNR of a uniform random image and of the pool's mean image (what guessing gets). For distilled-set captures the
+   PSNR of each reconstruction to its nearest real training image is reported too: sharing gradients of synthetic
+   images leaks the synthetic images, and this says how close those are to any real one.
 
 ``--gradient FILE`` attacks a gradient captured elsewhere instead (its model from ``--model`` or the folder the file
 names); a file of another architecture than the model is refused in one line before anything is written.

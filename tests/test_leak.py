@@ -158,10 +158,10 @@ def test_gradient_of_another_architecture_is_one_line_exit_2(tmp_path, mnist, ca
         load_gradient(tmp_path / "plain.safetensors")
 
 
-def test_attack_leak_end_to_end(tmp_path, mnist):
-    """`attack leak` (on the 8x8 digits, for speed) captures on fresh LeNets, attacks with iDLG, scores by best assignment and writes its files;
-    a re-run reads them back; the trial's gradient file attacks again through --gradient (its model found beside
-    it) and --truth scores it."""
+def test_attack_leak_end_to_end(tmp_path):
+    """`attack leak` (on the 8x8 digits, for speed) captures on fresh LeNets, attacks with iDLG, scores by best
+    assignment and writes its files; a re-run reads them back; the trial's gradient file attacks again through
+    --gradient (its model found beside it) and --truth scores it."""
     out = tmp_path / "leak"
     argv = ["attack", "leak", "--data", "digits", "--method", "idlg", "--batch-size", "2", "--trials", "2",
             "--iterations", "20", "--out", str(out)]
