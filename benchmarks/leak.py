@@ -120,13 +120,13 @@ def write(path: str, rows, distilled, labels, a, total: float) -> None:
     if labels:
         lines += ["iDLG's label rule alone (single-image gradients of random training images, a fresh LeNet every "
                   "20): " + ", ".join(f"{ds} {c}/{n}" for ds, (c, n) in labels.items()) + ".", ""]
-    lines += ["| data | B | method | images | label acc | PSNR mean | PSNR median | SSIM | PSNR random | PSNR mean "
-              "image | grad dist | s / trial |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| data | B | method | images | label acc (set) | PSNR mean | PSNR median | SSIM | PSNR random | PSNR "
+              "mean image | grad dist | s / trial |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ds, b, method, res in rows:
         m = res["means"]
         n = res["trials"] * b
-        lines.append(f"| {ds} | {b} | {method} | {n} | {m['label_accuracy']:.2f} | {fmt(m['psnr'])} | "
-                     f"{fmt(m['psnr_median'])} | {fmt(m['ssim'], 3)} | {fmt(m['psnr_random'])} | "
+        lines.append(f"| {ds} | {b} | {method} | {n} | {m['label_accuracy']:.2f} ({m['label_set_accuracy']:.2f}) | "
+                     f"{fmt(m['psnr'])} | {fmt(m['psnr_median'])} | {fmt(m['ssim'], 3)} | {fmt(m['psnr_random'])} | "
                      f"{fmt(m['psnr_mean'])} | {m['grad_distance']:.2g} | {m['seconds_per_trial']:.1f} |")
     lines += ["", "Gradients of a distilled set (DM, MNIST, IPC 1, 200 steps; iDLG, B = 1): the reconstruction vs the "
               "synthetic image it came from, vs its nearest real training image, and the synthetic image vs its "

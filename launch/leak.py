@@ -387,9 +387,19 @@ def _means(trials: list[dict]) -> dict[str, float]:
         out["psnr_median"] = statistics.median(float(im["psnr"]) for im in images)
     if "label_correct" in out:
         out["label_accuracy"] = out.pop("label_correct")
+        # order-free: the share of the batch's labels recovered (a multiset), whatever images they end up on; the
+        # per-image accuracy above also needs the right image to carry the label
+        out["label_set_accuracy"] = statistics.fmean(_multiset_overlap(t["images"]) for t in trials)
     out["grad_distance"] = statistics.fmean(t["grad_distance"] for t in trials)
     out["seconds_per_trial"] = statistics.fmean(t["seconds"] for t in trials)
     return out
+
+
+def _multiset_overlap(images: list[dict]) -> float:
+    from collections import Counter
+
+    truth, found = Counter(im["label"] for im in images), Counter(im["recovered_label"] for im in images)
+    return sum((truth & found).values()) / len(images)
 
 
 def _write_results(out: Path, cfg: LeakConfig, fp: str, trials: list[dict]) -> dict:
