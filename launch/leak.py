@@ -147,7 +147,7 @@ def _plan(cfg: LeakConfig, device) -> _Plan:
         cap.check_model(load_teacher(plan.shared, device=device))  # another architecture: refused here
         if cfg.truth:
             plan.truth = load_tensors(cfg.truth)
-            if "images" not in plan.truth or len(plan.truth["images"]) != cap.batch_size:
+            if not {"images", "labels"} <= set(plan.truth) or len(plan.truth["images"]) != cap.batch_size:
                 raise DistillError(f"{cfg.truth} must hold 'images' and 'labels' of the {cap.batch_size} image(s) "
                                    f"behind {cfg.gradient} (the trial's truth.safetensors).")
         return plan
@@ -221,6 +221,8 @@ def _trial(cfg: LeakConfig, plan: _Plan, t: int, out: Path, rt, fp: str) -> dict
     seed = mix_seed(cfg.seed, 7, t)
     if plan.captured is not None:
         gradient, spec, truth = plan.captured.path, plan.shared, plan.truth
+        if truth is not None:  # beside the reconstruction, for the grid
+            save_tensors(folder / "truth.safetensors", truth, {"images_from": str(cfg.truth)})
     else:
         gradient, spec, truth = _capture(cfg, plan, folder, seed, rt.device)
     t0 = time.perf_counter()
