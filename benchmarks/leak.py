@@ -128,16 +128,17 @@ def write(path: str, rows, distilled, labels, a, total: float) -> None:
         lines.append(f"| {ds} | {b} | {method} | {n} | {m['label_accuracy']:.2f} ({m['label_set_accuracy']:.2f}) | "
                      f"{fmt(m['psnr'])} | {fmt(m['psnr_median'])} | {fmt(m['ssim'], 3)} | {fmt(m['psnr_random'])} | "
                      f"{fmt(m['psnr_mean'])} | {m['grad_distance']:.2g} | {m['seconds_per_trial']:.1f} |")
-    lines += ["", "Gradients of a distilled set (DM, MNIST, IPC 1, 200 steps; iDLG, B = 1): the reconstruction vs the "
-              "synthetic image it came from, vs its nearest real training image, and the synthetic image vs its "
-              "nearest real one.", "",
-              "| DM init | images | label acc | PSNR to synthetic | SSIM | PSNR to nearest real | synthetic's PSNR to "
-              "nearest real |", "|---|---|---|---|---|---|---|"]
-    for init, res in distilled:
-        m = res["means"]
-        lines.append(f"| {init} | {res['trials']} | {m['label_accuracy']:.2f} | {fmt(m['psnr'])} | "
-                     f"{fmt(m['ssim'], 3)} | {fmt(m.get('psnr_nearest_real'))} | "
-                     f"{fmt(m.get('original_psnr_nearest_real'))} |")
+    if distilled:
+        lines += ["", "Gradients of a distilled set (DM, MNIST, IPC 1, 200 steps; iDLG, B = 1): the reconstruction vs "
+                  "the synthetic image it came from, vs its nearest real training image, and the synthetic image vs "
+                  "its nearest real one.", "",
+                  "| DM init | images | label acc | PSNR to synthetic | SSIM | PSNR to nearest real | synthetic's PSNR "
+                  "to nearest real |", "|---|---|---|---|---|---|---|"]
+        for init, res in distilled:
+            m = res["means"]
+            lines.append(f"| {init} | {res['trials']} | {m['label_accuracy']:.2f} | {fmt(m['psnr'])} | "
+                         f"{fmt(m['ssim'], 3)} | {fmt(m.get('psnr_nearest_real'))} | "
+                         f"{fmt(m.get('original_psnr_nearest_real'))} |")
     attack = sum(r["trials"] * r["means"]["seconds_per_trial"] for *_, r in rows + distilled)
     lines += ["", f"{a.iterations} L-BFGS steps (strong-Wolfe line search) per attack, fresh sigmoid LeNet per trial; "
               f"attacks {attack / 60:.1f} min in all on one thread (this invocation {total / 60:.1f} min; cells "
