@@ -106,7 +106,9 @@ class CapturedGradient:
         (another architecture, head or width), or other weights than the recorded hash."""
         own = {n: tuple(p.shape) for n, p in teacher.model.named_parameters()}
         theirs = {n: tuple(g.shape) for n, g in self.grads.items()}
-        arch, mine = self.meta.get("arch", "?"), teacher.config.arch
+        c = teacher.config
+        arch = f"{self.meta.get('arch', '?')} for {'x'.join(map(str, self.meta.get('image_shape', ['?'])))} images"
+        mine = f"{c.arch} for {c.in_chans}x{c.img_size}x{c.img_size} images"
         if own != theirs:
             diff = sorted(set(own) ^ set(theirs)) or sorted(n for n in own if own[n] != theirs[n])
             name = diff[0]
