@@ -246,6 +246,11 @@ class Registry:
         """The class or builder registered under ``name`` (see :meth:`entry`)."""
         return self.entry(name).obj
 
+    def registered(self, name: str) -> bool:
+        """Whether ``name`` is registered already (no module is imported: a name registered at run time, e.g. in a
+        notebook or a test, counts)."""
+        return name in self._entries
+
     def __contains__(self, name: str) -> bool:
         self._load_builtins()
         return name in self._entries or bool(self._entry_points(name))

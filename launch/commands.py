@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                          "nearest training images of each synthetic image (L2, SSIM, features)"),
     "explain": ("distillset.relabel.explain:ExplainConfig", "distillset.relabel.explain:run",
                 "integrated gradients against standard and distilled baselines, faithfulness measured"),
+    "attack leak": ("distillset.launch.leak:LeakConfig", "distillset.launch.leak:run",
+                    "gradient leakage: reconstruct private images from a shared gradient (DLG, iDLG)"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),
 }

@@ -234,10 +234,7 @@ class Engine:
         groups = [{"params": [p for p in syn.parameters() if p.requires_grad], "lr": cfg.lr}]
         for g in self.objective.extra_parameters():
             groups.append(g if isinstance(g, dict) else {"params": [g], "lr": cfg.lr})
-        for g in groups:
-            g["base_lr"] = g["lr"]
-        opt = (torch.optim.Adam(groups, betas=cfg.betas) if cfg.optimizer == "adam"
-               else torch.optim.SGD(groups, momentum=cfg.momentum))
+        opt = self._optimizer(groups)
         start = 0
         if state_path is not None and state_path.exists():
             start = self._restore(state_path, syn, opt, ctx, ema)
@@ -251,11 +248,19 @@ class Engine:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
             ema.update(syn)  # the images as they enter this step
-            with syn.step_cache():
-                loss = self.objective.loss(syn, ctx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+            def closure():
+                with syn.step_cache():
+                    value = self.objective.loss(syn, ctx)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                return value
+
+            if isinstance(opt, torch.optim.LBFGS):  # re-evaluates the loss inside its step; returns the first value
+                loss = opt.step(closure)
+            else:
+                loss = closure()
+                opt.step()
             syn.project_()
             bar.update(1)
             last = step == cfg.iterations - 1
@@ -278,6 +283,32 @@ class Engine:
         logs["seconds"] = time.perf_counter() - t0
         return syn, logs
 
+    def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The configured optimiser over the images' group and the objective's extra groups (each keeps its own
+        lr as ``base_lr`` for the schedule). L-BFGS takes a single group, so every tensor shares the run's lr."""
+        cfg = self.cfg
+        if cfg.optimizer == "lbfgs":
+            own = [g for g in groups[1:] if g.get("lr", cfg.lr) != cfg.lr]
+            if own:
+                raise DistillError(f"method '{cfg.method}' optimises tensors with their own learning rate, which "
+                                   "lbfgs cannot take (one lr for all); use adam or sgd.")
+            groups = [{"params": [p for g in groups for p in g["params"]], "lr": cfg.lr}]
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        if cfg.optimizer == "lbfgs":
+            # the strong-Wolfe line search: DLG's code steps by lr alone, and such an unchecked step can throw the
+            # dummy images far off (a CIFAR-10 iDLG run ended at gradient distance 27 instead of 0.003)
+            return torch.optim.LBFGS(groups, lr=cfg.lr, line_search_fn="strong_wolfe")
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(groups, betas=cfg.betas)
+        return torch.optim.SGD(groups, momentum=cfg.momentum)
+
+    @staticmethod
+    def _extra(opt: torch.optim.Optimizer, syn: base.Parametrization) -> list[torch.Tensor]:
+        """The optimised tensors that are not the parametrization's (the objective's extra parameters), in order."""
+        own = {id(p) for p in syn.parameters()}
+        return [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
+
     def _nan(self, unit: Unit, step: int, good, state_path: Path | None):
         where = ""
         if good is not None and state_path is not None:
@@ -290,7 +321,7 @@ class Engine:
     def _save_state(self, path: Path, syn, opt, ctx: base.Context, step: int, ema: ImageEMA) -> None:
         from distillset.squeeze.checkpoint import save_atomic_state
 
-        extra = [p for g in opt.param_groups[1:] for p in g["params"]]
+        extra = self._extra(opt, syn)
         save_atomic_state(path, {"step": step, "syn": syn.state_dict(), "opt": opt.state_dict(),
                                  "extra": [p.detach().cpu() for p in extra], "rng": ctx.generator.get_state(),
                                  "objective_state": self.objective.checkpoint_state(), "ema": ema.state()})
@@ -302,7 +333,7 @@ class Engine:
             raise DistillError(f"unit checkpoint {path} is corrupt ({e}); delete it to restart that unit.") from None
         syn.load_state_dict(st["syn"])
         opt.load_state_dict(st["opt"])
-        extra = [p for g in opt.param_groups[1:] for p in g["params"]]
+        extra = self._extra(opt, syn)
         with torch.no_grad():
             for p, v in zip(extra, st["extra"]):
                 p.copy_(v)
@@ -338,7 +369,8 @@ def check_unit_memory(units: list[Unit], image_shape: tuple[int, int, int], cfg:
     from distillset.core.runtime import available_memory
 
     n = max((u.c1 - u.c0) * (u.i1 - u.i0) for u in units)
-    copies = 1 if selects else (4 if cfg.optimizer == "adam" else 3) + 2
+    # L-BFGS keeps up to 100 (step, gradient-change) pairs of the flattened tensors beside the gradient and direction
+    copies = 1 if selects else {"adam": 4, "sgd": 3, "lbfgs": 204}[cfg.optimizer] + 2
     per_image = math.prod(image_shape) * (1 if selects else 4) * copies  # bytes: uint8 selected, float32 optimised
     need = n * per_image
     avail, where = available_memory(device)

@@ -40,12 +40,16 @@ class PixelSet(Parametrization):
             noise_std: standard deviation of the initial noise in normalised (or whitened) units.
             whitened: optimise whitened images when the run has a ZCA (default); false keeps raw normalised pixels.
             rded_options: options of the RDED selection used by ``init: rded`` (factor, crops, pool, ...).
+            clamp: keep the pixels in [0, 1] after every step (default). False leaves them unconstrained, as DLG's
+                dummy images: projecting after each L-BFGS step invalidates its curvature pairs and can stall it;
+                the written images are clamped either way.
         """
 
         init: str = "noise"
         noise_std: float = 1.0
         whitened: bool = True
         rded_options: dict = field(default_factory=dict)
+        clamp: bool = True
 
         def __post_init__(self):
             if self.init not in ("noise", "real", "rded"):
@@ -115,6 +119,8 @@ class PixelSet(Parametrization):
 
     @torch.no_grad()
     def project_(self) -> None:
+        if not self.cfg.clamp:
+            return
         lo, hi = self._lo.to(self.data.device), self._hi.to(self.data.device)
         if not self.whitened:
             self.data.copy_(torch.maximum(torch.minimum(self.data, hi), lo))

@@ -5,6 +5,7 @@ inversion), its native input size and its default mean/std (``None`` where the d
 
 * ``convnet`` / ``convnet_bn`` / ``convnet_in`` (depth from the image size unless ``depth=`` is given),
   ``convnet3``, ``convnet4``, ``convnet5`` (instance norm, as the matching literature uses) and ``convnet3_bn`` ...
+* ``lenet_sigmoid``: the sigmoid LeNet of the gradient-leakage papers (DLG, iDLG).
 * ``resnet18_cifar``, ``resnet50_cifar``: timm ResNets with a 3x3 stride-1 stem and no max-pool, for 32 px images.
 * ``timm:NAME``: any timm architecture (e.g. ``timm:resnet18``, ``timm:test_resnet``).
 * ``tv:NAME``: any torchvision classification architecture (e.g. ``tv:resnet18``).
@@ -243,6 +244,41 @@ def _vgg11_bn(num_classes, in_chans, img_size, **kw):
 def _alexnet(num_classes, in_chans, img_size, **kw):
     """AlexNet-style net for small images (matching-papers cross-architecture student)."""
     return AlexNetSmall(num_classes, in_chans, img_size, **kw)
+
+
+class LeNetSigmoid(nn.Module):
+    """The LeNet of the gradient-leakage papers (DLG, iDLG): three 5x5 convolutions of ``width`` channels with strides
+    2, 2, 1 and padding 2, each followed by a sigmoid, no pooling, then one linear layer (588 features for 28 px,
+    768 for 32 px at width 12).
+
+    Sigmoids keep the network twice differentiable everywhere, which gradient matching needs (a ReLU net's
+    gradient-of-gradient is piecewise constant). Every weight and bias is drawn uniformly from
+    ``[-init_range, init_range]`` (0.5 in both papers: large weights make the gradient informative about the
+    input); ``init_range`` 0 keeps PyTorch's default initialisation.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int = 3, img_size: int = 32, width: int = 12,
+                 init_range: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, size = in_chans, img_size
+        for stride in (2, 2, 1):
+            layers += [nn.Conv2d(c, width, 5, stride=stride, padding=2), nn.Sigmoid()]
+            c, size = width, (size - 1) // stride + 1
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * size * size, num_classes)
+        if init_range:
+            for p in self.parameters():
+                nn.init.uniform_(p, -init_range, init_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+@register_model("lenet_sigmoid", has_bn=False, paper="Zhu et al. 2019, Deep Leakage from Gradients (NeurIPS)")
+def _lenet_sigmoid(num_classes, in_chans, img_size, **kw):
+    """DLG's sigmoid LeNet (3 strided 5x5 convs, no pooling; weights uniform in [-0.5, 0.5])."""
+    return LeNetSigmoid(num_classes, in_chans, img_size, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------ CIFAR ResNets

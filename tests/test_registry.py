@@ -148,7 +148,8 @@ def test_declared_names_are_the_registries_names():
 
     declared = declared_names()
     for kind, reg in base.REGISTRIES.items():
-        assert declared[kind] == {e.name for e in reg.entries() if e.builtin}, kind
+        ours = {e.name for e in reg.entries() if e.builtin and e.obj.__module__.startswith("distillset.")}
+        assert declared[kind] == ours, kind  # (tests register objectives of their own at run time)
 
 
 def test_unknown_method_is_refused_before_torch_loads(tmp_path):
