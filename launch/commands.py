@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("distillset.launch.export:ExportConfig", "distillset.launch.export:run", "export a distilled set"),
     "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run",
                 "write a source as webdataset shards"),
+    "attack backdoor": ("distillset.launch.backdoor:BackdoorConfig", "distillset.launch.backdoor:run",
+                         "NAIVEATTACK / DOORPING backdoors vs a clean distilled set"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),
 }

@@ -53,6 +53,14 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
     ``zca`` whitens the student's inputs (train and test) after normalisation, as the set was distilled;
     ``on_epoch()`` is called after every epoch (a progress bar).
     """
+    model = fit_student(train, spec, mean, std, seed, device, soft, soft_targets, zca, on_epoch)
+    return evaluate_model(model, test, mean, std, device, zca=zca)
+
+
+def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device, soft: SoftLabels | None = None,
+                soft_targets: torch.Tensor | None = None, zca: ZCA | None = None, on_epoch=None) -> torch.nn.Module:
+    """Train one fresh student (seeded) as :func:`train_student` does and return the trained model (for
+    measurements beyond top-1, e.g. a backdoor's attack success rate)."""
     if spec.protocol not in ("sre2l", "matching"):
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use sre2l or matching.")
     torch.manual_seed(seed)
@@ -104,4 +112,4 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
             on_epoch()
     if not math.isfinite(float(loss.detach())):
         raise DistillError("student training diverged (NaN loss); lower the student lr.")
-    return evaluate_model(model, test, mean, std, device, zca=zca)
+    return model
