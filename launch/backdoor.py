@@ -320,12 +320,12 @@ def run(cfg: BackdoorConfig, rt=None) -> dict:
     """Distil clean / naive / doorping sets with one seed and budget, train students, report CTA and ASR."""
     rt = rt or get_runtime()
     t0 = time.perf_counter()
-    out = require_folder(cfg.out)
     source = Source(cfg.data)
     train, test = source.load("train"), source.load("test")
-    check_target(cfg.target, train.num_classes)
+    check_target(cfg.target, train.num_classes)  # bad input fails here, before the run folder is made
     mask = patch_mask(train.image_shape, cfg.trigger_size, cfg.trigger_location)
     index = choose_poisoned(train.labels, cfg.target, cfg.poison_rate, cfg.seed)
+    out = require_folder(cfg.out)
     write_config(out, cfg)
     if cfg.test_limit:
         test = test.subset(torch.arange(min(cfg.test_limit, len(test))))

@@ -38,7 +38,7 @@ from distillset.recover.objectives._matching import Normalize, train_network
 
 log = logging.getLogger("distillset.doorping")
 
-NEURONS = ("target", "connectivity")
+NEURONS = ("logit", "target", "connectivity")
 
 
 @dataclass
@@ -51,8 +51,9 @@ class DoorpingConfig:
         lr: Adam learning rate of the trigger pixels, in [0, 1] pixel units (the paper: 0.08 in normalised units).
         alpha: the selected units are driven to alpha x their activation at the start of the update.
         topk: units selected in the layer feeding the classifier.
-        neurons: target (largest weights into the target logit) or connectivity (the paper's largest summed
-            absolute outgoing weights).
+        neurons: what the trigger drives: logit (the target class's logit itself), target (the topk embedding
+            units with the largest weights into the target logit) or connectivity (the paper's: the topk embedding
+            units with the largest summed absolute outgoing weights).
         threshold: stop an update once the MSE falls below this (the paper: 0.5).
         canvas: poisoned images the trigger is optimised on, stamped (drawn from the unit generator).
         arch: architecture of the network trained for the update when the objective keeps none (DM, DD).
@@ -66,7 +67,7 @@ class DoorpingConfig:
     lr: float = 0.02
     alpha: float = 10.0
     topk: int = 1
-    neurons: str = "target"
+    neurons: str = "logit"
     threshold: float = 0.5
     canvas: int = 16
     arch: str = "convnet"
@@ -92,20 +93,25 @@ def classifier_of(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def select_units(net: nn.Module, target: int, topk: int, how: str = "target") -> torch.Tensor:
-    """Indices of the ``topk`` embedding units the trigger drives (see the module docstring)."""
+def select_units(net: nn.Module, target: int, topk: int, how: str = "logit") -> tuple[str, torch.Tensor]:
+    """``(layer, indices)`` of what the trigger drives: ``("logits", [target])``, or the ``topk`` units of the
+    embedding (``"embed"``) chosen by the classifier's weights (see the module docstring)."""
     w = classifier_of(net).weight.detach()
+    if how == "logit":
+        return "logits", torch.tensor([target])
     score = w[target] if how == "target" else w.abs().sum(0)
-    return torch.topk(score, min(topk, score.numel())).indices
+    return "embed", torch.topk(score, min(topk, score.numel())).indices
 
 
-def unit_activation(net: nn.Module, x: torch.Tensor, units: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """Activations ``(N, k)`` of the selected embedding units on ``[0, 1]`` images ``x``."""
-    return net.embed(norm(x))[:, units]
+def unit_activation(net: nn.Module, x: torch.Tensor, units: tuple[str, torch.Tensor], norm: nn.Module) -> torch.Tensor:
+    """Activations ``(N, k)`` of the selected units (:func:`select_units`) on ``[0, 1]`` images ``x``."""
+    layer, idx = units
+    feats = net(norm(x)) if layer == "logits" else net.embed(norm(x))
+    return feats[:, idx.to(feats.device)]
 
 
 def optimise_trigger(net: nn.Module, pixels: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor,
-                     units: torch.Tensor, norm: nn.Module, cfg: DoorpingConfig) -> tuple[torch.Tensor, dict]:
+                     units: tuple[str, torch.Tensor], norm: nn.Module, cfg: DoorpingConfig) -> tuple[torch.Tensor, dict]:
     """One trigger update: the float ``[0, 1]`` trigger ``(C, H, W)`` after driving ``units`` of ``net`` (on
     ``canvas`` images with the trigger stamped) to ``alpha`` x their starting activation; and what it achieved."""
     was_training = net.training
@@ -118,8 +124,9 @@ def optimise_trigger(net: nn.Module, pixels: torch.Tensor, mask: torch.Tensor, c
     opt = torch.optim.Adam([trig], lr=cfg.lr, betas=(0.9, 0.99))
     with torch.no_grad():
         start = unit_activation(net, torch.where(m, trig, canvas), units, norm)
-    # a unit silent at the start would be held at zero by alpha x 0: aim at least at alpha x 0.1
-    goal = cfg.alpha * start.clamp_min(0.1)
+    # the paper's goal alpha x start, written as a rise of (alpha - 1) x |start| (at least 0.1): a silent unit is not
+    # held at zero, and a negative logit is raised rather than pushed further down
+    goal = start + (cfg.alpha - 1) * start.abs().clamp_min(0.1)
     steps = 0
     for steps in range(1, cfg.steps + 1):
         act = unit_activation(net, torch.where(m, trig, canvas), units, norm)
