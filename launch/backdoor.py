@@ -119,7 +119,7 @@ class BackdoorConfig:
         if self.method not in METHODS:
             raise DistillError(f"unknown method '{self.method}' for a backdoor attack; use one of {', '.join(METHODS)}.")
         bad = [a for a in self.attacks if a not in ATTACKS]
-        if bad or len(set(self.attacks)) != len(self.attacks):
+        if bad or not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise DistillError(f"attacks must be distinct names from {', '.join(ATTACKS)}, got {self.attacks}.")
         if "doorping" in self.attacks and self.method == "mtt":
             raise DistillError("DOORPING re-stamps the real images a method reads while it distils, and mtt reads "

@@ -14,8 +14,8 @@ As the paper's code: the ``topk`` units of the layer feeding the classifier are 
 largest weights into the target class's logit: the units that raise the target activation; ``connectivity``: the
 paper's largest summed absolute outgoing weights), and the masked trigger pixels are optimised by Adam so those
 units reach ``alpha`` x their activation at the start of the update (MSE, stopped once below ``threshold``). Our
-choices: the trigger is optimised stamped on a batch of the poisoned images (the context it is used in) rather than
-on a blank canvas, and in ``[0, 1]`` pixel space, clamped there and rounded to the uint8 pixels the images hold.
+choices: the trigger lives in ``[0, 1]`` pixel space, clamped there and rounded to the uint8 pixels the images hold;
+``canvas`` N optimises it stamped on N poisoned images instead of alone on a black image.
 
 The trigger is in the unit checkpoint (a resumed unit continues with it and re-stamps the real images); only the unit
 that holds the target class (where the poisoned images are) updates it.
@@ -55,7 +55,8 @@ class DoorpingConfig:
             units with the largest weights into the target logit) or connectivity (the paper's: the topk embedding
             units with the largest summed absolute outgoing weights).
         threshold: stop an update once the MSE falls below this (the paper: 0.5).
-        canvas: poisoned images the trigger is optimised on, stamped (drawn from the unit generator).
+        canvas: 0: the trigger is optimised alone on a black image (the paper's); N > 0: stamped on N of the poisoned
+            images (drawn from the unit generator).
         arch: architecture of the network trained for the update when the objective keeps none (DM, DD).
         model_kwargs: its keyword arguments (e.g. width).
         net_epochs: epochs of that network on the current synthetic set (SGD, lr_net).
@@ -69,15 +70,15 @@ class DoorpingConfig:
     topk: int = 1
     neurons: str = "logit"
     threshold: float = 0.5
-    canvas: int = 16
+    canvas: int = 0
     arch: str = "convnet"
     model_kwargs: dict = field(default_factory=dict)
     net_epochs: int = 50
     lr_net: float = 0.01
 
     def __post_init__(self):
-        if min(self.update_every, self.steps, self.topk, self.canvas) < 1 or self.net_epochs < 0:
-            raise DistillError("doorping update_every, steps, topk and canvas must be >= 1 and net_epochs >= 0.")
+        if min(self.update_every, self.steps, self.topk) < 1 or min(self.net_epochs, self.canvas) < 0:
+            raise DistillError("doorping update_every, steps and topk must be >= 1, net_epochs and canvas >= 0.")
         if self.neurons not in NEURONS:
             raise DistillError(f"unknown doorping neurons '{self.neurons}'; use one of {', '.join(NEURONS)}.")
         if self.lr <= 0 or self.lr_net <= 0 or self.alpha <= 0:
@@ -215,8 +216,11 @@ class DoorpingHook(StepHook):
     def update(self, net: nn.Module, ctx: Context) -> dict:
         """One trigger update on ``net``; the poisoned images are re-stamped with the result."""
         real = ctx.real
-        pick = torch.randperm(len(self.positions), generator=ctx.generator)[: self.cfg.canvas]
-        canvas = real.get(self.positions[pick])
+        if self.cfg.canvas:
+            pick = torch.randperm(len(self.positions), generator=ctx.generator)[: self.cfg.canvas]
+            canvas = real.get(self.positions[pick])
+        else:  # the paper's: the trigger alone
+            canvas = torch.zeros((1, *ctx.image_shape), device=ctx.device)
         units = select_units(net, self.target, self.cfg.topk, self.cfg.neurons)
         pixels = self.pattern.to(canvas.device).float() / 255
         trig, info = optimise_trigger(net, pixels, self.mask, canvas, units, self.norm, self.cfg)
