@@ -71,7 +71,7 @@ def stamp(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> to
 
 def poison_count(n: int, rate: float) -> int:
     """Images a poison ``rate`` turns into poisoned ones among ``n`` training images: ``round(rate * n)``."""
-    return int(round(rate * n))
+    return round(rate * n)
 
 
 def choose_poisoned(labels: torch.Tensor, target: int, rate: float, seed: int) -> torch.Tensor:

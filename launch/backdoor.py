@@ -117,7 +117,8 @@ class BackdoorConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise DistillError(f"unknown method '{self.method}' for a backdoor attack; use one of {', '.join(METHODS)}.")
+            raise DistillError(f"unknown method '{self.method}' for a backdoor attack; use one of "
+                               f"{', '.join(METHODS)}.")
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad or not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise DistillError(f"attacks must be distinct names from {', '.join(ATTACKS)}, got {self.attacks}.")
@@ -165,11 +166,10 @@ class Variant:
 
 def _write_npz(path: Path, train: ImageSet, test: ImageSet) -> None:
     """A poisoned copy of the data as an npz source (uint8 NHWC), written atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, x_train=train.images.permute(0, 2, 3, 1).numpy(), y_train=train.labels.numpy(),
-                     x_test=test.images.permute(0, 2, 3, 1).numpy(), y_test=test.labels.numpy(),
-                     class_names=np.array(train.class_names))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x_train=train.images.permute(0, 2, 3, 1).numpy(), y_train=train.labels.numpy(),
+                 x_test=test.images.permute(0, 2, 3, 1).numpy(), y_test=test.labels.numpy(),
+                 class_names=np.array(train.class_names))
 
 
 def _poisoned_source(out: Path, name: str, train: ImageSet, test: ImageSet, index: torch.Tensor,
@@ -250,13 +250,26 @@ def _students(cfg: BackdoorConfig, v: Variant, test: ImageSet, triggers: dict, r
     return rows
 
 
+def trigger_distance(images: ImageSet, pattern: torch.Tensor, mask: torch.Tensor, target: int) -> dict:
+    """How much of a trigger a distilled set carries: mean absolute difference (in [0, 1]) between its images' pixels
+    under the mask and the trigger, for the target class's images and for the others (0 = stamped exactly)."""
+    d = (images.images[:, :, mask].float() - pattern[:, mask].float()).abs().mean((1, 2)) / 255
+    tgt = images.labels == target
+    return {"target": float(d[tgt].mean()) if tgt.any() else None,
+            "others": float(d[~tgt].mean()) if (~tgt).any() else None}
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     a = np.asarray(xs, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def summarize(cfg: BackdoorConfig, variants: list[Variant], records: dict[str, list[dict]]) -> list[dict]:
-    """One row per distilled set: CTA and the ASR under its own trigger (the clean set: under every attack's)."""
+def summarize(cfg: BackdoorConfig, variants: list[Variant], records: dict[str, list[dict]],
+              triggers: dict) -> list[dict]:
+    """One row per distilled set: CTA and the ASR under its own trigger (the clean set: under every attack's), and how
+    close its images' trigger region is to each trigger."""
+    from distillset.core.distilled import load_distilled
+
     rows = []
     for v in variants:
         recs = records[v.name]
@@ -266,6 +279,8 @@ def summarize(cfg: BackdoorConfig, variants: list[Variant], records: dict[str, l
                "asr": {t: {"mean": m, "std": s} for t, (m, s) in asr.items()}, "n": len(recs)}
         own = asr.get(v.name)
         row["asr_mean"], row["asr_std"] = own if own is not None else (None, None)
+        images = load_distilled(v.folder / "distilled")[0]
+        row["trigger_distance"] = {t: trigger_distance(images, p, m, cfg.target) for t, (p, m) in triggers.items()}
         rows.append(row)
     return rows
 
@@ -341,7 +356,7 @@ def run(cfg: BackdoorConfig, rt=None) -> dict:
         _distil(cfg, v, rt, mask, index)
     triggers = {v.name: (v.pattern, mask) for v in variants if v.pattern is not None}
     records = {v.name: _students(cfg, v, test, triggers, rt) for v in variants}
-    rows = summarize(cfg, variants, records)
+    rows = summarize(cfg, variants, records, triggers)
     result = {"method": cfg.method, "data": cfg.data, "ipc": cfg.ipc, "iterations": cfg.iterations,
               "target": cfg.target, "poisoned": len(index), "train_images": len(train), "test_images": len(test),
               "trigger": {"size": cfg.trigger_size, "location": cfg.trigger_location},

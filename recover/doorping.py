@@ -112,7 +112,8 @@ def unit_activation(net: nn.Module, x: torch.Tensor, units: tuple[str, torch.Ten
 
 
 def optimise_trigger(net: nn.Module, pixels: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor,
-                     units: tuple[str, torch.Tensor], norm: nn.Module, cfg: DoorpingConfig) -> tuple[torch.Tensor, dict]:
+                     units: tuple[str, torch.Tensor], norm: nn.Module,
+                     cfg: DoorpingConfig) -> tuple[torch.Tensor, dict]:
     """One trigger update: the float ``[0, 1]`` trigger ``(C, H, W)`` after driving ``units`` of ``net`` (on
     ``canvas`` images with the trigger stamped) to ``alpha`` x their starting activation; and what it achieved."""
     was_training = net.training

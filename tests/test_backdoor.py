@@ -87,6 +87,12 @@ def test_poison_relabels_and_stamps_only_the_chosen_images(mnist):
     assert torch.equal(p.images[rest], train.images[rest])
     assert (p.images[idx][:, :, mask] == 255).all()
     assert not (train.images[idx][:, :, mask] == 255).all()  # the source itself is not changed
+    from distillset.launch.backdoor import trigger_distance
+
+    d = trigger_distance(p.subset(idx[:5]), pattern, mask, 0)  # stamped images carry the trigger exactly
+    assert d == {"target": 0.0, "others": None}
+    d = trigger_distance(train, pattern, mask, 0)
+    assert d["target"] > 0.9 and d["others"] > 0.9  # MNIST's corners are black, the trigger white
     t = triggered(test, pattern, mask, 0)
     assert len(t) == int((test.labels != 0).sum()) and (t.labels == 0).all()
     with pytest.raises(DistillError, match="target class 10 is out of range"):
@@ -188,7 +194,7 @@ def _hooked_run(tmp_path, name, mnist, checkpoint_every=0, die_at=None):
 def test_doorping_hook_restamps_the_real_data_and_resumes_exactly(tmp_path, mnist):
     from distillset.core.distilled import load_distilled
 
-    run, cfg, hook, finals, idx, start = _hooked_run(tmp_path, "whole", mnist)
+    run, cfg, hook, finals, _idx, start = _hooked_run(tmp_path, "whole", mnist)
     manifest = run(cfg, hooks=(hook,))
     assert manifest["hooks"][0]["hook"] == "doorping" and len(hook.history) == 3  # steps 2, 4, 6
     assert len(finals) == 1 and not torch.equal(finals[0], start)  # the trigger moved
@@ -196,7 +202,7 @@ def test_doorping_hook_restamps_the_real_data_and_resumes_exactly(tmp_path, mnis
     whole = load_distilled(tmp_path / "whole")[0].images
 
     # killed after step 3 (checkpoint at step 2, after the update there), then resumed: the same set and trigger
-    run, cfg2, hook2, finals2, _, _ = _hooked_run(tmp_path, "killed", mnist, checkpoint_every=2, die_at=3)
+    run, cfg2, hook2, _finals2, _, _ = _hooked_run(tmp_path, "killed", mnist, checkpoint_every=2, die_at=3)
     with pytest.raises(KeyboardInterrupt):
         run(cfg2, hooks=(hook2,))
     run, cfg3, hook3, finals3, _, _ = _hooked_run(tmp_path, "killed", mnist, checkpoint_every=2)
@@ -207,7 +213,7 @@ def test_doorping_hook_restamps_the_real_data_and_resumes_exactly(tmp_path, mnis
     from distillset.recover.config import RecoverConfig
 
     with pytest.raises(DistillError, match="was made with hooks"):
-        run(RecoverConfig(**{**cfg3.__dict__}))
+        run(RecoverConfig(**cfg3.__dict__))
 
 
 def _cli(argv, capsys):
@@ -252,6 +258,7 @@ def test_attack_backdoor_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert set(rows["clean"]["asr"]) == {"naive", "doorping"} and all(r["n"] == 2 for r in rows.values())
     for r in rows.values():
         assert 0 <= r["cta_mean"] <= 1 and all(0 <= a["mean"] <= 1 for a in r["asr"].values())
+        assert set(r["trigger_distance"]) == {"naive", "doorping"}
     assert json.loads((out / "backdoor.json").read_text())["poisoned"] == 30
     assert (out / "backdoor.csv").read_text().splitlines()[0].startswith("method,set,cta_mean,cta_std,asr_naive_mean")
     # the three sets differ only by the attack: the poisoned sources keep every clean image
