@@ -24,8 +24,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = {"mnist": SHARED / "mnist.npz", "cifar10": SHARED / "cifar10.npz"}
 # per-method budget: DC's engine step is ~10x a DM step (bi-level); DD unrolls its inner loop
 METHOD = {
-    "dc": {"options": {"batch_real": 64, "width": 32, "outer_loop": 10, "inner_loop": 10}, "iterations": 100},
-    "dm": {"options": {"batch_real": 64, "width": 32}, "iterations": 300},
+    "dc": {"options": {"batch_real": 32, "width": 32, "outer_loop": 10, "inner_loop": 5}, "iterations": 20},
+    "dm": {"options": {"batch_real": 64, "width": 32}, "iterations": 100},
     "dd": {"options": {"real_batch": 128, "model_kwargs": {"width": 32}, "inner_steps": 5}, "iterations": 100},
 }
 
@@ -36,14 +36,13 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/distillset_backdoor")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--iterations", type=int, default=0, help="override every method's engine steps")
-    p.add_argument("--students", type=int, default=3)
-    p.add_argument("--student-epochs", type=int, default=150)
-    p.add_argument("--poison-rate", type=float, default=0.01)
+    p.add_argument("--students", type=int, default=2)
+    p.add_argument("--student-epochs", type=int, default=100)
+    p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--trigger-size", type=int, default=4)
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--init", default="real", help="synthetic images start from real images or noise")
-    p.add_argument("--doorping", default='{"update_every": 10, "steps": 100, "net_epochs": 30, '
-                                         '"model_kwargs": {"width": 32}}')
+    p.add_argument("--doorping", default='{"update_every": 10, "model_kwargs": {"width": 32}}')
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "backdoor.md"))
     a = p.parse_args()
     torch.set_num_threads(1)

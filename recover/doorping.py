@@ -10,12 +10,14 @@ An engine hook (:class:`recover.base.StepHook`), not a second loop: the objectiv
 * a fresh network trained ``net_epochs`` epochs on the current synthetic set (DM and DD keep no network between
   steps; this is "the model trained during distillation" for them).
 
-As the paper's code: the ``topk`` units of the layer feeding the classifier are selected (by default those with the
-largest weights into the target class's logit: the units that raise the target activation; ``connectivity``: the
-paper's largest summed absolute outgoing weights), and the masked trigger pixels are optimised by Adam so those
-units reach ``alpha`` x their activation at the start of the update (MSE, stopped once below ``threshold``). Our
-choices: the trigger lives in ``[0, 1]`` pixel space, clamped there and rounded to the uint8 pixels the images hold;
-``canvas`` N optimises it stamped on N poisoned images instead of alone on a black image.
+As the paper's code, the masked trigger pixels are optimised by Adam (gradients reach only the mask) so that chosen
+units reach ``alpha`` x their activation at the start of the update (MSE, stopped once below ``threshold``). The
+units (``neurons``): by default the target class's logit itself (the target activation); ``target``: the ``topk``
+units of the layer feeding the classifier with the largest weights into the target logit; ``connectivity``: the
+paper's, the ``topk`` units with the largest summed absolute outgoing weights. Our choices: the trigger lives in
+``[0, 1]`` pixel space, clamped there and rounded to the uint8 pixels the images hold (the paper's code lets it leave
+the valid range in normalised units), and it is optimised stamped on ``canvas`` poisoned images (the context it is
+used in; ``canvas`` 0 is the paper's black canvas).
 
 The trigger is in the unit checkpoint (a resumed unit continues with it and re-stamps the real images); only the unit
 that holds the target class (where the poisoned images are) updates it.
@@ -47,7 +49,7 @@ class DoorpingConfig:
 
     Attributes:
         update_every: engine steps between trigger updates (the paper: after every network update of DC's loop).
-        steps: at most this many Adam steps per update (the paper: 1000).
+        steps: at most this many Adam steps per update (the paper: 1000; the trigger saturates in [0, 1] far sooner).
         lr: Adam learning rate of the trigger pixels, in [0, 1] pixel units (the paper: 0.08 in normalised units).
         alpha: the selected units are driven to alpha x their activation at the start of the update.
         topk: units selected in the layer feeding the classifier.
@@ -55,8 +57,9 @@ class DoorpingConfig:
             units with the largest weights into the target logit) or connectivity (the paper's: the topk embedding
             units with the largest summed absolute outgoing weights).
         threshold: stop an update once the MSE falls below this (the paper: 0.5).
-        canvas: 0: the trigger is optimised alone on a black image (the paper's); N > 0: stamped on N of the poisoned
-            images (drawn from the unit generator).
+        canvas: N > 0: the trigger is optimised stamped on N of the poisoned images (drawn from the unit generator);
+            0: alone on a black image (the paper's; on MNIST it drove the trigger towards black, the colour of the
+            digits' corners, which no longer marks anything).
         arch: architecture of the network trained for the update when the objective keeps none (DM, DD).
         model_kwargs: its keyword arguments (e.g. width).
         net_epochs: epochs of that network on the current synthetic set (SGD, lr_net).
@@ -64,16 +67,16 @@ class DoorpingConfig:
     """
 
     update_every: int = 10
-    steps: int = 200
+    steps: int = 50
     lr: float = 0.02
     alpha: float = 10.0
     topk: int = 1
     neurons: str = "logit"
     threshold: float = 0.5
-    canvas: int = 0
+    canvas: int = 8
     arch: str = "convnet"
     model_kwargs: dict = field(default_factory=dict)
-    net_epochs: int = 50
+    net_epochs: int = 20
     lr_net: float = 0.01
 
     def __post_init__(self):
