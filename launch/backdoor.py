@@ -142,7 +142,12 @@ class BackdoorConfig:
             raise DistillError(f"recover settings {fixed} are set by the attack itself (or would move the poisoned "
                                "pixels); use the attack's own fields (ipc, iterations, options, seed).")
         self.doorping_config()
-        self.recover_config("check", self.data, {})
+        # mtt's buffer is the experts this run records; any name passes the option check
+        self.recover_config("check", self.data, {"buffer": "experts"} if self.method == "mtt" else {})
+        if self.method == "mtt":
+            from distillset.squeeze.trajectories import TrajectoryConfig
+
+            from_dict(TrajectoryConfig, {**self.trajectories, "data": self.data}, what="trajectories")
 
     def doorping_config(self) -> DoorpingConfig:
         return from_dict(DoorpingConfig, self.doorping, what="doorping")

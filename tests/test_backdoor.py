@@ -268,3 +268,29 @@ def test_attack_backdoor_end_to_end_and_rerun_skips(tmp_path, capsys):
     again = run(cfg)  # everything finished: read back, nothing retrained
     assert again["rows"] == res["rows"]
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("seed*.json")} == stamps
+
+
+@pytest.mark.parametrize("method,attacks,options,extra", [
+    ("mtt", ["naive"], {"syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 1},
+     {"trajectories": {"num_experts": 1, "epochs": 2, "model_kwargs": {"width": 8}, "eval_test": False},
+      "recover": {"lr": 10.0}}),
+    ("dd", ["doorping"], {"inner_steps": 2, "real_batch": 32, "model_kwargs": {"width": 8}}, {}),
+    ("dc", ["doorping"], {"batch_real": 8, "width": 8, "outer_loop": 2, "inner_loop": 1}, {}),
+])
+def test_every_method_distils_from_the_poisoned_data(method, attacks, options, extra, tmp_path):
+    """MTT's experts are recorded on the poisoned data; DD's trigger is optimised on its own trained network, DC's
+    on the network of DC's loop."""
+    from distillset.launch.backdoor import BackdoorConfig, run
+
+    cfg = BackdoorConfig(out=str(tmp_path / method), data=MNIST, method=method, ipc=1, iterations=4, options=options,
+                         attacks=attacks, poison_rate=0.05, students=1, student_epochs=2, test_limit=50,
+                         student_kwargs={"width": 8},
+                         doorping={"update_every": 2, "steps": 5, "net_epochs": 2, "model_kwargs": {"width": 8}},
+                         **extra)
+    res = run(cfg)
+    assert [r["set"] for r in res["rows"]] == ["clean", attacks[0]]
+    if method == "mtt":
+        meta = json.loads((tmp_path / "mtt" / "naive" / "experts" / "trajectories.json").read_text())
+        assert "naive.npz" in json.dumps(meta)  # the experts saw the poisoned data
+    else:
+        assert len(res["doorping_updates"]) == 2
