@@ -47,7 +47,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     lines = [("| data | method | set | CTA % | ASR % (own trigger) | ASR % of the clean set (naive / doorping trigger) "
-             "| minutes |"), "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| trigger distance, target / other classes | minutes |"), "|" + " --- |" * 8]
     results = {}
     for pair in a.pairs.split(","):
         data, method = pair.split(":")
@@ -72,7 +72,8 @@ def main() -> None:
         print("\n".join(lines), flush=True)
     header = (f"Backdoor attacks, IPC {a.ipc}, poison rate {a.poison_rate}, {a.trigger_size}x{a.trigger_size} trigger "
               f"bottom-right, target class 0, {a.students} students x {a.student_epochs} epochs (ConvNet width 32, "
-              f"matching protocol), first {a.test_limit} test images; 2-core CPU, shared, one thread.\n\n")
+              f"matching protocol), {a.test_limit} test images (the same number per class); 2-core CPU, shared, "
+              "one thread.\n\n")
     Path(a.out).write_text(header + "\n".join(lines) + "\n")
     print(f"wrote {a.out}")
 

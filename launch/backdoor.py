@@ -88,7 +88,8 @@ class BackdoorConfig:
         student_kwargs: its keyword arguments (e.g. width).
         batch_size: student batch size.
         student_lr: student learning rate (0 = the matching protocol's 0.01, or MTT's learned lr).
-        test_limit: measure on the first N test images (0 = all).
+        test_limit: measure on N test images, the first N / classes of every class (0 = all): test splits are often
+            sorted by class, so the first N images would be a few classes only.
         seed: seed of the poisoning, the initial trigger, the distillations and the students.
     """
 
@@ -169,6 +170,13 @@ class Variant:
     pattern: torch.Tensor | None = None
 
 
+def balanced_subset(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
+    """Indices of the first ``n // num_classes`` images of every class (all of a smaller class), in split order."""
+    per = max(1, n // num_classes)
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:per] for c in range(num_classes)])
+    return keep.sort().values
+
+
 def _write_npz(path: Path, train: ImageSet, test: ImageSet) -> None:
     """A poisoned copy of the data as an npz source (uint8 NHWC), written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -234,7 +242,8 @@ def _students(cfg: BackdoorConfig, v: Variant, test: ImageSet, triggers: dict, r
     lr = cfg.student_lr or (float(learned["lr"].reshape(-1)[0]) if "lr" in learned else None)
     spec = StudentSpec(cfg.student_arch, dict(cfg.student_kwargs), cfg.student_epochs, "matching", cfg.batch_size,
                        lr)
-    key = {"set": manifest.get("fingerprint"), "spec": to_dict(spec), "test_limit": cfg.test_limit,
+    test_key = hashlib.sha256(test.images.numpy().tobytes() + test.labels.numpy().tobytes()).hexdigest()
+    key = {"set": manifest.get("fingerprint"), "spec": to_dict(spec), "test": test_key,
            "target": cfg.target, "triggers": {k: hashlib.sha256(p.numpy().tobytes() + m.numpy().tobytes()).hexdigest()
                                                for k, (p, m) in triggers.items()}}
     fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -329,8 +338,10 @@ def plot_asr(path: Path, rows: list[dict], title: str) -> None:
 
 
 def trigger_grid(path: Path, test: ImageSet, triggers: dict, target: int, n: int = 10) -> None:
-    """A grid: a row of clean non-target test images, then the same images with each trigger."""
-    keep = torch.nonzero(test.labels != target).flatten()[:n]
+    """A grid: a row of clean non-target test images (the first of each class in turn), then the same images with
+    each trigger."""
+    pools = [torch.nonzero(test.labels == c).flatten() for c in range(test.num_classes) if c != target]
+    keep = torch.tensor([int(p[k]) for k in range(n) for p in pools if k < len(p)][:n], dtype=torch.long)
     rows = [test.images[keep]] + [stamp(test.images[keep], p, m) for p, m in triggers.values()]
     labels = torch.cat([torch.full((len(keep),), r, dtype=torch.long) for r in range(len(rows))])
     save_grid(path, ImageSet(torch.cat(rows), labels, ["clean"] + list(triggers)), per_class=n)
@@ -348,7 +359,7 @@ def run(cfg: BackdoorConfig, rt=None) -> dict:
     out = require_folder(cfg.out)
     write_config(out, cfg)
     if cfg.test_limit:
-        test = test.subset(torch.arange(min(cfg.test_limit, len(test))))
+        test = test.subset(balanced_subset(test.labels, cfg.test_limit, test.num_classes))
     variants = [Variant("clean", out / "clean", cfg.data)]
     starts = {"naive": "white", "doorping": "random"}
     for name in cfg.attacks:

@@ -93,6 +93,10 @@ def test_poison_relabels_and_stamps_only_the_chosen_images(mnist):
     assert d == {"target": 0.0, "others": None}
     d = trigger_distance(train, pattern, mask, 0)
     assert d["target"] > 0.9 and d["others"] > 0.9  # MNIST's corners are black, the trigger white
+    from distillset.launch.backdoor import balanced_subset
+
+    sub = balanced_subset(test.labels, 100, 10)
+    assert (torch.bincount(test.labels[sub], minlength=10) == 10).all()
     t = triggered(test, pattern, mask, 0)
     assert len(t) == int((test.labels != 0).sum()) and (t.labels == 0).all()
     with pytest.raises(DistillError, match="target class 10 is out of range"):
