@@ -162,8 +162,10 @@ class DoorpingHook(StepHook):
         mask: bool ``(H, W)``.
         positions: indices of the poisoned images in the run's real training data.
         target: the target class.
-        on_final: called with the final uint8 pattern when the target unit finishes (before its images are written),
-            so the caller can keep the trigger the set was distilled with.
+        on_final: called with the final uint8 pattern and the updates' history when the target unit finishes (before
+            its images are written), so the caller can keep the trigger the set was distilled with. The history is a
+            diagnostic and not checkpointed: after a resume it lists the updates since the resume (the trigger itself
+            is checkpointed, so the result is the same).
     """
 
     def __init__(self, cfg: DoorpingConfig, pattern: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
