@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "integrated gradients against standard and distilled baselines, faithfulness measured"),
     "attack leak": ("distillset.launch.leak:LeakConfig", "distillset.launch.leak:run",
                     "gradient leakage: reconstruct private images from a shared gradient (DLG, iDLG)"),
+    "attack backdoor": ("distillset.launch.backdoor:BackdoorConfig", "distillset.launch.backdoor:run",
+                         "NAIVEATTACK / DOORPING backdoors vs a clean distilled set"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),
 }

@@ -297,12 +297,47 @@ class Objective:
         """Learned tensors besides the images saved with the distilled set (``params/unit-*.safetensors``)."""
         return {}
 
+    def network(self, ctx: Context) -> nn.Module | None:
+        """The network the objective currently trains or matches on (DC's scheduled network), for hooks that act on
+        it (DOORPING optimises its trigger there); ``None``: the objective keeps none between steps."""
+        return None
+
     def teardown(self) -> None:
         """Remove hooks and free memory at the end of a unit."""
 
     def logs(self) -> dict[str, float]:
         """Numbers worth logging from the last :meth:`loss` call (detached floats)."""
         return {}
+
+
+class StepHook:
+    """Code the engine runs beside an objective without changing it (DOORPING's trigger update): given to
+    ``engine.run(cfg, hooks=[...])``, recorded in the manifest by :meth:`describe`; every method has a default.
+
+    Per unit the engine calls :meth:`setup` after the objective's, :meth:`after_step` after every optimiser step
+    (the images just updated), :meth:`finalize` before the unit's images are written; :meth:`checkpoint_state` is
+    kept in the unit checkpoint, so a resumed unit continues with the hook's state of that step.
+    """
+
+    def describe(self) -> dict:
+        """What the hook does to the run, as plain JSON (a resume with another description is refused)."""
+        return {"hook": type(self).__name__}
+
+    def setup(self, ctx: Context) -> None:
+        """Prepare for a unit (``ctx.real`` is set)."""
+
+    def after_step(self, syn: Parametrization, objective: Objective, ctx: Context) -> None:
+        """Called after every optimiser step of the unit, ``ctx.step`` the step just taken."""
+
+    def checkpoint_state(self) -> dict:
+        """Tensors (nested dicts allowed) to keep in a unit checkpoint."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore what :meth:`checkpoint_state` returned (``{}`` from a checkpoint that holds none)."""
+
+    def finalize(self, syn: Parametrization, ctx: Context) -> None:
+        """Called once the unit's optimisation is done, before its images are written."""
 
 
 class Augmentation:

@@ -50,8 +50,9 @@ def _versions() -> dict:
 class Engine:
     """Holds what is shared by all units of a run (teachers, real data, plugins) and optimises units."""
 
-    def __init__(self, cfg: RecoverConfig, rt: Runtime):
+    def __init__(self, cfg: RecoverConfig, rt: Runtime, hooks: tuple[base.StepHook, ...] = ()):
         self.cfg, self.rt, self.device = cfg, rt, rt.device
+        self.hooks = tuple(hooks)
         self._build_plugins()
         self.teachers = self._load_teachers()
         self.source = Source(cfg.data) if cfg.data else None
@@ -230,6 +231,8 @@ class Engine:
         if self.objective_cls.selects:
             return syn, {}
         self.objective.setup(ctx)
+        for h in self.hooks:
+            h.setup(ctx)
         ema = ImageEMA(self.ema_decay)
         groups = [{"params": [p for p in syn.parameters() if p.requires_grad], "lr": cfg.lr}]
         for g in self.objective.extra_parameters():
@@ -262,6 +265,8 @@ class Engine:
                 loss = closure()
                 opt.step()
             syn.project_()
+            for h in self.hooks:
+                h.after_step(syn, self.objective, ctx)
             bar.update(1)
             last = step == cfg.iterations - 1
             if (step + 1) % cfg.log_every == 0 or last:
@@ -279,6 +284,8 @@ class Engine:
         bar.close()
         ema.finalize(syn)  # with ema_decay the written images are the moving average
         self.objective.finalize(syn)
+        for h in self.hooks:
+            h.finalize(syn, ctx)
         self.objective.teardown()
         logs["seconds"] = time.perf_counter() - t0
         return syn, logs
@@ -324,7 +331,8 @@ class Engine:
         extra = self._extra(opt, syn)
         save_atomic_state(path, {"step": step, "syn": syn.state_dict(), "opt": opt.state_dict(),
                                  "extra": [p.detach().cpu() for p in extra], "rng": ctx.generator.get_state(),
-                                 "objective_state": self.objective.checkpoint_state(), "ema": ema.state()})
+                                 "objective_state": self.objective.checkpoint_state(), "ema": ema.state(),
+                                 "hooks": [h.checkpoint_state() for h in self.hooks]})
 
     def _restore(self, path: Path, syn, opt, ctx: base.Context, ema: ImageEMA) -> int:
         try:
@@ -342,6 +350,8 @@ class Engine:
         # checkpoints written before the engine kept the EMA hold MTT's average in the objective's state
         ema.load_state(st.get("ema") or objective_state.pop("ema", {}), self.device)
         self.objective.load_checkpoint_state(objective_state)
+        for h, hs in zip(self.hooks, st.get("hooks") or [{}] * len(self.hooks)):
+            h.load_checkpoint_state(hs)
         log.info("resumed unit %d at step %d", ctx.unit, st["step"])
         return int(st["step"])
 
@@ -480,6 +490,10 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
             raise DistillError(f"{out} holds a different run (method {old.get('method')}; {diff}); choose another "
                                "--out for this one, or delete that folder to replace it.")
         _check_inputs(out, old, inputs, engine)
+        hooks = [h.describe() for h in engine.hooks]
+        if old.get("hooks", []) != hooks:
+            raise DistillError(f"{out} was made with hooks {old.get('hooks', [])} but this run has {hooks}; choose "
+                               "another --out for this one, or delete that folder to replace it.")
         if old.get("units") not in (None, records):
             raise DistillError(f"{out}/manifest.json lists another unit layout than this run's; the manifest is "
                                "damaged: delete the folder and re-run.")
@@ -498,17 +512,20 @@ def _check_or_write_manifest(out: Path, cfg: RecoverConfig, engine: Engine, rt: 
         "data": cfg.data, "versions": _versions(), "mean": engine.mean, "std": engine.std,
         "zca": ZCA_FILE if engine.zca is not None else None, "inputs": inputs, "units": records,
     }
+    if engine.hooks:  # only then: manifests of runs without hooks stay as they were
+        manifest["hooks"] = [h.describe() for h in engine.hooks]
     if rt.is_main:
         write_json(path, manifest)
         write_config(out, cfg)
     return manifest
 
 
-def run(cfg: RecoverConfig, rt: Runtime | None = None) -> dict:
-    """Run (or resume) a recover job; returns the final manifest."""
+def run(cfg: RecoverConfig, rt: Runtime | None = None, hooks: tuple[base.StepHook, ...] = ()) -> dict:
+    """Run (or resume) a recover job; returns the final manifest. ``hooks`` run beside the objective in every unit
+    (:class:`recover.base.StepHook`, e.g. DOORPING's trigger update)."""
     rt = rt or get_runtime()
     out = require_folder(cfg.out)
-    engine = Engine(cfg, rt)
+    engine = Engine(cfg, rt, hooks)
     if engine.objective_cls.joint_classes and cfg.classes_per_unit not in (0, engine.num_classes):
         cfg = dataclasses.replace(cfg, classes_per_unit=0)
         engine.cfg = cfg

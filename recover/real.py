@@ -23,6 +23,14 @@ class RealData:
         self.num_classes = images.num_classes
         self.index = [torch.nonzero(images.labels == c).flatten() for c in range(self.num_classes)]
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
+        self._own = False
+
+    def make_writable(self) -> None:
+        """Give this object its own copy of the images before anything writes into them (DOORPING re-stamps its
+        poisoned images): they may be the very tensor a data source caches."""
+        if not self._own:
+            self.images = self.images.clone()
+            self._own = True
 
     def init_choice(self, c: int, i: int, seed: int) -> torch.Tensor:
         """The real image that synthetic image ``i`` of class ``c`` starts from (init from real), as a ``(1,)`` index.

@@ -46,7 +46,6 @@ class StudentSpec:
     autocast: str = "auto"
 
 
-
 PROTOCOLS = ("sre2l", "matching", "plain")
 
 

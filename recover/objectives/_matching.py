@@ -217,6 +217,9 @@ class ScheduledNetObjective(Objective):
     def checkpoint_state(self) -> dict:
         return self.schedule.checkpoint_state()
 
+    def network(self, ctx: Context) -> nn.Module | None:
+        return ctx.state.get("net")
+
     def load_checkpoint_state(self, state: dict) -> None:
         if self._ctx is not None:
             self.schedule.load_checkpoint_state(state, self._ctx)
