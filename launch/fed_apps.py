@@ -143,6 +143,7 @@ def _distil(cfg, run_dir, client, server_round, state, local, classes, keep, see
     if cfg.dp_noise:
         options.update(dp_noise=cfg.dp_noise, dp_clip=cfg.dp_clip)
     rc = RecoverConfig(out=str(work / "dm"), data=f"npz:{shard}", method="dm", options=options, ipc=cfg.ipc,
+                       param_options={"init": cfg.init},
                        iterations=cfg.iterations, lr=cfg.syn_lr, optimizer="sgd", momentum=0.5, schedule="constant",
                        classes_per_unit=0, seed=seed, autocast="none", channels_last=False,
                        log_every=max(1, cfg.iterations), augmentation="none")
@@ -399,12 +400,13 @@ def simulate(run_dir: Path, cfg: FederatedConfig) -> None:
                            "re-run the same command to resume.")
 
 
-def _module_apps():
-    """The apps a Flower App (pyproject components) names: they read ``run-dir`` from the run config."""
+def _module_app(factory):
+    """An app a Flower App (pyproject components) names: it reads ``run-dir`` from the run config."""
     try:
-        return make_server_app(), make_client_app()
+        return factory()
     except (DistillError, ImportError):  # Flower is an optional extra: the module still imports without it
-        return None, None
+        return None
 
 
-server_app, client_app = _module_apps()
+server_app = _module_app(make_server_app)
+client_app = _module_app(make_client_app)

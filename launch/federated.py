@@ -59,6 +59,9 @@ class FederatedConfig:
         width: channels per ConvNet layer.
         ipc: synthetic (feddm) or real (coreset) images per class per client and round.
         iterations: DM optimisation steps per client and round.
+        init: how a client's synthetic images start: real (random real images of the class, DM's usual start: few
+            steps then upload images close to real ones) or noise (needed under dp_noise, where nothing may be
+            copied from the data).
         syn_lr: learning rate of the synthetic images (SGD, momentum 0.5, as DM).
         batch_real: real images per class per DM step.
         perturb: spread of the networks sampled around the global weights (FedDM's P_w(w_r)): a Gaussian
@@ -100,6 +103,7 @@ class FederatedConfig:
     width: int = 32
     ipc: int = 10
     iterations: int = 200
+    init: str = "real"
     syn_lr: float = 1.0
     batch_real: int = 64
     perturb: float = 0.05
@@ -143,6 +147,11 @@ class FederatedConfig:
         if self.dp_noise and self.method != "feddm":
             raise DistillError(f"dp_noise is FedDM's mechanism on the matched statistics; method '{self.method}' "
                                "has none (drop dp_noise or use method: feddm).")
+        if self.init not in ("real", "noise"):
+            raise DistillError(f"init must be real or noise, got '{self.init}'.")
+        if self.dp_noise and self.init == "real":
+            raise DistillError("dp_noise with init: real would upload images started from real ones, which no "
+                               "noise on the statistics protects; set init: noise.")
         if self.perturb < 0 or self.syn_lr <= 0 or self.server_lr <= 0 or self.local_lr <= 0:
             raise DistillError("perturb must be >= 0 and the learning rates > 0.")
         if self.timeout <= 0:
