@@ -85,7 +85,7 @@ def main() -> None:
                     f"{args.data}, {args.clients} clients, Dirichlet {alpha}")
     lines = [f"# Federated: {args.data}, {args.clients} clients, Dirichlet label skew", "",
              f"{b['train_size']} training images split among the clients, global model {('convnet')} width "
-             f"{args.width} scored on {b['test_size']} test images; FedDM/coreset ipc {args.ipc} per class a client "
+             f"{args.width} scored on {b['test_size']} random test images; FedDM/coreset ipc {args.ipc} per class a client "
              f"holds; DM {b['iterations']} steps (batch_real {b['batch_real']}, init real; DP: init noise, noise "
              f"multiplier 1, clip 1) per client and round; server {b['server_epochs']} epochs on the union; FedAvg "
              "1 local epoch per round. Machine: 2-core CPU, shared; one torch thread; Flower simulation (Ray, 1 CPU).", "",

@@ -272,8 +272,9 @@ def _test_set(cfg: FederatedConfig) -> ImageSet:
     from distillset.core.data import Source
 
     test = Source(cfg.data).load("test")
-    if cfg.test_size and cfg.test_size < len(test):
-        test = ImageSet(test.images[:cfg.test_size], test.labels[:cfg.test_size], test.class_names)
+    if cfg.test_size and cfg.test_size < len(test):  # seeded random, not the first N: test splits may be sorted
+        keep = np.sort(np.random.default_rng(cfg.seed + 29).choice(len(test), cfg.test_size, replace=False))
+        test = ImageSet(test.images[keep], test.labels[keep], test.class_names)
     return test
 
 

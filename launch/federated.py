@@ -35,7 +35,7 @@ log = logging.getLogger("distillset.federated")
 
 METHODS = ("feddm", "fedavg", "coreset")
 # fields that do not change what a round computes: a resumed run may change them
-NON_SEMANTIC = ("out", "timeout", "num_cpus", "threads", "fail")
+NON_SEMANTIC = ("out", "rounds", "timeout", "num_cpus", "threads", "fail")  # more rounds continue a run
 
 
 @dataclass
@@ -53,7 +53,7 @@ class FederatedConfig:
         alpha: Dirichlet concentration (> 0; 0.1 = strong skew).
         classes_per_client: classes each client holds under the pathological split.
         train_size: use a seeded random subset of this many training images (0 = all).
-        test_size: score the global model on the first N test images (0 = all).
+        test_size: score the global model on a seeded random subset of N test images (0 = all).
         rounds: communication rounds (1 = one-shot distillation; coreset is one-shot only).
         arch: the global (and client) model, a registry name (ConvNet family for feddm's matching networks).
         width: channels per ConvNet layer.
