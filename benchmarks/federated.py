@@ -27,19 +27,19 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # per data set: (train images used, test images, DM iterations, server epochs, FedAvg rounds, FedDM rounds)
-BUDGET = {"mnist": dict(train_size=10000, test_size=2000, iterations=30, server_epochs=10, fedavg_rounds=5,
-                        feddm_rounds=2, batch_real=32),
-          "cifar10": dict(train_size=10000, test_size=2000, iterations=30, server_epochs=10, fedavg_rounds=5,
-                          feddm_rounds=2, batch_real=32)}
+BUDGET = {"mnist": {"train_size": 10000, "test_size": 2000, "iterations": 30, "server_epochs": 10, "fedavg_rounds": 5,
+                        "feddm_rounds": 2, "batch_real": 32},
+          "cifar10": {"train_size": 10000, "test_size": 2000, "iterations": 30, "server_epochs": 10, "fedavg_rounds": 5,
+                          "feddm_rounds": 2, "batch_real": 32}}
 
 
 def rows_for(alpha: float, dp: bool, b: dict) -> list[tuple[str, dict]]:
-    rows = [("fedavg", dict(method="fedavg", rounds=b["fedavg_rounds"])),
-            ("feddm", dict(method="feddm", rounds=b["feddm_rounds"])),
-            ("coreset (one-shot)", dict(method="coreset", rounds=1))]  # FedDM's round 1 is one-shot FedDM
+    rows = [("fedavg", {"method": "fedavg", "rounds": b["fedavg_rounds"]}),
+            ("feddm", {"method": "feddm", "rounds": b["feddm_rounds"]}),
+            ("coreset (one-shot)", {"method": "coreset", "rounds": 1})]  # FedDM's round 1 is one-shot FedDM
     if dp:
-        rows.append(("feddm + DP", dict(method="feddm", rounds=b["feddm_rounds"], dp_noise=1.0, dp_clip=1.0,
-                                        init="noise")))
+        rows.append(("feddm + DP", {"method": "feddm", "rounds": b["feddm_rounds"], "dp_noise": 1.0, "dp_clip": 1.0,
+                                        "init": "noise"}))
     return rows
 
 
@@ -83,12 +83,12 @@ def main() -> None:
             print(json.dumps({k: v for k, v in table[-1].items() if k != "curve"}), flush=True)
         plot_curves(RESULTS / f"federated_{args.data}_alpha{alpha}.png", curves,
                     f"{args.data}, {args.clients} clients, Dirichlet {alpha}")
-    lines = [f"# Federated: {args.data}, {args.clients} clients, Dirichlet label skew", "",
-             f"{b['train_size']} training images split among the clients, global model {('convnet')} width "
-             f"{args.width} scored on {b['test_size']} random test images; FedDM/coreset ipc {args.ipc} per class a client "
-             f"holds; DM {b['iterations']} steps (batch_real {b['batch_real']}, init real; DP: init noise, noise "
-             f"multiplier 1, clip 1) per client and round; server {b['server_epochs']} epochs on the union; FedAvg "
-             "1 local epoch per round. Machine: 2-core CPU, shared; one torch thread; Flower simulation (Ray, 1 CPU).", "",
+    setup = (f"{b['train_size']} training images split among the clients, global model convnet width {args.width} "
+             f"scored on {b['test_size']} random test images; FedDM/coreset ipc {args.ipc} per class a client holds; "
+             f"DM {b['iterations']} steps (batch_real {b['batch_real']}, init real; DP: init noise, noise multiplier "
+             f"1, clip 1) per client and round; server {b['server_epochs']} epochs on the union; FedAvg 1 local epoch "
+             "per round. Machine: 2-core CPU, shared; one torch thread; Flower simulation (Ray, 1 CPU).")
+    lines = [f"# Federated: {args.data}, {args.clients} clients, Dirichlet label skew", "", setup, "",
              "| alpha | method | rounds | accuracy | uploaded MB | downloaded MB | round time s | wall s | epsilon "
              "(delta 1e-5) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table:

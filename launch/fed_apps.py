@@ -221,7 +221,7 @@ def _strategy_classes():
     from flwr.serverapp.strategy import Strategy
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-    ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict = _flwr()
+    ArrayRecord, _, Message, MessageType, MetricRecord, RecordDict = _flwr()
 
     class FedDM(Strategy):
         """FedDM (Xiong et al., CVPR'23) and the one-shot coreset: every client receives the global weights w_r and

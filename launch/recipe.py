@@ -22,7 +22,7 @@ from distillset.launch.commands import load as _load
 log = logging.getLogger("distillset.run")
 
 ORDER = ["squeeze", "squeeze_stats", "squeeze_trajectories", "prior_train", "recover", "relabel", "evaluate",
-         "privacy_mia", "privacy_nearest", "export"]
+         "privacy_mia", "privacy_nearest", "export", "federated"]
 
 
 def _command(section: str) -> str:

@@ -17,8 +17,14 @@ import torch
 
 from distillset.core.errors import DistillError
 from distillset.core.io import load_tensors, read_json, save_tensors
-from distillset.launch.fed_parts import (class_counts, dirichlet_split, dp_epsilon, iid_split, pathological_split,
-                                         payload_bytes)
+from distillset.launch.fed_parts import (
+    class_counts,
+    dirichlet_split,
+    dp_epsilon,
+    iid_split,
+    pathological_split,
+    payload_bytes,
+)
 from distillset.launch.federated import FederatedConfig, prepare, round_records
 
 flwr = pytest.importorskip("flwr", reason="the federated extra (flwr) is not installed")
@@ -28,8 +34,8 @@ LABELS = np.repeat(np.arange(10), 50)  # 500 images, 50 per class
 
 def tiny(tmp_path: Path, **kw) -> FederatedConfig:
     """A digits run that takes seconds: 3 clients, 8-channel ConvNet, 2 images per class, 5 DM steps."""
-    base = dict(out=str(tmp_path / "run"), data="digits", clients=3, rounds=2, width=8, ipc=2, iterations=5,
-                batch_real=16, server_epochs=2, test_size=300)
+    base = {"out": str(tmp_path / "run"), "data": "digits", "clients": 3, "rounds": 2, "width": 8, "ipc": 2, "iterations": 5,
+                "batch_real": 16, "server_epochs": 2, "test_size": 300}
     return FederatedConfig(**{**base, **kw})
 
 
@@ -128,12 +134,12 @@ def test_dm_gaussian_mechanism_clips_each_embedding_and_adds_calibrated_noise():
 
 
 def test_config_refuses_bad_combinations(tmp_path):
-    for kw, pattern in [(dict(method="coreset", rounds=2), "one-shot"),
-                        (dict(method="fedavg", dp_noise=1.0), "has none"),
-                        (dict(dp_noise=1.0), "set init: noise"),
-                        (dict(alpha=0.0), "alpha must be > 0"),
-                        (dict(fail=["x"]), "ROUND:CLIENT"),
-                        (dict(method="fedsgd"), "unknown federated method")]:
+    for kw, pattern in [({"method": "coreset", "rounds": 2}, "one-shot"),
+                        ({"method": "fedavg", "dp_noise": 1.0}, "has none"),
+                        ({"dp_noise": 1.0}, "set init: noise"),
+                        ({"alpha": 0.0}, "alpha must be > 0"),
+                        ({"fail": ["x"]}, "ROUND:CLIENT"),
+                        ({"method": "fedsgd"}, "unknown federated method")]:
         with pytest.raises(DistillError, match=pattern):
             tiny(tmp_path, **kw)
     cfg = tiny(tmp_path, clients=5000)
@@ -274,17 +280,20 @@ def test_deployment_superlink_and_supernodes_on_localhost(tmp_path):
            "OMP_NUM_THREADS": "1"}
     logs, procs = tmp_path / "logs", []
     logs.mkdir()
+
+    def start(name: str, cmd: list[str]) -> None:
+        with open(logs / f"{name}.log", "w") as f:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
+
     try:
-        procs.append(subprocess.Popen(_flower_cli("flwr.superlink.cli", "flower_superlink", "flower-superlink",
-                                                  "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                                  "--disable-runtime-dependency-installation"),
-                                      env=env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT))
+        start("superlink", _flower_cli("flwr.superlink.cli", "flower_superlink", "flower-superlink", "--insecure",
+                                       "--host", "127.0.0.1", "--port", str(port),
+                                       "--disable-runtime-dependency-installation"))
         for k in range(2):
-            procs.append(subprocess.Popen(
-                _flower_cli("flwr.supernode.cli", "flower_supernode", "flower-supernode", "--insecure", "--superlink",
-                            f"127.0.0.1:{port}", "--port", str(_free_port()), "--node-config",
-                            f"partition-id={k} num-partitions=2"),
-                env=env, stdout=open(logs / f"supernode{k}.log", "w"), stderr=subprocess.STDOUT))
+            start(f"supernode{k}", _flower_cli("flwr.supernode.cli", "flower_supernode", "flower-supernode",
+                                               "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+                                               str(_free_port()), "--node-config",
+                                               f"partition-id={k} num-partitions=2"))
         deadline = time.time() + 60
         while True:  # the CLI does not retry: wait until the SuperLink listens
             try:
@@ -295,7 +304,7 @@ def test_deployment_superlink_and_supernodes_on_localhost(tmp_path):
                     pytest.fail(f"the SuperLink did not start: {(logs / 'superlink.log').read_text()[-2000:]}")
                 time.sleep(0.3)
         r = subprocess.run(_flower_cli("flwr.cli.app", "app", "flwr", "run", str(run / "flower_app"), "local-test",
-                                       "--stream"), env=env, capture_output=True, text=True, timeout=240)
+                                       "--stream"), env=env, check=False, capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         recs = round_records(run)
         assert len(recs) == 1 and [c["partition"] for c in recs[0]["clients"]] == [0, 1], r.stdout[-3000:]
@@ -313,6 +322,6 @@ def test_deployment_superlink_and_supernodes_on_localhost(tmp_path):
 
 def test_cli_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "distillset.launch.cli", "federated", "--alpha", "0", "--out",
-                        str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+                        str(tmp_path / "x")], check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "alpha must be > 0" in r.stderr
     assert "Traceback" not in r.stderr
