@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from distillset.launch.federated import FederatedConfig, plot_curves, run
+from distillset.launch.fed_apps import run
+from distillset.launch.federated import FederatedConfig, plot_curves
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,9 +89,10 @@ def main() -> None:
              f"DM {b['iterations']} steps (batch_real {b['batch_real']}, init real; DP: init noise, noise multiplier "
              f"1, clip 1) per client and round; server {b['server_epochs']} epochs on the union; FedAvg 1 local epoch "
              "per round. Machine: 2-core CPU, shared; one torch thread; Flower simulation (Ray, 1 CPU).")
-    lines = [f"# Federated: {args.data}, {args.clients} clients, Dirichlet label skew", "", setup, "",
-             "| alpha | method | rounds | accuracy | uploaded MB | downloaded MB | round time s | wall s | epsilon "
-             "(delta 1e-5) |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| alpha | method | rounds | accuracy | uploaded MB | downloaded MB | round time s | wall s | epsilon "
+            "(delta 1e-5) |")
+    lines = [f"# Federated: {args.data}, {args.clients} clients, Dirichlet label skew", "", setup, "", head,
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         eps = f"{r['epsilon']:.2f}" if r["epsilon"] is not None else "-"
         lines.append(f"| {r['alpha']} | {r['method']} | {r['rounds']} | {r['accuracy']:.4f} | {r['upload_MB']:.3f} | "

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                      "membership inference on models trained on members, distilled sets and coresets"),
     "privacy nearest": ("distillset.launch.privacy:NearestConfig", "distillset.launch.privacy:run_nearest",
                          "nearest training images of each synthetic image (L2, SSIM, features)"),
-    "federated": ("distillset.launch.federated:FederatedConfig", "distillset.launch.federated:run",
+    "federated": ("distillset.launch.federated:FederatedConfig", "distillset.launch.fed_apps:run",
                    "federated learning through distilled data (FedDM) vs FedAvg on Flower"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),

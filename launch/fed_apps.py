@@ -23,7 +23,7 @@ from distillset.core.errors import DistillError
 from distillset.core.io import load_tensors, read_json, save_tensors, write_json
 from distillset.core.partition import mix_seed
 from distillset.launch.fed_parts import dp_epsilon, payload_bytes
-from distillset.launch.federated import FederatedConfig, load_config, shard_path
+from distillset.launch.federated import FederatedConfig, load_config, prepare, round_records, shard_path, summarise
 
 log = logging.getLogger("distillset.federated")
 
@@ -284,8 +284,6 @@ def serve(grid, run_dir: Path) -> None:
     score the new global model and record the round atomically (weights first, then the metrics that mark it
     finished)."""
     ArrayRecord, ConfigRecord, *_ = _flwr()
-    from distillset.launch.federated import round_records
-
     cfg = load_config(run_dir)
     torch.set_num_threads(cfg.threads)
     split = read_json(run_dir / "split.json")
@@ -399,6 +397,22 @@ def simulate(run_dir: Path, cfg: FederatedConfig) -> None:
     if done < cfg.rounds:
         raise DistillError(f"the federated run stopped after {done} of {cfg.rounds} rounds (see the log above); "
                            "re-run the same command to resume.")
+
+
+def run(cfg: FederatedConfig, rt=None) -> dict:
+    """``distillset federated``: prepare the run folder and run the rounds in Flower's simulation (finished rounds
+    are skipped), then write metrics.csv, results.json and the accuracy-vs-bytes plot."""
+    t0 = time.perf_counter()
+    out = prepare(cfg)
+    done = len(round_records(out))
+    if done < cfg.rounds:
+        if done:
+            log.info("federated: rounds 1-%d are finished in %s; resuming at round %d", done, out, done + 1)
+        simulate(out, cfg)
+    result = summarise(out, cfg, time.perf_counter() - t0)
+    log.info("federated %s: %d rounds, accuracy %.4f, %d bytes uploaded in total", cfg.method, result["rounds"],
+             result["accuracy"] or 0.0, result["total_upload_bytes"])
+    return result
 
 
 def _module_app(factory):

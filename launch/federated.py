@@ -14,6 +14,9 @@ deployment processes on one machine) agree through it:
 Methods: ``feddm`` (clients upload DM sets synthesised under networks around the global weights, the server trains
 on their union), ``fedavg`` (clients upload weights after local epochs) and ``coreset`` (one shot: clients upload a
 random real subset of the same size: the privacy-naive upper bound of one-shot uploads).
+
+This module holds the config and the run folder; the Flower apps and ``run`` (the command) are in
+:mod:`distillset.launch.fed_apps`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,23 +328,3 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
     plt.close(fig)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
-
-
-# ------------------------------------------------------------------------------------------------------ run
-
-
-def run(cfg: FederatedConfig, rt=None) -> dict:
-    """Prepare the run folder and run the rounds in Flower's simulation (finished rounds are skipped)."""
-    from distillset.launch.fed_apps import simulate
-
-    t0 = time.perf_counter()
-    out = prepare(cfg)
-    done = len(round_records(out))
-    if done < cfg.rounds:
-        if done:
-            log.info("federated: rounds 1-%d are finished in %s; resuming at round %d", done, out, done + 1)
-        simulate(out, cfg)
-    result = summarise(out, cfg, time.perf_counter() - t0)
-    log.info("federated %s: %d rounds, accuracy %.4f, %d bytes uploaded in total", cfg.method, result["rounds"],
-             result["accuracy"] or 0.0, result["total_upload_bytes"])
-    return result

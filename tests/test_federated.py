@@ -225,7 +225,7 @@ def test_server_records_failures_and_resumes_after_a_kill(tmp_path, monkeypatch)
 
 
 def test_simulation_two_rounds_three_clients_writes_metrics_and_reruns_skip(tmp_path):
-    from distillset.launch.federated import run
+    from distillset.launch.fed_apps import run
 
     cfg = tiny(tmp_path, fail=["2:1"])
     t0 = time.perf_counter()
