@@ -167,6 +167,31 @@ def test_shards_hold_only_the_clients_images_and_the_union_weights_by_counts(tmp
         prepare(tiny(tmp_path, split="pathological", classes_per_client=3, clients=4))
 
 
+def test_a_client_distils_only_the_classes_it_holds(tmp_path):
+    """A client without images of most classes uploads images of its own classes only (global labels, counts zero
+    elsewhere); a class below min_class_images is left out too, and DP uploads no counts but reports epsilon."""
+    from distillset.launch.fed_apps import client_update, initial_state
+
+    cfg = tiny(tmp_path, split="pathological", classes_per_client=2, clients=4, iterations=2)
+    run = prepare(cfg)
+    split = read_json(run / "split.json")
+    counts = np.array(split["counts"])
+    state = initial_state(cfg, 10, split["image_shape"])
+    up, met = client_update(cfg, run, 1, 1, state)
+    held = np.nonzero(counts[1])[0]
+    assert sorted(set(up["labels"].tolist())) == held.tolist() and len(up["labels"]) == 2 * len(held)
+    assert up["images"].dtype == torch.uint8 and up["counts"].tolist() == counts[1].tolist()
+    assert met["num-examples"] == counts[1].sum() and "epsilon" not in met
+    few = tiny(tmp_path, split="pathological", classes_per_client=2, clients=4, iterations=2,
+               min_class_images=int(counts[1][held].max()))  # only the larger of its two classes qualifies
+    up, _ = client_update(few, run, 1, 1, state, work=tmp_path / "few")  # its own DM folder: another config
+    assert set(up["labels"].tolist()) == {int(held[np.argmax(counts[1][held])])}
+    dp = tiny(tmp_path, split="pathological", classes_per_client=2, clients=4, iterations=2, dp_noise=1.0,
+              init="noise")
+    up, met = client_update(dp, run, 2, 1, state, work=tmp_path / "dp")
+    assert "counts" not in up and 0 < met["epsilon"] < float("inf")
+
+
 class LocalGrid:
     """A Grid that answers every message by calling the client update in-process (the server loop without Flower's
     runtime): node n is partition n; ``die_in`` raises (a killed server) when that round is sent."""
