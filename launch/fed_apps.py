@@ -404,6 +404,10 @@ def run(cfg: FederatedConfig, rt=None) -> dict:
     are skipped), then write metrics.csv, results.json and the accuracy-vs-bytes plot."""
     t0 = time.perf_counter()
     out = prepare(cfg)
+    if cfg.prepare_only:
+        log.info("federated: %s is prepared; run it with `flwr run %s CONNECTION` (SuperNodes with --node-config "
+                 "partition-id=0..%d)", out, out / "flower_app", cfg.clients - 1)
+        return {"prepared": str(out), "flower_app": str(out / "flower_app")}
     done = len(round_records(out))
     if done < cfg.rounds:
         if done:

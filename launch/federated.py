@@ -36,8 +36,8 @@ from distillset.core.io import atomic_path, read_json, require_folder, write_jso
 log = logging.getLogger("distillset.federated")
 
 METHODS = ("feddm", "fedavg", "coreset")
-# fields that do not change what a round computes: a resumed run may change them
-NON_SEMANTIC = ("out", "rounds", "timeout", "num_cpus", "threads", "fail")  # more rounds continue a run
+# fields that leave what a round computes as it was (more rounds continue a run)
+NON_SEMANTIC = ("out", "rounds", "timeout", "num_cpus", "threads", "fail", "prepare_only")
 
 
 @dataclass
@@ -89,6 +89,9 @@ class FederatedConfig:
         threads: torch threads per client and on the server.
         fail: injected client failures 'ROUND:CLIENT' (the client raises in that round), to exercise the
             dropped-client path; the round continues with the others.
+        prepare_only: write the run folder (shards, config, Flower App) and stop: for Flower's deployment runtime,
+            ``flwr run OUT/flower_app CONNECTION`` against a SuperLink whose SuperNodes have ``--node-config
+            partition-id=K``.
     """
 
     out: str = "output/federated"
@@ -126,6 +129,7 @@ class FederatedConfig:
     num_cpus: int = 1
     threads: int = 1
     fail: list[str] = field(default_factory=list)
+    prepare_only: bool = False
 
     def __post_init__(self):
         from distillset.launch.fed_parts import SPLITS
