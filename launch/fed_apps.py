@@ -76,7 +76,8 @@ def client_update(cfg: FederatedConfig, run_dir: Path, client: int, server_round
 
     fedavg: the weights after ``local_epochs`` on its shard from the global ones. feddm: a DM set of ``ipc`` images
     per class it holds (at least ``min_class_images``), synthesised by the recover engine under networks sampled
-    around the global weights, with its class counts (left out under DP: they are not noised). coreset: ``ipc``
+    around the global weights, with its class counts (left out under DP: they are not noised; and under DP only
+    classes with at least ``batch_real`` images, so no image enters a batch twice). coreset: ``ipc``
     random real images per class it holds, with its class counts.
     """
     torch.set_num_threads(cfg.threads)
@@ -95,7 +96,8 @@ def client_update(cfg: FederatedConfig, run_dir: Path, client: int, server_round
                             *_norm(local.image_shape[0]), seed, "cpu", init_state=state)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
     counts = np.bincount(local.labels.numpy(), minlength=len(classes))
-    keep = counts >= cfg.min_class_images
+    # under DP a class must fill a batch without repeats: a repeated image would weigh twice in the clipped sum
+    keep = counts >= max(cfg.min_class_images, cfg.batch_real if cfg.dp_noise else 1)
     if cfg.method == "coreset":
         g = torch.Generator().manual_seed(seed)
         pick = []

@@ -70,7 +70,8 @@ class FederatedConfig:
             direction scaled filter-wise to each filter's norm, times this factor; 0 = w_r itself.
         matching_aug: DM's Siamese augmentation (dsa, diffaugment or none).
         min_class_images: a client distils (and counts) only the classes it holds at least this many images of;
-            classes it lacks are left out of its upload (never an error).
+            classes it lacks are left out of its upload (never an error). Under dp_noise a class needs at least
+            batch_real images (a batch without repeats keeps each image's contribution within dp_clip).
         server_epochs: epochs the server trains the global model on the union of a round's uploads.
         server_lr: its SGD learning rate.
         server_protocol: student protocol of that training (matching = DSA augmentation, plain = none).
