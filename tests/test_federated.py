@@ -111,6 +111,9 @@ def test_dm_networks_start_from_base_weights_then_perturb(tmp_path):
     fewer = Context(**{**ctx.__dict__, "num_classes": 3})  # a client with 3 classes: the classifier stays random
     net = NetConfig(width=8, base_weights=str(tmp_path / "w.safetensors")).net_source().sample(fewer)
     assert torch.equal(net.state_dict()[conv], w0[conv])
+    save_tensors(tmp_path / "w16.safetensors", build_net("convnet", ctx, 1, width=16).state_dict())
+    with pytest.raises(DistillError, match="do not fit a convnet of width 8"):
+        NetConfig(width=8, base_weights=str(tmp_path / "w16.safetensors")).net_source().sample(ctx)
     with pytest.raises(DistillError, match="set only one"):
         NetConfig(base_weights=str(tmp_path / "w.safetensors"), model_pool=2)
     with pytest.raises(DistillError, match="is not a file"):

@@ -150,16 +150,19 @@ class NetSource:
         self._base: dict[str, torch.Tensor] | None = None
 
     def _load_base(self, net: nn.Module) -> None:
-        """Copy the base state dict into ``net`` where names and shapes agree; refuse one that shares no tensor."""
+        """Copy the base state dict into ``net``; only the classifier (the last Linear layer) may differ in shape."""
         if self._base is None:
             from distillset.core.io import load_tensors
 
             self._base = load_tensors(self.base_weights)
         own = net.state_dict()
+        head = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1:]
         same = {k: v for k, v in self._base.items() if k in own and own[k].shape == v.shape}
-        if not same:
-            raise DistillError(f"base_weights {self.base_weights} share no tensor with a {self.arch} of width "
-                               f"{self.width}; save the state dict of that architecture.")
+        bad = [k for k in own if k not in same and not any(k.startswith(h + ".") for h in head)]
+        if bad:
+            raise DistillError(f"base_weights {self.base_weights} do not fit a {self.arch} of width {self.width} "
+                               f"(tensor '{bad[0]}' is missing or of another shape); save the state dict of that "
+                               "architecture and width.")
         net.load_state_dict(same, strict=False)
 
     @property
