@@ -39,7 +39,7 @@ def rows_for(alpha: float, dp: bool, b: dict) -> list[tuple[str, dict]]:
             ("coreset (one-shot)", {"method": "coreset", "rounds": 1})]  # FedDM's round 1 is one-shot FedDM
     if dp:  # DP needs init noise: the same without DP separates the cost of the init from the cost of the noise
         rows += [("feddm (init noise)", {"method": "feddm", "rounds": b["feddm_rounds"], "init": "noise"}),
-                 ("feddm + DP", {"method": "feddm", "rounds": b["feddm_rounds"], "dp_noise": 1.0, "dp_clip": 1.0,
+                 ("feddm + DP sigma 1", {"method": "feddm", "rounds": b["feddm_rounds"], "dp_noise": 1.0, "dp_clip": 1.0,
                                  "init": "noise"}),
                  ("feddm + DP sigma 3", {"method": "feddm", "rounds": b["feddm_rounds"], "dp_noise": 3.0,
                                          "dp_clip": 1.0, "init": "noise"})]
@@ -56,17 +56,21 @@ def main() -> None:
     p.add_argument("--dp-alpha", type=float, default=0.5, help="the alpha at which the DP variant also runs")
     p.add_argument("--root", default="/tmp/distillset_federated_bench")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fedavg-rounds", type=int, default=0,
+                   help="FedAvg rounds (default: the budget's); more rounds continue a finished run")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("distillset.federated").setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
-    b = BUDGET[args.data]
+    b = dict(BUDGET[args.data])
+    b["fedavg_rounds"] = args.fedavg_rounds or b["fedavg_rounds"]
     data = f"npz:{SHARED / (args.data + '.npz')}"
     table = []
     for alpha in args.alphas:
         curves = {}
         for name, over in rows_for(alpha, alpha == args.dp_alpha, b):
-            out = Path(args.root) / args.data / f"alpha{alpha}" / name.replace(" ", "_").replace("(", "").replace(
+            folder = "feddm + DP" if name == "feddm + DP sigma 1" else name  # the folder of the first DP run
+            out = Path(args.root) / args.data / f"alpha{alpha}" / folder.replace(" ", "_").replace("(", "").replace(
                 ")", "").replace("+", "plus")
             cfg = FederatedConfig(out=str(out), data=data, clients=args.clients, split="dirichlet", alpha=alpha,
                                   train_size=b["train_size"], test_size=b["test_size"], width=args.width,
@@ -85,9 +89,9 @@ def main() -> None:
                     f"{args.data}, {args.clients} clients, Dirichlet {alpha}")
     setup = (f"{b['train_size']} training images split among the clients, global model convnet width {args.width} "
              f"scored on {b['test_size']} random test images; FedDM/coreset ipc {args.ipc} per class a client holds; "
-             f"DM {b['iterations']} steps (batch_real {b['batch_real']}, init real; DP: init noise, noise multiplier "
-             f"1, clip 1) per client and round; server {b['server_epochs']} epochs on the union; FedAvg 1 local epoch "
-             "per round. Machine: 2-core CPU, shared; one torch thread; Flower simulation (Ray, 1 CPU).")
+             f"DM {b['iterations']} steps (batch_real {b['batch_real']}, init real; DP rows: init noise, clip 1, the "
+             f"noise multiplier named) per client and round; server {b['server_epochs']} epochs on the union; FedAvg "
+             "1 local epoch per round. Machine: 2-core CPU, shared; one torch thread; Flower simulation (Ray, 1 CPU).")
     head = ("| alpha | method | rounds | accuracy | uploaded MB | downloaded MB | round time s | max client epsilon "
             "(delta 1e-5) |")
     lines = [f"# Federated: {args.data}, {args.clients} clients, Dirichlet label skew", "", setup, "", head,
