@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                     "gradient leakage: reconstruct private images from a shared gradient (DLG, iDLG)"),
     "attack backdoor": ("distillset.launch.backdoor:BackdoorConfig", "distillset.launch.backdoor:run",
                          "NAIVEATTACK / DOORPING backdoors vs a clean distilled set"),
+    "federated": ("distillset.launch.federated:FederatedConfig", "distillset.launch.fed_apps:run",
+                   "federated learning through distilled data (FedDM) vs FedAvg on Flower"),
     "prior train": ("distillset.generative.train:PriorTrainConfig", "distillset.generative.train:run",
                      "train a small generative prior"),
 }

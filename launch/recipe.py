@@ -2,7 +2,7 @@
 
 A recipe is a mapping with an ``out`` root and one section per stage, in this order when present:
 ``squeeze``, ``squeeze_stats``, ``squeeze_trajectories``, ``prior_train``, ``recover``, ``relabel``, ``evaluate``,
-``privacy_mia``, ``privacy_nearest``, ``export``, ``explain``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
+``privacy_mia``, ``privacy_nearest``, ``export``, ``explain``, ``federated``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
 earlier stages: ``out`` -> ``<out>/<stage>``, ``data`` -> the squeeze data, ``teachers`` -> the squeeze folder,
 ``distilled`` -> the recover folder. A ``grouped:{groups: ...}`` data spec without ``data`` regroups the chained
 data (the squeeze data), and such a section gets no chained teacher: the squeeze teacher knows the fine classes, not
@@ -25,7 +25,7 @@ from distillset.launch.commands import load as _load
 log = logging.getLogger("distillset.run")
 
 ORDER = ["squeeze", "squeeze_stats", "squeeze_trajectories", "prior_train", "recover", "relabel", "evaluate",
-         "privacy_mia", "privacy_nearest", "export", "explain"]
+         "privacy_mia", "privacy_nearest", "export", "explain", "federated"]
 
 
 def _command(section: str) -> str:

@@ -63,8 +63,12 @@ def train_student(train: ImageSet, test: ImageSet, spec: StudentSpec, mean, std,
 
 
 def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device, soft: SoftLabels | None = None,
-                soft_targets: torch.Tensor | None = None, zca: ZCA | None = None, on_epoch=None) -> torch.nn.Module:
-    """Train one fresh student (seeded) on ``train`` and return it in eval mode (see :func:`train_student`)."""
+                soft_targets: torch.Tensor | None = None, zca: ZCA | None = None, on_epoch=None,
+                init_state: dict | None = None) -> torch.nn.Module:
+    """Train one fresh student (seeded) on ``train`` and return it in eval mode (see :func:`train_student`).
+
+    ``init_state`` starts it from those weights instead of a random init (a federated round continues the global
+    model)."""
     if spec.protocol not in PROTOCOLS:
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use {', '.join(PROTOCOLS)}.")
     if soft is not None:
@@ -72,6 +76,8 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
     torch.manual_seed(seed)
     n, c = len(train), train.num_classes
     model = create_model(spec.arch, c, train.image_shape[0], train.image_shape[-1], **spec.model_kwargs).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     steps_per_epoch = max(1, math.ceil(n / spec.batch_size))
     total = steps_per_epoch * spec.epochs
     if spec.protocol == "sre2l":

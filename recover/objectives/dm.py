@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Objective, Parametrization, register_objective
 from distillset.recover.objectives._matching import MatchingConfig, Normalize, SiameseAugmenter, class_positions
 
@@ -35,9 +36,21 @@ class DistributionMatching(Objective):
                 instead of class by class; the same numbers. Off by default: on the 2-core CPU measured it is slower
                 (0.65x at batch_real 32, 0.98x at 256: benchmarks/dm_step.py); large batches pay where small kernel
                 launches dominate (GPUs).
+            dp_noise: FedDM's Gaussian mechanism on the matched statistic (0 = off): every real embedding is clipped
+                to L2 norm ``dp_clip``, and the class's sum gets N(0, (dp_noise x dp_clip)^2) noise before it is
+                divided by the batch size; ``dp_noise`` is the noise multiplier an RDP accountant takes (one
+                subsampled Gaussian step per step, sample rate batch_real / images of the class).
+            dp_clip: the per-example L2 clipping norm of the real embeddings under ``dp_noise``.
         """
 
         batch_classes: bool = False
+        dp_noise: float = 0.0
+        dp_clip: float = 1.0
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.dp_noise < 0 or self.dp_clip <= 0:
+                raise DistillError(f"dp_noise must be >= 0 and dp_clip > 0, got {self.dp_noise} and {self.dp_clip}.")
 
     needs_real = True
     joint_classes = False
@@ -88,9 +101,18 @@ class DistributionMatching(Objective):
             with torch.no_grad():
                 emb_real = embed(net, self.norm(torch.cat(reals))).float()
             emb_syn = embed(net, self.norm(torch.cat(syns))).float()
-        mu_real = [e.mean(0) for e in emb_real.split([len(r) for r in reals])]
+        mu_real = [self._real_mean(e, ctx) for e in emb_real.split([len(r) for r in reals])]
         mu_syn = [e.mean(0) for e in emb_syn.split([len(s) for s in syns])]
         return [((a - b) ** 2).sum() for a, b in zip(mu_real, mu_syn)]
+
+    def _real_mean(self, emb: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The class's mean real embedding; under ``dp_noise`` the clipped sum plus Gaussian noise, over the batch."""
+        if not self.cfg.dp_noise:
+            return emb.mean(0)
+        clip = self.cfg.dp_clip
+        scale = (clip / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        noise = torch.randn(emb.shape[1], generator=ctx.generator).to(emb.device) * (self.cfg.dp_noise * clip)
+        return ((emb * scale).sum(0) + noise) / len(emb)
 
     def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
         net = self.source.sample(ctx)

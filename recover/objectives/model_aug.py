@@ -93,6 +93,10 @@ class NetConfig:
         perturb: Acc-DD perturbation strength alpha (0 = none).
         pool_epochs: epochs each on-the-fly pool member is trained on the real data.
         pool_lr: the pool members' SGD learning rate.
+        base_weights: a safetensors state dict (e.g. a federated global model w_r) every drawn network starts from
+            instead of a random init, then perturbed by ``perturb`` (FedDM's networks sampled around w_r). Tensors
+            whose shape differs (the classifier when the data has fewer classes) keep their random init: DM
+            matches embeddings, which do not use the classifier.
     """
 
     arch: str = "convnet"
@@ -101,15 +105,21 @@ class NetConfig:
     perturb: float = 0.0
     pool_epochs: float = 2.0
     pool_lr: float = 0.01
+    base_weights: str = ""
 
     def __post_init__(self):
         if self.perturb < 0:
             raise DistillError(f"perturb must be >= 0, got {self.perturb}.")
         if isinstance(self.model_pool, int) and self.model_pool < 0:
             raise DistillError(f"model_pool must be a count >= 0 or a folder, got {self.model_pool}.")
+        if self.base_weights and self.model_pool:
+            raise DistillError("base_weights and model_pool both say where networks come from; set only one.")
+        if self.base_weights and not Path(self.base_weights).is_file():
+            raise DistillError(f"base_weights {self.base_weights} is not a file; pass a safetensors state dict.")
 
     def net_source(self) -> NetSource:
-        return NetSource(self.arch, self.width, self.model_pool, self.perturb, self.pool_epochs, self.pool_lr)
+        return NetSource(self.arch, self.width, self.model_pool, self.perturb, self.pool_epochs, self.pool_lr,
+                         base_weights=self.base_weights)
 
 
 class NetSource:
@@ -124,17 +134,36 @@ class NetSource:
         pool_epochs: epochs each on-the-fly pool member is trained on the real data.
         pool_lr: its SGD learning rate.
         pool_seed: seed of the pool (fixed, so every process builds the same pool).
+        base_weights: safetensors state dict every drawn network is loaded from before the perturbation.
     """
 
     def __init__(self, arch: str = "convnet", width: int = 128, model_pool: int | str = 0, perturb: float = 0.0,
-                 pool_epochs: float = 2.0, pool_lr: float = 0.01, pool_seed: int = 0):
+                 pool_epochs: float = 2.0, pool_lr: float = 0.01, pool_seed: int = 0, base_weights: str = ""):
         if perturb < 0:
             raise DistillError(f"perturb must be >= 0, got {perturb}.")
         if isinstance(model_pool, int) and model_pool < 0:
             raise DistillError(f"model_pool must be a count >= 0 or a folder, got {model_pool}.")
         self.arch, self.width, self.model_pool, self.perturb = arch, width, model_pool, perturb
         self.pool_epochs, self.pool_lr, self.pool_seed = pool_epochs, pool_lr, pool_seed
+        self.base_weights = base_weights
         self._pool: list[nn.Module] | None = None
+        self._base: dict[str, torch.Tensor] | None = None
+
+    def _load_base(self, net: nn.Module) -> None:
+        """Copy the base state dict into ``net``; only the classifier (the last Linear layer) may differ in shape."""
+        if self._base is None:
+            from distillset.core.io import load_tensors
+
+            self._base = load_tensors(self.base_weights)
+        own = net.state_dict()
+        head = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1:]
+        same = {k: v for k, v in self._base.items() if k in own and own[k].shape == v.shape}
+        bad = [k for k in own if k not in same and not any(k.startswith(h + ".") for h in head)]
+        if bad:
+            raise DistillError(f"base_weights {self.base_weights} do not fit a {self.arch} of width {self.width} "
+                               f"(tensor '{bad[0]}' is missing or of another shape); save the state dict of that "
+                               "architecture and width.")
+        net.load_state_dict(same, strict=False)
 
     @property
     def uses_pool(self) -> bool:
@@ -190,6 +219,8 @@ class NetSource:
             net = copy.deepcopy(pool[k])
         else:
             net = build_net(self.arch, ctx, _seed_from(ctx.generator), self.width)
+            if self.base_weights:
+                self._load_base(net)
         if self.perturb > 0:
             perturb_(net, self.perturb, ctx.generator)
         net.train()
