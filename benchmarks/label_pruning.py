@@ -39,6 +39,9 @@ SETTINGS = {
     "top-4 uint8, prune 1/10": (4, "uint8", 0.1),
     "top-4 uint8, prune 1/40 (LPLD)": (4, "uint8", 0.025),
     "full fp16, prune 1/40": (0, "fp16", 0.025),
+    "full fp16, prune 1/10": (0, "fp16", 0.1),
+    "top-8 uint8": (8, "uint8", 1.0),
+    "top-8 uint8, prune 1/10": (8, "uint8", 0.1),
 }
 IMAGENET = {"images": 50_000, "epochs": 300, "classes": 1000}
 SRE2L_GB = 28.33
