@@ -38,8 +38,16 @@ import torch
 from distillset.core.config import check_number, config_diff, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, resize_uint8
 from distillset.core.errors import DistillError
-from distillset.core.io import (atomic_path, finished_record, inside, load_tensors, require_folder, save_tensors,
-                                write_json, write_text)
+from distillset.core.io import (
+    atomic_path,
+    finished_record,
+    inside,
+    load_tensors,
+    require_folder,
+    save_tensors,
+    write_json,
+    write_text,
+)
 from distillset.core.partition import Unit, mix_seed
 from distillset.core.runtime import get_runtime
 

@@ -15,8 +15,7 @@ from distillset.core.errors import DistillError
 from distillset.core.io import file_sha256, load_tensors, save_tensors
 from distillset.launch.cli import main
 from distillset.launch.leak import LeakConfig, reconstruct, run, score
-from distillset.recover.objectives.leak import (capture_gradient, idlg_labels, last_layer, load_gradient,
-                                                save_gradient)
+from distillset.recover.objectives.leak import capture_gradient, idlg_labels, last_layer, load_gradient, save_gradient
 from distillset.squeeze.checkpoint import BackboneConfig, Teacher, load_teacher, save_backbone
 from distillset.squeeze.models import create_model
 
@@ -142,7 +141,7 @@ def test_lbfgs_unit_resumes_to_the_uninterrupted_result(tmp_path, mnist):
 def test_gradient_of_another_architecture_is_one_line_exit_2(tmp_path, mnist, capsys):
     """A gradient file whose tensors do not fit the model given (another width: other shapes) is refused before
     anything is written; a file that is not a gradient file too."""
-    gradient, model, _ = _captured(tmp_path, mnist, 1)
+    gradient, _, _ = _captured(tmp_path, mnist, 1)
     other = fresh_lenet(1, width=6)
     save_backbone(tmp_path / "narrow", other.model, other.config)
     before = file_sha256(gradient)

@@ -138,8 +138,8 @@ def load_gradient(path: str | Path) -> CapturedGradient:
     try:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-            grads = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for truncated or foreign files
+            grads = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (a safetensors handle, not a dict)
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types for truncated or foreign files)
         raise DistillError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated.") from None
     try:
         meta = json.loads(raw) if raw else None
