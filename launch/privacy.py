@@ -364,7 +364,8 @@ class NearestConfig:
         mia: a ``privacy mia`` run folder: its distilled sets of the first seed are compared too (a recipe chains
             it).
         out: output folder (nearest.json, nearest.csv, nearest_<set>.png, config.yaml).
-        data: the real data (default: the source the first set records).
+        against: the real data whose training split is searched (default: the source the first set records,
+            i.e. the images it was distilled from; a privacy mia set's members).
         teacher: a teacher spec for the feature-space distance (default: the first set's recorded teacher; none
             for teacher-free methods such as DM, then the feature column is left out).
         k: neighbours per image.
@@ -375,7 +376,7 @@ class NearestConfig:
     distilled: list[str] = field(default_factory=list)
     mia: str = ""
     out: str = "output/privacy/nearest"
-    data: str = ""
+    against: str = ""
     teacher: str = ""
     k: int = 3
     reference: int = 10
@@ -433,9 +434,9 @@ def run_nearest(cfg: NearestConfig, rt=None) -> dict:
     folders = cfg.folders()
     sets = [load_distilled(Path(f)) for f in folders]  # every set read (and checked) before any work
     out = require_folder(cfg.out)
-    data = cfg.data or sets[0][1].get("data")
+    data = cfg.against or sets[0][1].get("data")
     if not data:
-        raise DistillError(f"{folders[0]} does not record its data source; pass --data SPEC.")
+        raise DistillError(f"{folders[0]} does not record its data source; pass --against SPEC.")
     src = Source(data)
     size = sets[0][0].image_shape
     for f, (s, _) in zip(folders, sets):
