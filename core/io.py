@@ -143,6 +143,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str] | None = None,
+              floats: str | None = None) -> None:
+    """Rows of dicts as a CSV file, written atomically. ``fields``: the columns (default: every key, in first-seen
+    order; keys outside ``fields`` are left out); ``floats``: a format spec for float cells (e.g. ``".4f"``). No
+    rows and no fields: an empty file."""
+    import csv
+    import io
+
+    cols = fields if fields is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    if cols:
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (format(v, floats) if floats and isinstance(v, float) else v) for k, v in r.items()})
+    write_text(path, buf.getvalue())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

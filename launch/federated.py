@@ -21,7 +21,6 @@ This module holds the config and the run folder; the Flower apps and ``run`` (th
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import numpy as np
 
 from distillset.core.config import fingerprint, from_dict, to_dict, write_config
 from distillset.core.errors import DistillError
-from distillset.core.io import atomic_path, read_json, require_folder, write_json, write_text
+from distillset.core.io import atomic_path, read_json, require_folder, write_csv, write_json, write_text
 
 log = logging.getLogger("distillset.federated")
 
@@ -293,12 +292,7 @@ def summarise(run_dir: Path, cfg: FederatedConfig, seconds: float) -> dict:
                      "download_bytes": sum(c["download_bytes"] for c in r["clients"]), "total_upload_bytes": up,
                      "total_download_bytes": down, "seconds": r["seconds"],
                      "epsilon_max": max((c.get("epsilon", 0.0) for c in r["clients"]), default=0.0)})
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    write_text(run_dir / "metrics.csv", buf.getvalue())
+    write_csv(run_dir / "metrics.csv", rows)
     last = recs[-1] if recs else {}
     eps = {str(c["partition"]): c["epsilon"] for c in last.get("clients", []) if "epsilon" in c}
     result = {"method": cfg.method, "rounds": len(recs), "accuracy": last.get("accuracy"),

@@ -25,8 +25,6 @@ image), ``grid.png`` (per trial a row of originals over a row of reconstructions
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import statistics
 import time
@@ -45,8 +43,8 @@ from distillset.core.io import (
     load_tensors,
     require_folder,
     save_tensors,
+    write_csv,
     write_json,
-    write_text,
 )
 from distillset.core.partition import Unit, mix_seed
 from distillset.core.runtime import get_runtime
@@ -417,12 +415,7 @@ def _write_results(out: Path, cfg: LeakConfig, fp: str, trials: list[dict]) -> d
     for t in trials:
         for im in t["images"]:
             rows.append({"trial": t["trial"], **{k: v for k, v in im.items()}, "grad_distance": t["grad_distance"]})
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out / "leak.csv", buf.getvalue())
+    write_csv(out / "leak.csv", rows)
     save_pairs_grid(out / "grid.png", out, trials, cfg.method)
     means = _means(trials)
     result = {"fingerprint": fp, "config": to_dict(cfg), "method": cfg.method, "batch_size": trials[0]["batch_size"],

@@ -21,7 +21,6 @@ one PNG grid per set (synthetic | nearest k by each measure).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -36,7 +35,7 @@ import torch
 from distillset.core.config import from_dict, to_dict, write_config
 from distillset.core.data import ImageSet, Source
 from distillset.core.errors import DistillError
-from distillset.core.io import atomic_path, require_folder, write_json
+from distillset.core.io import atomic_path, require_folder, write_csv, write_json
 
 log = logging.getLogger("distillset.privacy")
 
@@ -325,22 +324,11 @@ def run_mia(cfg: MIAConfig, rt=None) -> dict:
               "config": to_dict(cfg)}
     if rt.is_main:
         write_json(r.out / "mia.json", result)
-        _write_csv(r.out / "mia.csv", summary)
+        write_csv(r.out / "mia.csv", summary, floats=".4f")
         first = {x["target"]: x["loss_attack"]["roc"] for x in records if x["seed"] == records[0]["seed"]}
         roc_plot(r.out / "roc.png", first)
         log.info("privacy mia:\n%s", format_mia(result))
     return result
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
 
 
 def format_mia(result: dict) -> str:
@@ -487,6 +475,6 @@ def run_nearest(cfg: NearestConfig, rt=None) -> dict:
     for name, s in result["sets"].items():
         for what in ("synthetic", "reference"):
             rows.append({"set": name, "images": what, "method": s["method"], "init": s["init"], **s[what]})
-    _write_csv(out / "nearest.csv", rows)
+    write_csv(out / "nearest.csv", rows, floats=".4f")
     return result
 

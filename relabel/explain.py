@@ -22,8 +22,6 @@ per (teacher, seed, image, baseline) in ``explain.csv``, the tables in ``summary
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -40,7 +38,7 @@ from distillset.core.config import check_number, config_diff, fingerprint, to_di
 from distillset.core.data import ImageSet, Source, group_index, parse_grouped
 from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError, unknown_name
-from distillset.core.io import atomic_path, finished_record, require_folder, write_json, write_text
+from distillset.core.io import atomic_path, finished_record, require_folder, write_csv, write_json, write_text
 from distillset.core.runtime import get_runtime
 
 log = logging.getLogger("distillset.explain")
@@ -613,15 +611,10 @@ def format_table(cfg: ExplainConfig, summary: dict, chance: float) -> str:
     return "\n".join(lines) + f"\n\nmass in box of a uniform map (chance): {chance:.3f}"
 
 
-def write_csv(path: Path, cfg: ExplainConfig, rows: list[dict]) -> None:
+def write_rows(path: Path, cfg: ExplainConfig, rows: list[dict]) -> None:
     cols = ["teacher", "seed", "image", "label", "target", "coarse", "baseline", "f_x", "f_baseline",
             *metric_names(cfg), "distilled_index"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text(path, buf.getvalue())
+    write_csv(path, rows, cols, floats=".6g")
 
 
 def save_example(path: Path, shown: dict, k: int, class_names: list[str]) -> None:
@@ -697,7 +690,7 @@ def run(cfg: ExplainConfig, rt=None) -> dict:
         "seconds": time.perf_counter() - t0, "config": to_dict(cfg)}
     if rt.is_main:
         write_json(out / "explain.json", result)
-        write_csv(out / "explain.csv", cfg, rows)
+        write_rows(out / "explain.csv", cfg, rows)
         table = format_table(cfg, summary, chance) + ("\n\n" + format_paired(cfg, pairs) if pairs else "")
         write_text(out / "summary.md", table + "\n")
         write_config(out, cfg)
