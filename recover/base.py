@@ -362,3 +362,35 @@ class Augmentation:
 
     def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         return self.apply(x, self.sample(x.shape[0], ctx), ctx)
+
+
+class ComposingObjective(Objective):
+    """A selection method that composes all ``ipc`` images of a class at once from real data (RDED stitches crops,
+    D4M denoises latent prototypes): :meth:`compose` makes them; units take their slices from a one-class cache,
+    so memory stays bounded by one class."""
+
+    selects = True
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def compose(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
+        """All ``ipc`` images of class ``c`` as ``[0, 1]`` floats ``(ipc, C, H, W)``."""
+        raise NotImplementedError
+
+    def class_images(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
+        """:meth:`compose`, computed once per (class, ipc, seed) and kept until the next class."""
+        key = (c, ipc, ctx.seed)
+        if key not in self._cache:
+            self._cache = {key: self.compose(c, ipc, ctx)}
+        return self._cache[key]
+
+    def select_images(self, ctx: Context, ipc: int) -> torch.Tensor:
+        c = int(torch.unique(ctx.classes)[0])
+        i0 = ctx.first_index
+        images = self.class_images(c, ctx.ipc, ctx)[i0:i0 + ipc]
+        return (images * 255).round().to(torch.uint8).cpu()
+
+    def teardown(self) -> None:
+        self._cache = {}

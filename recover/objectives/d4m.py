@@ -22,7 +22,7 @@ import torch
 
 from distillset.core.errors import DistillError
 from distillset.core.partition import init_order, mix_seed
-from distillset.recover.base import Context, Objective, register_objective
+from distillset.recover.base import ComposingObjective, Context, register_objective
 
 log = logging.getLogger("distillset.recover")
 
@@ -63,7 +63,7 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 25)
 
 @register_objective("d4m", paper="Su et al. 2024, D4M: Dataset Distillation via Disentangled Diffusion Model "
                     "(CVPR)")
-class D4M(Objective):
+class D4M(ComposingObjective):
     """D4M: per-class k-means prototypes in a latent diffusion model's latent space, denoised into images."""
 
     @dataclass
@@ -97,12 +97,10 @@ class D4M(Objective):
                 raise DistillError("d4m needs steps >= 1, pool >= 0, kmeans_iters >= 0 and batch >= 1.")
 
     needs_real = True
-    selects = True
 
     def __init__(self, cfg: Config | None = None):
         super().__init__(cfg)
         self._prior = None
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def real_per_class(self, ipc: int) -> int:
         return ipc  # one prototype per cluster: k-means needs at least ipc images
@@ -125,11 +123,8 @@ class D4M(Objective):
             self._prior = prior
 
     @torch.no_grad()
-    def class_images(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
-        """All ``ipc`` images of class ``c`` (``[0, 1]`` floats), computed once per (class, ipc, seed)."""
-        key = (c, ipc, ctx.seed)
-        if key in self._cache:
-            return self._cache[key]
+    def compose(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
+        """All ``ipc`` images of class ``c`` (``[0, 1]`` floats)."""
         prior, cfg = self._prior, self.cfg
         order = init_order(ctx.real.index[c], c, ctx.seed)
         if cfg.pool:
@@ -149,7 +144,6 @@ class D4M(Objective):
             noise = torch.randn(p.shape, generator=g).to(p.device)
             out.append(self.img2img(p, noise, labels[s:s + cfg.batch]))
         images = torch.cat(out).clamp_(0, 1)
-        self._cache = {key: images}  # one class at a time: memory stays bounded
         return images
 
     def timesteps(self) -> list[int]:
@@ -173,12 +167,3 @@ class D4M(Objective):
             x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return prior.decode(z)
-
-    def select_images(self, ctx: Context, ipc: int) -> torch.Tensor:
-        c = int(torch.unique(ctx.classes)[0])
-        i0 = ctx.first_index
-        images = self.class_images(c, ctx.ipc, ctx)[i0:i0 + ipc]
-        return (images * 255).round().to(torch.uint8).cpu()
-
-    def teardown(self) -> None:
-        self._cache = {}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from distillset.core.errors import DistillError
 from distillset.core.partition import init_order, mix_seed
-from distillset.recover.base import Context, Objective, register_objective
+from distillset.recover.base import ComposingObjective, Context, register_objective
 from distillset.squeeze.augment import affine_crop, sample_crops
 
 log = logging.getLogger("distillset.recover")
@@ -63,7 +63,7 @@ def stitch(patches: torch.Tensor, ipc: int, factor: int, size: tuple[int, int]) 
 @register_objective("rded", paper="Sun et al. 2024, On the Diversity and Realism of Distilled Dataset: An Efficient "
                     "Dataset Distillation Paradigm (CVPR)",
                     description="select the teacher-scored most realistic real crops, stitched factor x factor")
-class RDED(Objective):
+class RDED(ComposingObjective):
     """RDED: realistic and diverse crops of real images, scored by the teachers, stitched factor x factor."""
 
     @dataclass
@@ -97,13 +97,11 @@ class RDED(Objective):
 
     needs_teacher = True
     needs_real = True
-    selects = True
 
     def __init__(self, cfg: Config | None = None):
         super().__init__(cfg)
         self.factor, self.crops, self.pool, self.batch = self.cfg.factor, self.cfg.crops, self.cfg.pool, self.cfg.batch
         self.scale = (float(self.cfg.min_scale), float(self.cfg.max_scale))
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def real_per_class(self, ipc: int) -> int:
         return ipc * self.factor ** 2  # every crop comes from a distinct real image
@@ -149,11 +147,8 @@ class RDED(Objective):
             scored[:, :, top:top + small.shape[-2], left:left + small.shape[-1]] = small
         return small, scored
 
-    def class_images(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
-        """All ``ipc`` stitched images of class ``c`` (``[0, 1]`` floats), computed once per (class, ipc, seed)."""
-        key = (c, ipc, ctx.seed)
-        if key in self._cache:
-            return self._cache[key]
+    def compose(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
+        """All ``ipc`` stitched images of class ``c`` (``[0, 1]`` floats)."""
         need = ipc * self.factor ** 2
         order = init_order(ctx.real.index[c], c, ctx.seed)[: self.pool]
         if order.numel() < need:
@@ -176,14 +171,4 @@ class RDED(Objective):
             top = torch.argsort(ss, stable=True)[:need]  # stable: ties keep stream order, deterministic
             kept_x, kept_s = xs[top], ss[top]
         images = stitch(kept_x, ipc, self.factor, tuple(ctx.image_shape[-2:])).clamp_(0, 1)
-        self._cache = {key: images}  # one class at a time: memory stays bounded
         return images
-
-    def select_images(self, ctx: Context, ipc: int) -> torch.Tensor:
-        c = int(torch.unique(ctx.classes)[0])
-        i0 = ctx.first_index
-        images = self.class_images(c, ctx.ipc, ctx)[i0:i0 + ipc]
-        return (images * 255).round().to(torch.uint8).cpu()
-
-    def teardown(self) -> None:
-        self._cache = {}
