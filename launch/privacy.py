@@ -319,7 +319,7 @@ def run_mia(cfg: MIAConfig, rt=None) -> dict:
             if vals:
                 row[key], row[key + "_std"] = mean_std(vals)
         summary.append(row)
-    result = {"summary": summary, "runs": [{k: v for k, v in x.items()} for x in records],
+    result = {"summary": summary, "runs": records,
               "members_per_class": cfg.members_per_class, "ipc": cfg.ipc, "seconds": time.perf_counter() - t0,
               "config": to_dict(cfg)}
     if rt.is_main:

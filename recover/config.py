@@ -159,8 +159,9 @@ def check_plugin_name(kind: str, name: str) -> None:
     if kind == "objective":
         from distillset.recover.refinements import hint
 
-        if hint(name.lower()):
-            raise DistillError(hint(name.lower()))
+        usage = hint(name.lower())
+        if usage:
+            raise DistillError(usage)
     raise unknown_name(kind, name, sorted(names))
 
 
