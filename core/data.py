@@ -76,12 +76,16 @@ class ImageSet:
 
     def require_classes(self, ipc: int = 1, what: str = "this stage") -> None:
         """Fail clearly if a class is empty or has fewer than ``ipc`` images."""
-        counts = self.class_counts()
-        short = [(self.class_names[c], int(n)) for c, n in enumerate(counts) if n < ipc]
-        if short:
-            name, n = short[0]
-            raise DistillError(f"class '{name}' has {n} images but {what} needs {ipc} per class "
-                               f"({len(short)} classes short); lower ipc or add images to those classes.")
+        require_counts(self.class_counts(), self.class_names, ipc, what)
+
+
+def require_counts(counts, class_names: list[str], ipc: int, what: str) -> None:
+    """Fail clearly if a class has fewer than ``ipc`` images (``counts[c]`` of class ``c``)."""
+    short = [(class_names[c], int(n)) for c, n in enumerate(counts) if n < ipc]
+    if short:
+        name, n = short[0]
+        raise DistillError(f"class '{name}' has {n} images but {what} needs {ipc} per class "
+                           f"({len(short)} classes short); lower ipc or add images to those classes.")
 
 
 # ------------------------------------------------------------------------------------------------------------ sources

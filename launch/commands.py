@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("distillset.launch.export:ExportConfig", "distillset.launch.export:run", "export a distilled set"),
     "shards": ("distillset.launch.shards:ShardsConfig", "distillset.launch.shards:run",
                 "write a source as webdataset shards"),
+    "shards index": ("distillset.launch.shards:ShardsIndexConfig", "distillset.launch.shards:run_index",
+                      "per-class index of webdataset shards (read one class without the others)"),
     "privacy mia": ("distillset.launch.privacy:MIAConfig", "distillset.launch.privacy:run_mia",
                      "membership inference on models trained on members, distilled sets and coresets"),
     "privacy nearest": ("distillset.launch.privacy:NearestConfig", "distillset.launch.privacy:run_nearest",

@@ -3,6 +3,10 @@
 Output: ``OUT/{split}-{k:06d}.tar`` (``KEY.png`` or the original encoded bytes, ``KEY.cls``) and a timm-readable
 ``OUT/_info.json`` (``splits.{split}.{name, num_samples, filenames, shard_lengths}``) plus ``class_names`` and
 ``image_shape``. Shards are written atomically and split across processes; a re-run skips finished shards.
+
+Each split also gets a per-class index (``_classes-{split}.npy`` + ``{split}.wids.json``, see
+:mod:`distillset.core.classindex`) so that a method reads one class without reading the others;
+``distillset shards index`` writes it for shards made elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class ShardsConfig:
             then copied byte for byte, no re-encoding).
         shuffle: shuffle the training split before sharding (seeded), so sequential shard reads are class-mixed.
         seed: shuffle seed.
+        index: also write the per-class index of every split (one more streaming pass over the shards).
     """
 
     data: str = "digits"
@@ -43,10 +48,29 @@ class ShardsConfig:
     image_size: int = 0
     shuffle: bool = True
     seed: int = 0
+    index: bool = True
 
     def __post_init__(self):
         if self.maxcount < 1:
             raise DistillError("maxcount must be >= 1.")
+
+
+@dataclass
+class ShardsIndexConfig:
+    """Write the per-class index of existing webdataset shards (in their folder, beside ``_info.json``).
+
+    Attributes:
+        data: the shards, ``wds:FOLDER`` (a folder with ``_info.json``).
+        splits: splits to index (those the shards have, by default).
+    """
+
+    data: str = ""
+    splits: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.data.startswith("wds:"):
+            raise DistillError(f"--data '{self.data}' is not webdataset shards; give wds:FOLDER (a folder with "
+                               "_info.json, as `distillset shards` writes).")
 
 
 def _records(source: Source, split: str, image_size: int):
@@ -66,13 +90,12 @@ def _write_raw_shard(path: Path, samples: list[tuple[str, bytes, str, int]]) -> 
     import io
     import tarfile
 
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w") as tar:
-            for key, data, ext, label in samples:
-                for e, payload in ((ext, data), ("cls", str(label).encode())):
-                    ti = tarfile.TarInfo(member_name(key, e))
-                    ti.size, ti.mtime, ti.mode = len(payload), 0, 0o644
-                    tar.addfile(ti, io.BytesIO(payload))
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for key, data, ext, label in samples:
+            for e, payload in ((ext, data), ("cls", str(label).encode())):
+                ti = tarfile.TarInfo(member_name(key, e))
+                ti.size, ti.mtime, ti.mode = len(payload), 0, 0o644
+                tar.addfile(ti, io.BytesIO(payload))
 
 
 def run(cfg: ShardsConfig, rt=None) -> dict:
@@ -111,8 +134,40 @@ def run(cfg: ShardsConfig, rt=None) -> dict:
         info["image_shape"] = _probe_shape(out, info)
         write_json(out / "_info.json", info)
         log.info("shards: wrote %s", {s: v["num_samples"] for s, v in info["splits"].items()})
+        if cfg.index:
+            _index(out, list(info["splits"]))
     rt.wait()
     return read_json(out / "_info.json")
+
+
+def _index(folder: Path, splits: list[str]) -> dict:
+    from distillset.core.classindex import write_index
+    from distillset.core.data import WdsShards
+
+    shards = WdsShards(str(folder))
+    info = dict(shards.info)
+    for split in splits:
+        if split not in info.get("splits", {}):
+            raise DistillError(f"shards in {folder} have no '{split}' split (have {sorted(info.get('splits', {}))}).")
+        info["splits"][split] = {**info["splits"][split], **write_index(shards, split)}
+    write_json(folder / "_info.json", info)  # the index is recorded only once its files are complete
+    return info
+
+
+def run_index(cfg: ShardsIndexConfig, rt=None) -> dict:
+    """``distillset shards index``: the per-class index of each split, written beside the shards."""
+    from distillset.core.data import WdsShards
+
+    rt = rt or get_runtime()
+    arg = cfg.data[len("wds:"):]
+    shards = WdsShards(arg)
+    if not Path(arg).is_dir():
+        raise DistillError(f"give the shards' folder (wds:{shards.folder}), not a pattern: the index covers a split's "
+                           "shards as _info.json lists them.")
+    splits = cfg.splits or list(shards.info.get("splits", {}))
+    info = _index(shards.folder, splits) if rt.is_main else None
+    rt.wait()
+    return info or read_json(shards.folder / "_info.json")
 
 
 def _probe_shape(out: Path, info: dict) -> list[int]:

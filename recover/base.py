@@ -276,7 +276,7 @@ class Objective:
         ``ctx.first_index ..`` of that class. Default: the real images :meth:`select` picks; a method that composes
         images from real data (RDED stitches crops) overrides this instead."""
         idx = self.select(ctx, ipc)
-        return ctx.real.images[idx.to(ctx.real.images.device)].cpu()
+        return ctx.real.uint8(idx)
 
     def image_ema(self) -> float:
         """Decay of the moving average of the images this method writes by its own options (0 = none); the engine

@@ -44,6 +44,9 @@ class RecoverConfig:
         autocast: auto (bf16 where the hardware is fast at it), bf16, fp16 or none.
         channels_last: use channels-last memory format for teachers and images.
         compile: torch.compile the teachers (GPU; slow to start).
+        stream_real: read real images class by class when the source's shards carry a class index (`distillset
+            shards` writes one), so memory follows the classes of a unit, not the dataset; false loads the whole
+            training split (the same images are picked either way).
         checkpoint_every: save the unit's optimiser state every N steps so a killed run resumes mid-unit (0 = off).
         log_every: log losses every N steps (also where NaN is checked).
         max_classes: use only the first N classes (0 = all), for debugging.
@@ -78,6 +81,7 @@ class RecoverConfig:
     autocast: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    stream_real: bool = True
     checkpoint_every: int = 0
     log_every: int = 50
     max_classes: int = 0
@@ -166,4 +170,4 @@ def check_plugin_name(kind: str, name: str) -> None:
 
 
 # options that do not change the result: a re-run with other values continues the same run
-NON_SEMANTIC = ("out", "log_every", "checkpoint_every", "compile")
+NON_SEMANTIC = ("out", "log_every", "checkpoint_every", "compile", "stream_real")

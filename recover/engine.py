@@ -23,13 +23,13 @@ from distillset.core.distilled import load_distilled, sample_key, save_grid, sha
 from distillset.core.errors import DistillError
 from distillset.core.io import clean_temp, content_sha256, is_temp, read_json, require_folder, save_tensors, write_json
 from distillset.core.locks import Lock, hold, owner, try_lock
-from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # noqa: F401  (re-exported)
+from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
 from distillset.recover import base
 from distillset.recover.config import NON_SEMANTIC, RecoverConfig
 from distillset.recover.ema import ImageEMA
-from distillset.recover.real import RealData
+from distillset.recover.real import RealData, StreamedRealData
 from distillset.squeeze.inputs import ZCA, ZCA_FILE, InputTransform
 
 log = logging.getLogger("distillset.recover")
@@ -125,8 +125,12 @@ class Engine:
             self.num_classes = min(self.num_classes, cfg.max_classes)
 
     def _load_real(self) -> RealData:
-        """The real training images of the run's classes, at the run's image size."""
+        """The real training images of the run's classes, at the run's image size: read class by class from indexed
+        shards when the source has a class index (memory follows the unit's classes), else loaded whole."""
         cfg = self.cfg
+        streamed = self._streamed_real()
+        if streamed is not None:
+            return streamed
         train = self.source.load("train")
         if train.image_shape != self.image_shape:
             from distillset.core.data import resize_uint8
@@ -143,6 +147,35 @@ class Engine:
 
             self.mean, self.std = channel_stats(train.images)
         return RealData(train, self.device)
+
+    def _streamed_real(self) -> StreamedRealData | None:
+        shards = getattr(self.source, "shards", None)
+        # DOORPING re-stamps poisoned images in place and ZCA fits on the whole split: both need it in memory
+        if shards is None or not self.cfg.stream_real or self.hooks or self.cfg.zca == "fit":
+            return None
+        if not shards.info.get("splits", {}).get("train", {}).get("class_index"):
+            log.info("the shards in %s have no class index: loading the whole training split (write one with "
+                     "`distillset shards index` to read class by class)", shards.folder)
+            return None
+        from distillset.core.classindex import ClassIndex
+        from distillset.core.data import require_counts
+
+        index = ClassIndex(shards, "train")
+        if shards.image_shape and shards.image_shape[0] != self.image_shape[0]:
+            raise DistillError(f"data images have {shards.image_shape[0]} channels but the teacher takes "
+                               f"{self.image_shape[0]}.")
+        counts = index.counts()[: self.num_classes]
+        require_counts(counts, shards.class_names, self.objective.real_per_class(self.cfg.ipc),
+                       f"method '{self.cfg.method}' at ipc {self.cfg.ipc}")
+        if not self.teachers:
+            if index.mean is None:
+                raise DistillError(f"the class index of {shards.folder} has no channel statistics; write it again "
+                                   "with `distillset shards index`.")
+            self.mean, self.std = list(index.mean), list(index.std)
+        size = self.image_shape[-1] if tuple(shards.image_shape[-2:]) != tuple(self.image_shape[-2:]) else None
+        cached = (self.cfg.classes_per_unit or self.num_classes) + 1
+        log.info("real images: read class by class from %s (at most %d classes held)", shards.folder, cached)
+        return StreamedRealData(index, self.num_classes, size, self.device, cached_classes=cached)
 
     def _prepare_teachers(self) -> None:
         for t in self.teachers:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from distillset.core.data import ImageSet
 from distillset.core.partition import init_order
+
+log = logging.getLogger("distillset.recover")
 
 
 class RealData:
@@ -61,10 +65,112 @@ class RealData:
 
     def sample(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` random real images of class ``c`` as ``[0, 1]`` floats on ``device``."""
-        return self.to_float(self.images[self.indices(c, n, generator).to(self.images.device)])
+        return self.get(self.indices(c, n, generator))
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
         return self.to_float(self.images[index.to(self.images.device)])
 
+    def uint8(self, index: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``index``, on the CPU."""
+        return self.images[index.to(self.images.device)].cpu()
+
     def of_class(self, c: int) -> torch.Tensor:
         return self.get(self.index[c])
+
+
+class _ClassPositions:
+    """``index[c]``: the global positions of class ``c``, looked up in the class index when first asked for."""
+
+    def __init__(self, lookup):
+        self._lookup, self._cache = lookup, {}
+
+    def __getitem__(self, c: int) -> torch.Tensor:
+        c = int(c)
+        if c not in self._cache:
+            self._cache[c] = self._lookup(c)
+        return self._cache[c]
+
+
+class StreamedRealData(RealData):
+    """Real images read class by class from indexed webdataset shards (:class:`~distillset.core.classindex.ClassIndex`).
+
+    The same interface and the same positions as :class:`RealData` over the whole split loaded in shard order, so a
+    run picks the same images either way; only the classes asked for are decoded, and at most ``cached_classes`` of
+    them are held (least recently used first out), so memory follows the classes of a unit, not the dataset.
+    A caller that needs the whole split at once (``images``, e.g. an Acc-DD pool trained on all the data) gets it
+    loaded then, with a warning that memory is no longer bounded.
+    """
+
+    def __init__(self, index, num_classes: int, image_size: int | None, device: torch.device | str = "cpu",
+                 cached_classes: int = 16):
+        self.index_file = index
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.index = _ClassPositions(index.positions)
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
+        self._classes: dict[int, torch.Tensor] = {}  # class -> its uint8 images, rows in index[c] order
+        self._max = max(1, cached_classes)
+        self._all: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._own = False
+        self.reads = 0  # images decoded (a test checks that only the asked classes are read)
+
+    def _decode(self, positions: torch.Tensor) -> torch.Tensor:
+        x = self.index_file.read(positions)
+        self.reads += len(positions)
+        if self.image_size and x.shape[-1] != self.image_size:
+            from distillset.core.data import resize_uint8
+
+            x = resize_uint8(x, self.image_size)
+        return x
+
+    def class_images(self, c: int) -> torch.Tensor:
+        """Class ``c``'s uint8 images, decoded once while the class is among the recently used ones."""
+        c = int(c)
+        if c in self._classes:
+            self._classes[c] = self._classes.pop(c)  # most recently used last
+        else:
+            self._classes[c] = self._decode(self.index[c])
+            while len(self._classes) > self._max:
+                self._classes.pop(next(iter(self._classes)))
+        return self._classes[c]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        if self._labels is None:
+            self._labels = torch.from_numpy(self.index_file.labels.astype("int64"))
+        return self._labels
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._all is None:
+            log.warning("this run reads the whole training split at once (%d images): per-class streaming no longer "
+                        "bounds its memory", len(self.index_file))
+            self._all = self._decode(torch.arange(len(self.index_file)))
+        return self._all
+
+    @images.setter
+    def images(self, value: torch.Tensor) -> None:  # make_writable's copy
+        self._all = value
+
+    def count(self, c: int) -> int:
+        return int(self.index[c].numel())
+
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        return self.to_float(self.uint8(index))
+
+    def uint8(self, index: torch.Tensor) -> torch.Tensor:
+        index = index.cpu()
+        if self._all is not None:
+            return self._all[index]
+        labels = torch.from_numpy(self.index_file.labels[index.numpy()].astype("int64"))
+        out = None
+        for c in labels.unique().tolist():
+            rows = torch.nonzero(labels == c).flatten()
+            where = torch.searchsorted(self.index[c], index[rows])  # index[c] is ascending
+            block = self.class_images(c)[where]
+            if out is None:
+                out = torch.empty((len(index), *block.shape[1:]), dtype=block.dtype)
+            out[rows] = block
+        return out
