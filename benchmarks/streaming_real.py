@@ -32,7 +32,7 @@ data, out, stream, classes = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(s
 t0 = time.perf_counter()
 run(RecoverConfig(out=out, data=data, method="dm", ipc=1, iterations=2, param_options={{"init": "real"}},
                   augmentation="none", classes_per_unit=50, max_classes=classes, options={{"width": 16,
-                  "batch_real": 32}}, autocast="none", stream_real=stream, log_every=0),
+                  "batch_real": 32}}, autocast="none", stream_real=stream, log_every=1000),
     Runtime(None, 0, 1, torch.device("cpu")))
 print(json.dumps({{"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t0}}))
