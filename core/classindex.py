@@ -58,7 +58,7 @@ class ClassIndex:
     the split streams and loads, so a per-class reader picks exactly the images an in-memory load would.
     """
 
-    def __init__(self, shards, split: str, open_shards: int = 8):
+    def __init__(self, shards, split: str, open_shards: int = 32):
         entry = shards.info.get("splits", {}).get(split, {})
         name = entry.get("class_index")
         if not name:

@@ -247,6 +247,8 @@ class Engine:
     def context(self, unit: Unit) -> base.Context:
         cls, _ = unit.classes_and_indices()
         g = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 1, unit.c0, unit.c1, unit.i0, unit.i1))
+        if self.real is not None:
+            self.real.prefetch(range(unit.c0, unit.c1))
         return base.Context(device=self.device, classes=cls.to(self.device), num_classes=self.num_classes,
                             image_shape=self.image_shape, generator=g, total_steps=self.cfg.iterations,
                             rank=self.rt.rank, world=self.rt.world, unit=unit.index, teachers=self.teachers,

@@ -77,6 +77,9 @@ class RealData:
     def of_class(self, c: int) -> torch.Tensor:
         return self.get(self.index[c])
 
+    def prefetch(self, classes) -> None:
+        """A hint that ``classes`` are read next (a unit's); in memory already, so nothing to do."""
+
 
 class _ClassPositions:
     """``index[c]``: the global positions of class ``c``, looked up in the class index when first asked for."""
@@ -135,6 +138,18 @@ class StreamedRealData(RealData):
             while len(self._classes) > self._max:
                 self._classes.pop(next(iter(self._classes)))
         return self._classes[c]
+
+    def prefetch(self, classes) -> None:
+        """Decode the classes of a unit in one pass over the shards (each shard opened once, not once per class)."""
+        todo = [int(c) for c in classes if int(c) not in self._classes][: self._max]
+        if len(todo) < 2:
+            return
+        parts = [self.index[c] for c in todo]
+        block = self._decode(torch.cat(parts))
+        for c, rows in zip(todo, torch.split(block, [len(p) for p in parts])):
+            self._classes[c] = rows
+        while len(self._classes) > self._max:
+            self._classes.pop(next(iter(self._classes)))
 
     @property
     def labels(self) -> torch.Tensor:

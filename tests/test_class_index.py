@@ -70,6 +70,13 @@ def test_streamed_real_data_decodes_only_the_classes_asked_for(cifar_shards):
     real.sample(5, 5, g)  # holds at most 2 classes: 3 goes out
     real.sample(3, 5, g)
     assert real.reads == 2 * real.count(3) + real.count(4) + real.count(5)
+    before = real.reads
+    real.prefetch([8, 9])  # a unit's classes in one pass over the shards
+    assert real.reads == before + real.count(8) + real.count(9)
+    x = real.uint8(torch.cat([real.index[9][:2], real.index[8][:1]]))
+    assert real.reads == before + real.count(8) + real.count(9)  # served from memory
+    loaded = shards_.load("train")
+    assert torch.equal(x, loaded.images[torch.cat([real.index[9][:2], real.index[8][:1]])])
 
 
 def test_recover_from_indexed_shards_equals_recover_from_memory(cifar_shards, tmp_path):
