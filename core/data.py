@@ -705,6 +705,10 @@ class WdsShards:
 
         path = Path(arg)
         folder = path if path.is_dir() else path.parent
+        if not folder.is_dir() or (not path.is_dir() and not any(c in path.name for c in "{*?[")
+                                   and not path.exists()):
+            raise DistillError(f"wds:{arg} does not exist; give a folder of shards with an _info.json (written by "
+                               "`distillset shards`) or a pattern such as wds:FOLDER/train-{000000..000009}.tar.")
         info_path = folder / "_info.json"
         if not info_path.exists():
             raise DistillError(f"{folder} has no _info.json; write shards with `distillset shards` (or add an "

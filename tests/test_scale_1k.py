@@ -95,7 +95,8 @@ def test_1k_classes_two_processes_stats_recover_relabel_evaluate(syn1k):
     images, manifest = load_distilled(out / "distilled")
     assert len(images) == 2000 and manifest["status"] == "complete"
     assert sorted(r["rank"] for r in manifest["runs"][-1]["ranks"]) == [0, 1]
-    assert all(r["done"] == 2 for r in manifest["runs"][-1]["ranks"])
+    # two units each on a quiet machine; a rank that starts late (a loaded host) finds the other one took its units
+    assert sum(r["done"] for r in manifest["runs"][-1]["ranks"]) == 4
     cfg = RecoverConfig(out=str(root / "unused"), data=data, teachers=[teacher], method="sre2l", ipc=2,
                         iterations=3, classes_per_unit=250, autocast="none", lr=0.1)
     engine = Engine(cfg, CPU)
