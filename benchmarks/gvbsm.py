@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import publish
 from distillset.core.runtime import get_runtime
 from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import run as recover_run
@@ -81,8 +82,7 @@ def main() -> None:
         for s in m["summary"]:
             lines.append(f"| {name} | {s['set']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} |")
     lines.append("")
-    Path(a.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import publish
+
 CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
@@ -116,8 +118,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['stage']} | {r['images']} | {r['maxrss_mb']:.0f} | {r['seconds']:.1f} |")
     lines.append("")
-    Path(a.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(a.out, lines)
 
 
 if __name__ == "__main__":

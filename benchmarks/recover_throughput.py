@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import publish
 from distillset.core.runtime import Runtime, autocast_dtype
 from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import Engine, plan_units
@@ -244,9 +245,7 @@ def main() -> None:
     lines += ["", "Per-repeat img*it/s: " + "; ".join(
         f"{r['threads']} thr {r['arch']} ref {[round(v, 1) for v in r['reference']['all']]} distillset "
         f"{[round(v, 1) for v in r['distillset']['all']]}" for r in results), ""]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(a.out, lines)
 
 
 if __name__ == "__main__":

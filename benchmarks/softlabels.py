@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import publish
 from distillset.core.data import Source
 from distillset.core.runtime import get_runtime
 from distillset.relabel.evaluate import random_subset
@@ -117,9 +118,7 @@ def main() -> None:
         total = b * 50_000 * 300
         lines.append(f"| {name} | {b} | {total / 1e9:.2f} GB | {in1k_full / total:.0f}x |")
     lines.append("")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(a.out, lines)
 
 
 if __name__ == "__main__":

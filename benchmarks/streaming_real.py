@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import publish
+
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
@@ -85,9 +87,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['mode']} | {r['images']:,} | {r['maxrss_mb']:.0f} | {r['seconds']:.1f} |")
     lines.append("")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(a.out, lines)
 
 
 if __name__ == "__main__":
