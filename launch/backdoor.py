@@ -15,9 +15,7 @@ of the run, mean +- std over seeds. Writes ``backdoor.json``, ``backdoor.csv``, 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import time
@@ -40,7 +38,7 @@ from distillset.core.config import check_number, from_dict, to_dict, write_confi
 from distillset.core.data import ImageSet, Source
 from distillset.core.distilled import save_grid
 from distillset.core.errors import DistillError
-from distillset.core.io import atomic_path, load_tensors, read_json, require_folder, save_tensors, write_json
+from distillset.core.io import atomic_path, load_tensors, read_json, require_folder, save_tensors, write_csv, write_json
 from distillset.core.runtime import get_runtime
 from distillset.recover.config import RecoverConfig
 from distillset.recover.doorping import DoorpingConfig, DoorpingHook
@@ -300,15 +298,12 @@ def summarize(cfg: BackdoorConfig, variants: list[Variant], records: dict[str, l
 
 
 def _write_csv(path: Path, rows: list[dict], triggers: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["method", "set", "cta_mean", "cta_std"] + [f"asr_{t}_{s}" for t in triggers for s in ("mean", "std")]
-               + ["n"])
-    for r in rows:
-        w.writerow([r["method"], r["set"], f"{r['cta_mean']:.4f}", f"{r['cta_std']:.4f}"]
-                   + [f"{r['asr'][t][s]:.4f}" for t in triggers for s in ("mean", "std")] + [r["n"]])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    """One row per distilled set: CTA and each trigger's ASR (mean, std over seeds), flattened for write_csv."""
+    flat = [{"method": r["method"], "set": r["set"], "cta_mean": r["cta_mean"], "cta_std": r["cta_std"],
+             **{f"asr_{t}_{s}": r["asr"][t][s] for t in triggers for s in ("mean", "std")}, "n": r["n"]}
+            for r in rows]
+    fields = ["method", "set", "cta_mean", "cta_std"] + [f"asr_{t}_{s}" for t in triggers for s in ("mean", "std")]
+    write_csv(path, flat, fields + ["n"], floats=".4f")
 
 
 def plot_asr(path: Path, rows: list[dict], title: str) -> None:
