@@ -170,19 +170,40 @@ def dataset_card(manifest: dict, cfg: ExportConfig, n: int, metrics: dict | None
     return "\n".join(lines) + "\n"
 
 
-def _export_hf(images, folder: Path) -> None:
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise DistillError("export to hf needs the 'datasets' package; pip install datasets.") from None
+    return datasets
+
+
+def _pil(image):
     from PIL import Image
 
+    a = image.numpy()
+    return Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+
+
+def _export_hf(images, folder: Path) -> None:
+    datasets = _datasets()
+
     def pil(i):
-        a = images.images[i].numpy()
-        return Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        return _pil(images.images[i])
 
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=list(images.class_names))})
     ds = datasets.Dataset.from_dict({"image": [pil(i) for i in range(len(images))],
                                      "label": images.labels.tolist()}, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(folder))
+
+
+def _export_hf_pairs(images, text, captions: list[str], folder: Path) -> None:
+    """Image-text pairs (``distillset vl export``): columns image, text_embedding, nearest_caption."""
+    datasets = _datasets()
+    features = datasets.Features({"image": datasets.Image(),
+                                  "text_embedding": datasets.Sequence(datasets.Value("float32")),
+                                  "nearest_caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": [_pil(x) for x in images], "text_embedding": text.tolist(),
+                                     "nearest_caption": list(captions)}, features=features)
     datasets.DatasetDict({"train": ds}).save_to_disk(str(folder))
