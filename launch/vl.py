@@ -293,9 +293,12 @@ class VLDistillConfig:
         model: a `distillset vl train` output folder (model, features, experts).
         pairs: N, synthetic pairs.
         iterations: outer optimisation steps.
-        lr_image: Adam learning rate of the pixels ([0, 1] units).
-        lr_text: Adam learning rate of the text embeddings.
-        lr_lr: Adam learning rate of the student step size.
+        lr_image: learning rate of the pixels ([0, 1] units).
+        lr_text: learning rate of the text embeddings.
+        lr_lr: learning rate of the student step size.
+        optimizer: adam, or sgd (momentum 0.5, as MTT and Wu et al.; its steps are linear in the gradient, so runs
+            on different process counts agree to float rounding, where Adam's first steps amplify rounding of
+            near-zero gradients to a full +-lr).
         init: real (N random real pairs: an image and one of its captions' embeddings) or noise.
         options: options of the bimtt objective (expert_epochs, syn_steps, max_start_epoch, lr_teacher, ...).
         seed: base seed.
@@ -309,6 +312,7 @@ class VLDistillConfig:
     lr_image: float = 0.01
     lr_text: float = 0.01
     lr_lr: float = 1e-3
+    optimizer: str = "adam"
     init: str = "real"
     options: dict = field(default_factory=dict)
     seed: int = 0
@@ -322,6 +326,8 @@ class VLDistillConfig:
             raise DistillError(f"pairs must be >= 2 (a contrastive batch needs negatives), got {self.pairs}.")
         if self.iterations < 0 or self.lr_image < 0 or self.lr_text < 0 or self.lr_lr < 0:
             raise DistillError("iterations and the learning rates must be >= 0.")
+        if self.optimizer not in ("adam", "sgd"):
+            raise DistillError(f"unknown optimizer '{self.optimizer}'; use adam or sgd.")
         if self.init not in ("real", "noise"):
             raise DistillError(f"unknown init '{self.init}'; use real or noise.")
         from_dict(BiTrajectoryMatching.Config, self.options, what="objective 'bimtt'")
@@ -368,7 +374,7 @@ def run_distill(cfg: VLDistillConfig, rt: Runtime | None = None) -> dict:
     syn = PairParams(pixels, text).to(rt.device)
     groups = [{"params": [syn.pixels], "lr": cfg.lr_image}, {"params": [syn.text], "lr": cfg.lr_text}]
     groups += [{"params": objective.extra_parameters(), "lr": cfg.lr_lr}] if objective.extra_parameters() else []
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups) if cfg.optimizer == "adam" else torch.optim.SGD(groups, momentum=0.5)
     params = [p for gr in groups for p in gr["params"]]
     rows = []
     for step in range(cfg.iterations):

@@ -164,7 +164,7 @@ class Heads(nn.Module):
                 raise DistillError("LoRA heads need the base projections they adapt (a trained model's heads).")
             for side, lin in (("image", self.image), ("text", self.text)):
                 src = getattr(base, side)
-                w0 = src.weight.detach().clone() if src.rank == 0 else base.weight(side).detach().clone()
+                w0 = base.weight(side).detach().clone()
                 self.register_buffer(f"{side}_w0", w0)
                 lin.weight.requires_grad_(False)
                 with torch.no_grad():
