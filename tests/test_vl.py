@@ -326,3 +326,19 @@ def test_cli_errors_are_one_line(trained, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: pairs must be >= 2")
     assert main(["vl", "distill", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "d")]) == 2
     assert "is not a `distillset vl train` output" in capsys.readouterr().err
+
+
+def test_shipped_recipe_runs_at_a_tiny_scale(tmp_path):
+    """recipes/vl_flickr8k.yaml, every stage chained (model -> distilled -> evaluate, export), on the fixture."""
+    from distillset.launch.recipe import run_recipe
+
+    sets = [f"vl_train.data={FLICKR}", "vl_train.clip_epochs=1", "vl_train.num_experts=1", "vl_train.expert_epochs=4",
+            "vl_train.expert_batch=32", "vl_train.clip_batch=32", "vl_train.vocab_size=200",
+            "vl_train.model_kwargs={width: 8}", "vl_train.text_width=16", "vl_train.text_heads=2",
+            "vl_train.embed_dim=16", "vl_distill.pairs=6", "vl_distill.iterations=2",
+            "vl_distill.options={syn_steps: 2, expert_epochs: 2, max_start_epoch: 2}", "vl_evaluate.seeds=[0]",
+            "vl_evaluate.steps=5", "vl_evaluate.baselines=[random]"]
+    res = run_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "vl_flickr8k.yaml"), None,
+                     str(tmp_path / "r"), sets)["results"]
+    assert set(res["vl_evaluate"]) == {"distilled:vl_distill", "random:6"}
+    assert res["vl_export"]["pairs"] == 6 and (tmp_path / "r" / "vl_export" / "train-000000.tar").exists()
