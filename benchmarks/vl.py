@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from distillset.launch.vl import VLDistillConfig, VLEvaluateConfig, VLTrainConfig, run_distill, run_evaluate, \
-    run_train
+from distillset.launch.vl import VLDistillConfig, VLEvaluateConfig, VLTrainConfig, run_distill, run_evaluate, run_train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")

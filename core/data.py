@@ -771,13 +771,12 @@ def write_tar(path: str | os.PathLike, samples: list[tuple[str, dict[str, bytes]
     re-runs are byte-identical)."""
     from distillset.core.io import atomic_path
 
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w") as tar:
-            for key, files in samples:
-                for ext, data in files.items():
-                    ti = tarfile.TarInfo(member_name(key, ext))
-                    ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
-                    tar.addfile(ti, io.BytesIO(data))
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                ti = tarfile.TarInfo(member_name(key, ext))
+                ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+                tar.addfile(ti, io.BytesIO(data))
 
 
 def write_shard(path: str | os.PathLike, samples: list[tuple[str, torch.Tensor, int, dict | None]]) -> None:

@@ -22,8 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillset.core.data import IMAGE_EXTS, _npz_images, _pil_to_uint8, _stack, expand_pattern, read_image_file, \
-    read_tar_samples, resize_uint8
+from distillset.core.data import (
+    IMAGE_EXTS,
+    _npz_images,
+    _pil_to_uint8,
+    _stack,
+    expand_pattern,
+    read_image_file,
+    read_tar_samples,
+    resize_uint8,
+)
 from distillset.core.errors import DistillError
 
 PAIR_KINDS = ("npz", "wds", "folder")

@@ -5,9 +5,11 @@ leaves a half-written folder under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,24 @@ class ExportConfig:
             raise DistillError(f"unknown export format '{self.format}'; use imagefolder, hf or wds.")
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces ``out`` only if the block finishes (a failed export never
+    leaves a half-written folder under the final name); an existing ``out`` is refused unless ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise DistillError(f"{out} already exists; choose another --out or pass --overwrite true.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder(out)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
 
@@ -60,11 +80,7 @@ def run(cfg: ExportConfig, rt=None) -> dict:
         rt.wait()
         return {}
     images, manifest = load_distilled(cfg.distilled)
-    if out.exists() and not cfg.overwrite:
-        raise DistillError(f"{out} already exists; choose another --out or pass --overwrite true.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(out)
-    try:
+    with staged_folder(out, cfg.overwrite) as tmp:
         counts: dict[int, int] = {}
         keys = []
         for i in range(len(images)):
@@ -104,12 +120,6 @@ def run(cfg: ExportConfig, rt=None) -> dict:
         write_json(tmp / "manifest.json", manifest)
         write_text(tmp / "README.md", dataset_card(manifest, cfg, len(images), _metrics(cfg),
                                                    (tmp / "labels").exists()))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("export: %d images as %s in %s", len(images), cfg.format, out)
     rt.wait()
     return {"images": len(images), "format": cfg.format, "out": str(out)}

@@ -22,8 +22,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +31,15 @@ import torch.nn.functional as F
 
 from distillset.core.config import fingerprint, to_dict, write_config
 from distillset.core.errors import DistillError
-from distillset.core.io import load_tensors, read_json, require_folder, save_tensors, temp_folder, write_csv, \
-    write_json, write_text
+from distillset.core.io import (
+    load_tensors,
+    read_json,
+    require_folder,
+    save_tensors,
+    write_csv,
+    write_json,
+    write_text,
+)
 from distillset.core.pairs import load_pairs
 from distillset.core.partition import mix_seed
 from distillset.core.runtime import Runtime, get_runtime
@@ -157,8 +162,16 @@ def _caption_tensor(captions: list[list[str]], emb: torch.Tensor) -> torch.Tenso
 
 
 def _build_model(cfg: VLTrainConfig, train, out: Path):
-    from distillset.squeeze.clip import CaptionTokenizer, ClipModel, ClipSpec, load_clip, load_image_weights, \
-        load_state, save_clip, train_clip
+    from distillset.squeeze.clip import (
+        CaptionTokenizer,
+        ClipModel,
+        ClipSpec,
+        load_clip,
+        load_image_weights,
+        load_state,
+        save_clip,
+        train_clip,
+    )
     from distillset.squeeze.data import channel_stats
 
     folder = out / "clip"
@@ -535,7 +548,7 @@ def run_evaluate(cfg: VLEvaluateConfig, rt: Runtime | None = None) -> dict:
 
     counts = list(dict.fromkeys(int(n) for n in cfg.pairs))
     for folder in cfg.distilled:
-        t, manifest = load_distilled_pairs(folder)
+        t, _ = load_distilled_pairs(folder)
         check_text_width(t["text"], model.spec.text_width, f"distilled pairs in {folder}")
         if tuple(t["images"].shape[1:]) != (model.spec.in_chans, model.spec.image_size, model.spec.image_size):
             raise DistillError(f"{folder} holds {tuple(t['images'].shape[1:])} images but the model takes "
@@ -612,7 +625,7 @@ def nearest_captions(text: torch.Tensor, model_folder: str | Path) -> tuple[list
 
 def run_export(cfg: VLExportConfig, rt: Runtime | None = None) -> dict:
     from distillset.core.data import encode_png, write_tar
-    from distillset.launch.export import _export_hf_pairs
+    from distillset.launch.export import _export_hf_pairs, staged_folder
 
     rt = rt or get_runtime()
     out = Path(cfg.out)
@@ -620,14 +633,10 @@ def run_export(cfg: VLExportConfig, rt: Runtime | None = None) -> dict:
         rt.wait()
         return {}
     t, manifest = load_distilled_pairs(cfg.distilled)
-    if out.exists() and not cfg.overwrite:
-        raise DistillError(f"{out} already exists; choose another --out or pass --overwrite true.")
     names, sims = nearest_captions(t["text"], cfg.model)
     n = int(t["images"].shape[0])
     keys = [f"pair_{i:06d}" for i in range(n)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(out)
-    try:
+    with staged_folder(out, cfg.overwrite) as tmp:
         if cfg.format == "wds":
             import json
 
@@ -653,11 +662,5 @@ def run_export(cfg: VLExportConfig, rt: Runtime | None = None) -> dict:
         write_text(tmp / "README.md", f"# {n} distilled image-text pairs (bimtt)\n\nEach pair: an image, a "
                    f"{manifest['text_width']}-d text embedding in the text tower of {manifest['model']}, and the "
                    "nearest real training caption of that embedding (for reading; the embedding is the data).\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     rt.wait()
     return {"pairs": n, "format": cfg.format, "out": str(out)}

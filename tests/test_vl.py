@@ -16,8 +16,8 @@ from distillset.core.errors import DistillError
 from distillset.core.pairs import load_pairs
 
 FLICKR = f"npz:{Path(__file__).parent / 'assets' / 'flickr_small.npz'}"
-SMALL = dict(vocab_size=300, context_length=24, model_kwargs={"width": 16}, text_width=32, text_heads=2, embed_dim=32,
-             clip_epochs=2, clip_batch=32, num_experts=2, expert_epochs=6, expert_batch=32)
+SMALL = {"vocab_size": 300, "context_length": 24, "model_kwargs": {"width": 16}, "text_width": 32, "text_heads": 2,
+         "embed_dim": 32, "clip_epochs": 2, "clip_batch": 32, "num_experts": 2, "expert_epochs": 6, "expert_batch": 32}
 OPTS = {"syn_steps": 4, "max_start_epoch": 3, "expert_epochs": 2, "experts_per_step": 2}
 
 
@@ -36,7 +36,7 @@ def _objective(trained: Path, **opts):
     from distillset.recover.objectives.bimtt import BiTrajectoryMatching
     from distillset.squeeze.trajectories import load_buffers
 
-    model, tok, feats, experts = load_trained(trained)
+    model, _, feats, experts = load_trained(trained)
     obj = BiTrajectoryMatching(from_dict(BiTrajectoryMatching.Config, {**OPTS, **opts}))
     obj.setup_pairs(model, load_buffers(experts), "cpu")
     return obj, model, feats
@@ -184,10 +184,10 @@ def test_trajectory_loss_falls_and_distilled_pairs_are_written(trained, tmp_path
 
 
 def _distill_in_process(out: str, model: str) -> None:
-    import distillset.core.runtime as runtime
-    from distillset.launch.vl import VLDistillConfig, run_distill
-
     from accelerate.state import AcceleratorState, PartialState
+
+    from distillset.core import runtime
+    from distillset.launch.vl import VLDistillConfig, run_distill
 
     # a forked child inherits the parent's 1-process runtime and accelerate state; it must build its own
     runtime._RUNTIME = None
@@ -242,10 +242,10 @@ def test_text_embeddings_of_another_width_are_refused(trained):
 
 
 def test_lora_experts_match_low_rank_factors(trained, tmp_path):
+    import shutil
+
     from distillset.launch.vl import VLDistillConfig, VLTrainConfig, run_distill, run_train
     from distillset.squeeze.trajectories import load_buffers
-
-    import shutil
 
     shutil.copytree(trained, tmp_path / "m")  # reuse the trained model and features; only the experts change
     shutil.rmtree(tmp_path / "m" / "experts")
@@ -283,8 +283,14 @@ def test_recall_at_k_equals_torchmetrics_hit_rate():
 
 
 def test_evaluate_reports_distilled_beside_baselines_and_export(trained, tmp_path):
-    from distillset.launch.vl import VLDistillConfig, VLEvaluateConfig, VLExportConfig, run_distill, run_evaluate, \
-        run_export
+    from distillset.launch.vl import (
+        VLDistillConfig,
+        VLEvaluateConfig,
+        VLExportConfig,
+        run_distill,
+        run_evaluate,
+        run_export,
+    )
 
     run_distill(VLDistillConfig(out=str(tmp_path / "d"), model=str(trained), pairs=8, iterations=3, options=OPTS))
     res = run_evaluate(VLEvaluateConfig(out=str(tmp_path / "e"), model=str(trained), distilled=[str(tmp_path / "d")],

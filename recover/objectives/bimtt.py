@@ -167,7 +167,7 @@ class BiTrajectoryMatching(Objective):
             grad = torch.autograd.grad(inner, theta, create_graph=True)[0]
             theta = theta - self.syn_lr * grad
         loss = theta.new_zeros(())
-        for side, m in self.masks.items():
+        for m in self.masks.values():
             start = ((theta0[m] - target[m]) ** 2).sum().clamp_min(1e-12)
             loss = loss + ((theta[m] - target[m]) ** 2).sum() / start
         return loss
