@@ -563,12 +563,17 @@ def run_evaluate(cfg: VLEvaluateConfig, rt: Runtime | None = None) -> dict:
         for kind in ("random", "herding", "kcenter"):
             if kind not in cfg.baselines:
                 continue
-            runs = []
-            for s in seeds:  # random pairs differ per seed; the greedy selections do not, their heads do
-                img, cap = select_pairs(kind, n, s, model, feats)
-                runs += evaluate_pairs(feats["train_image"][img], feats["train_text"][img, cap], *test, dims, train,
-                                       [s], base)["per_seed"]
-            record(f"{kind}:{n}", n, summarise(runs))
+            if kind == "random":  # random pairs are redrawn per seed
+                runs = []
+                for s in seeds:
+                    img, cap = select_pairs(kind, n, s, model, feats)
+                    runs += evaluate_pairs(feats["train_image"][img], feats["train_text"][img, cap], *test, dims,
+                                           train, [s], base)["per_seed"]
+                record(f"{kind}:{n}", n, summarise(runs))
+            else:  # a greedy selection is one set (selected once); the seeds vary its heads
+                img, cap = select_pairs(kind, n, seeds[0], model, feats)
+                record(f"{kind}:{n}", n, evaluate_pairs(feats["train_image"][img], feats["train_text"][img, cap],
+                                                        *test, dims, train, seeds, base))
     if "full" in cfg.baselines:
         record("full", int(feats["train_image"].shape[0]),
                evaluate_pairs(feats["train_image"], feats["train_text"], *test, dims, train, seeds, base))

@@ -83,10 +83,10 @@ class BiTrajectoryMatching(Objective):
         """
 
         expert_epochs: int = 2
-        syn_steps: int = 10
+        syn_steps: int = 20
         min_start_epoch: int = 0
         max_start_epoch: int = 10
-        batch_syn: int = 0
+        batch_syn: int = 50
         lr_teacher: float = 0.1
         learn_lr: bool = True
         experts_per_step: int = 2
