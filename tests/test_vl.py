@@ -348,3 +348,24 @@ def test_shipped_recipe_runs_at_a_tiny_scale(tmp_path):
                      str(tmp_path / "r"), sets)["results"]
     assert set(res["vl_evaluate"]) == {"distilled:vl_distill", "random:6"}
     assert res["vl_export"]["pairs"] == 6 and (tmp_path / "r" / "vl_export" / "train-000000.tar").exists()
+
+
+def test_timm_image_tower_and_local_pretrained_weights(tmp_path):
+    """A timm backbone (no download) as the image tower; a user's local backbone weights load into a fresh model."""
+    from safetensors.torch import save_file
+
+    from distillset.squeeze.clip import ClipModel, ClipSpec, load_image_weights
+
+    spec = ClipSpec(arch="timm:resnet10t", model_kwargs={}, image_size=32, vocab_size=64, text_width=32,
+                    text_heads=2, embed_dim=16, context_length=8)
+    a = ClipModel(spec).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert a.image_features(x).shape == (2, a.visual.dim) and a.visual.dim == 512
+    save_file({k: v.contiguous() for k, v in a.visual.backbone.state_dict().items()}, str(tmp_path / "rn.safetensors"))
+    b = ClipModel(spec).eval()
+    assert not torch.allclose(a.image_features(x), b.image_features(x))
+    load_image_weights(b, str(tmp_path / "rn.safetensors"))
+    assert torch.allclose(a.image_features(x), b.image_features(x))
+    with pytest.raises(DistillError, match="does not match|shape"):
+        load_image_weights(ClipModel(ClipSpec(vocab_size=64, text_width=32, text_heads=2, embed_dim=16,
+                                              context_length=8)), str(tmp_path / "rn.safetensors"))
