@@ -371,7 +371,10 @@ def run_distill(cfg: VLDistillConfig, rt: Runtime | None = None) -> dict:
 
     rt = rt or get_runtime()
     out = require_folder(cfg.out)
-    fp = fingerprint(cfg, ("out", "log_every"))
+    model_config = Path(cfg.model) / "clip" / "config.json"
+    # the model's own fingerprint too: a model folder retrained in place must not pass for the one distilled with
+    fp = fingerprint(cfg, ("out", "log_every")) + ":" + str(read_json(model_config).get("fingerprint") if
+                                                            model_config.exists() else None)
     if (out / "manifest.json").exists() and (out / PAIRS).exists():
         old = read_json(out / "manifest.json")
         if old.get("fingerprint") == fp:
@@ -379,7 +382,7 @@ def run_distill(cfg: VLDistillConfig, rt: Runtime | None = None) -> dict:
             return old["metrics"]
         raise DistillError(f"{out} holds pairs distilled with another config; choose another --out or delete it.")
     model, _, feats, experts_dir = load_trained(cfg.model)
-    train_images = load_pairs(read_json(Path(cfg.model) / "clip" / "config.json")["data"], "train",
+    train_images = load_pairs(read_json(model_config)["data"], "train",
                               model.spec.image_size).images[:feats["train_image"].shape[0]]
     objective = BiTrajectoryMatching(from_dict(BiTrajectoryMatching.Config, cfg.options, what="objective 'bimtt'"))
     objective.setup_pairs(model.to(rt.device), load_buffers(experts_dir), rt.device)
