@@ -450,8 +450,7 @@ def load_distilled_pairs(folder: str | Path) -> tuple[dict[str, torch.Tensor], d
 
 @dataclass
 class VLEvaluateConfig:
-    """Retrieval recall of heads trained on distilled pairs, beside random real pairs, herding, k-center and the full
-    data.
+    """Retrieval recall of heads trained on distilled pairs beside random, herding, k-center and full real pairs.
 
     Attributes:
         out: output folder (metrics.json, results.csv, config.yaml).
