@@ -774,19 +774,27 @@ def encode_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def write_tar(path: str | os.PathLike, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """Write ``(key, {extension: bytes})`` samples as one webdataset tar, atomically, with fixed member metadata (so
+    re-runs are byte-identical)."""
+    from distillset.core.io import atomic_path
+
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                ti = tarfile.TarInfo(member_name(key, ext))
+                ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+                tar.addfile(ti, io.BytesIO(data))
+
+
 def write_shard(path: str | os.PathLike, samples: list[tuple[str, torch.Tensor, int, dict | None]]) -> None:
     """Write ``(key, uint8 image, label, extra json)`` samples as one tar shard, atomically (PNG, lossless)."""
     import json
 
-    from distillset.core.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w") as tar:
-            for key, image, label, extra in samples:
-                files = {"png": encode_png(image), "cls": str(int(label)).encode()}
-                if extra is not None:
-                    files["json"] = json.dumps(extra, sort_keys=True).encode()
-                for ext, data in files.items():
-                    ti = tarfile.TarInfo(member_name(key, ext))
-                    ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # fixed mtime: byte-identical re-runs
-                    tar.addfile(ti, io.BytesIO(data))
+    rows = []
+    for key, image, label, extra in samples:
+        files = {"png": encode_png(image), "cls": str(int(label)).encode()}
+        if extra is not None:
+            files["json"] = json.dumps(extra, sort_keys=True).encode()
+        rows.append((key, files))
+    write_tar(path, rows)

@@ -5,9 +5,11 @@ leaves a half-written folder under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,24 @@ class ExportConfig:
             raise DistillError(f"unknown export format '{self.format}'; use imagefolder, hf or wds.")
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces ``out`` only if the block finishes (a failed export never
+    leaves a half-written folder under the final name); an existing ``out`` is refused unless ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise DistillError(f"{out} already exists; choose another --out or pass --overwrite true.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder(out)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
 
@@ -60,11 +80,7 @@ def run(cfg: ExportConfig, rt=None) -> dict:
         rt.wait()
         return {}
     images, manifest = load_distilled(cfg.distilled)
-    if out.exists() and not cfg.overwrite:
-        raise DistillError(f"{out} already exists; choose another --out or pass --overwrite true.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(out)
-    try:
+    with staged_folder(out, cfg.overwrite) as tmp:
         counts: dict[int, int] = {}
         keys = []
         for i in range(len(images)):
@@ -104,12 +120,6 @@ def run(cfg: ExportConfig, rt=None) -> dict:
         write_json(tmp / "manifest.json", manifest)
         write_text(tmp / "README.md", dataset_card(manifest, cfg, len(images), _metrics(cfg),
                                                    (tmp / "labels").exists()))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("export: %d images as %s in %s", len(images), cfg.format, out)
     rt.wait()
     return {"images": len(images), "format": cfg.format, "out": str(out)}
@@ -170,19 +180,40 @@ def dataset_card(manifest: dict, cfg: ExportConfig, n: int, metrics: dict | None
     return "\n".join(lines) + "\n"
 
 
-def _export_hf(images, folder: Path) -> None:
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise DistillError("export to hf needs the 'datasets' package; pip install datasets.") from None
+    return datasets
+
+
+def _pil(image):
     from PIL import Image
 
+    a = image.numpy()
+    return Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+
+
+def _export_hf(images, folder: Path) -> None:
+    datasets = _datasets()
+
     def pil(i):
-        a = images.images[i].numpy()
-        return Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        return _pil(images.images[i])
 
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=list(images.class_names))})
     ds = datasets.Dataset.from_dict({"image": [pil(i) for i in range(len(images))],
                                      "label": images.labels.tolist()}, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(folder))
+
+
+def _export_hf_pairs(images, text, captions: list[str], folder: Path) -> None:
+    """Image-text pairs (``distillset vl export``): columns image, text_embedding, nearest_caption."""
+    datasets = _datasets()
+    features = datasets.Features({"image": datasets.Image(),
+                                  "text_embedding": datasets.Sequence(datasets.Value("float32")),
+                                  "nearest_caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": [_pil(x) for x in images], "text_embedding": text.tolist(),
+                                     "nearest_caption": list(captions)}, features=features)
     datasets.DatasetDict({"train": ds}).save_to_disk(str(folder))

@@ -2,9 +2,11 @@
 
 A recipe is a mapping with an ``out`` root and one section per stage, in this order when present:
 ``squeeze``, ``squeeze_stats``, ``squeeze_trajectories``, ``prior_train``, ``recover``, ``relabel``, ``evaluate``,
-``privacy_mia``, ``privacy_nearest``, ``export``, ``explain``, ``federated``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
+``privacy_mia``, ``privacy_nearest``, ``export``, ``explain``, ``federated``, ``vl_train``, ``vl_distill``,
+``vl_evaluate``, ``vl_export``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
 earlier stages: ``out`` -> ``<out>/<stage>``, ``data`` -> the squeeze data, ``teachers`` -> the squeeze folder,
-``distilled`` -> the recover folder. A ``grouped:{groups: ...}`` data spec without ``data`` regroups the chained
+``distilled`` -> the recover folder (the ``vl_distill`` folder for ``vl_evaluate``/``vl_export``, whose ``model`` is
+the ``vl_train`` folder). A ``grouped:{groups: ...}`` data spec without ``data`` regroups the chained
 data (the squeeze data), and such a section gets no chained teacher: the squeeze teacher knows the fine classes, not
 the groups (how ``recipes/explain_*.yaml`` distil by coarse labels). Every stage resumes, so re-running a recipe
 continues where it stopped.
@@ -25,7 +27,8 @@ from distillset.launch.commands import load as _load
 log = logging.getLogger("distillset.run")
 
 ORDER = ["squeeze", "squeeze_stats", "squeeze_trajectories", "prior_train", "recover", "relabel", "evaluate",
-         "privacy_mia", "privacy_nearest", "export", "explain", "federated"]
+         "privacy_mia", "privacy_nearest", "export", "explain", "federated", "vl_train", "vl_distill", "vl_evaluate",
+         "vl_export"]
 
 
 def _command(section: str) -> str:
@@ -67,6 +70,8 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
             data["teacher"] = chain["teachers"][0]
         if "mia" in fields and not data.get("mia") and "mia" in chain:
             data["mia"] = chain["mia"]
+        if section.startswith("vl_"):
+            _chain_vl(section, data, chain)
         cfg = from_dict(cls, data)
         if section == "squeeze":
             chain["teachers"] = [cfg.out]
@@ -75,8 +80,21 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
             chain["distilled"] = cfg.out
         if section == "privacy_mia":
             chain["mia"] = cfg.out
+        if section == "vl_train":
+            chain["vl_model"] = cfg.out
+        if section == "vl_distill":
+            chain["vl_distilled"] = cfg.out
         out.append((section, cfg))
     return out
+
+
+def _chain_vl(section: str, data: dict, chain: dict) -> None:
+    """Image-text stages: ``model`` is the vl_train folder, ``distilled`` the vl_distill folder (a list for
+    vl_evaluate)."""
+    if section != "vl_train" and not data.get("model") and "vl_model" in chain:
+        data["model"] = chain["vl_model"]
+    if section in ("vl_evaluate", "vl_export") and not data.get("distilled") and "vl_distilled" in chain:
+        data["distilled"] = [chain["vl_distilled"]] if section == "vl_evaluate" else chain["vl_distilled"]
 
 
 def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
