@@ -32,6 +32,16 @@ from torch import nn
 from distillset.core.errors import DistillError
 from distillset.core.io import load_tensors, read_json, save_tensors, write_json, write_text
 
+
+def _require_vl_extra() -> None:
+    """One line, not an ImportError traceback, where the ``vl`` extra is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("open_clip", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DistillError(f"vision-language distillation needs {' and '.join(missing)}: pip install "
+                           "'distillset[vl]' (open_clip_torch, tokenizers).")
+
 log = logging.getLogger("distillset.squeeze")
 
 SPECIALS = ("[PAD]", "[UNK]", "[SOS]", "[EOS]")
@@ -54,6 +64,7 @@ class CaptionTokenizer:
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int, context_length: int) -> CaptionTokenizer:
+        _require_vl_extra()
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -65,6 +76,7 @@ class CaptionTokenizer:
 
     @classmethod
     def load(cls, path: str | Path, context_length: int) -> CaptionTokenizer:
+        _require_vl_extra()
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -221,6 +233,7 @@ class ClipModel(nn.Module):
 
     def __init__(self, spec: ClipSpec):
         super().__init__()
+        _require_vl_extra()
         from open_clip.transformer import TextTransformer
 
         self.spec = spec
