@@ -3,6 +3,8 @@ set and labels; bf16 students match fp32 ones; an evaluation of cohorts resumes 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def cancelled(model) -> set[str]:
     norm follows (its true gradient is zero, and Adam scales the rounding noise of a zero gradient up to lr-sized
     steps) and the BatchNorm running mean that tracks it."""
     names, feats = set(), list(model.features)
-    for i, (m, nxt) in enumerate(zip(feats, feats[1:])):
+    for i, (m, nxt) in enumerate(itertools.pairwise(feats)):
         if isinstance(m, torch.nn.Conv2d) and isinstance(nxt, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)):
             names |= {f"features.{i}.bias", f"features.{i + 1}.running_mean"}
     return names
@@ -124,3 +126,47 @@ def test_which_students_widen_and_when_it_pays():
                              (ImageSet(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4).long(),
                                        [str(i) for i in range(10)]), None, None)],
                             StudentSpec("convnet", {}, 1), MEAN, STD, [0, 1], "cpu")
+
+
+def test_an_evaluation_in_cohorts_equals_one_at_a_time_and_resumes(digits_teacher, tmp_path, monkeypatch):
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.engine import run as recover
+    from distillset.relabel import evaluate as ev
+    from distillset.relabel.softlabels import RelabelConfig
+    from distillset.relabel.softlabels import run as relabel
+
+    out = tmp_path / "set"
+    recover(RecoverConfig(out=str(out), teachers=[str(digits_teacher)], data="digits", ipc=1, iterations=2,
+                          autocast="none"))
+    relabel(RelabelConfig(distilled=str(out), epochs=2, topk=3, epochs_per_file=2, autocast="none"))
+    # 2 sets x 2 label modes x 2 seeds, one recipe: one cohort of 8 (small students on a CPU)
+    cfg = ev.EvaluateConfig(distilled=str(out), out=str(tmp_path / "e"), epochs=2, students=2, archs=["convnet"],
+                            model_kwargs={"width": 8})
+    alone = ev.run(ev.EvaluateConfig(**{**cfg.__dict__, "out": str(tmp_path / "alone"), "batch_students": 1}))
+    cohorts, records = [], []
+    real_fit, real_record = ev.fit_students, ev.record_student
+
+    def fit(members, spec, mean, std, seeds, *a, **k):
+        cohorts.append(list(seeds))
+        return real_fit(members, spec, mean, std, seeds, *a, **k)
+
+    def killed(p, job, acc):
+        if len(records) == 3:
+            raise KeyboardInterrupt  # the kill, after three students of the cohort were recorded
+        records.append(job.key)
+        real_record(p, job, acc)
+
+    monkeypatch.setattr(ev, "fit_students", fit)
+    monkeypatch.setattr(ev, "record_student", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run(cfg)
+    assert [len(c) for c in cohorts] == [8]
+    monkeypatch.setattr(ev, "record_student", real_record)
+    cohorts.clear()
+    again = ev.run(cfg)
+    assert [len(c) for c in cohorts] == [5]  # only the students not recorded
+    assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in alone["runs"]]
+    assert again["summary"] == alone["summary"]
+    cohorts.clear()
+    three = ev.run(ev.EvaluateConfig(**{**cfg.__dict__, "out": str(tmp_path / "three"), "batch_students": 3}))
+    assert [len(c) for c in cohorts] == [3, 3, 2] and three["summary"] == alone["summary"]
