@@ -173,7 +173,7 @@ def fit_students(sets: list[tuple[ImageSet, SoftLabels | None, torch.Tensor | No
     caches: dict[int, dict] = {}  # per label set, the stored crops of the current epoch
     feeds = [Feed(images, spec, seed, device, soft, targets, caches.setdefault(id(soft), {}))
              for (images, soft, targets), seed in zip(sets, seeds)]
-    opt, sched = optimizer(wide.parameters(), spec, feeds[0].total_steps)
+    opt, sched = optimizer(wide.parameters(), spec, feeds[0].total_steps, device)
     amp = autocast_dtype(spec.autocast, torch.device(device))
     norm = InputTransform(mean, std, zca).to(device)
     k = len(feeds)

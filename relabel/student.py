@@ -74,7 +74,7 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
     if init_state is not None:
         model.load_state_dict(init_state)
     feed = Feed(train, spec, seed, device, soft, soft_targets)
-    opt, sched = optimizer(model.parameters(), spec, feed.total_steps)
+    opt, sched = optimizer(model.parameters(), spec, feed.total_steps, device)
     amp = autocast_dtype(spec.autocast, torch.device(device))
     norm = InputTransform(mean, std, zca).to(device)
     model.train()
@@ -109,14 +109,17 @@ def init_student(train: ImageSet, spec: StudentSpec, seed: int, device) -> torch
                         **spec.model_kwargs).to(device)
 
 
-def optimizer(params, spec: StudentSpec, total: int):
+def optimizer(params, spec: StudentSpec, total: int, device):
     """The protocol's optimiser and per-step schedule. Every update is elementwise, so one optimiser over the stacked
-    weights of a cohort is one independent optimiser per student; ``foreach`` keeps it a few kernels per step."""
+    weights of a cohort is one independent optimiser per student. The fused kernels (CPU and CUDA) update every
+    tensor in one pass: on a small student the per-tensor updates otherwise cost as much as its forward and backward
+    (benchmarks/results/students.md)."""
     params = list(params)
+    fast = {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {"foreach": True}
     if spec.protocol == "sre2l":
-        opt = torch.optim.AdamW(params, lr=spec.lr or 1e-3, weight_decay=0.01, foreach=True)
+        opt = torch.optim.AdamW(params, lr=spec.lr or 1e-3, weight_decay=0.01, **fast)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total))
-    opt = torch.optim.SGD(params, lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+    opt = torch.optim.SGD(params, lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4, **fast)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
 
 
