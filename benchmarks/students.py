@@ -11,8 +11,9 @@ Two settings, each the students of one evaluation:
 Variants, run interleaved (reference, lone, lone fp32, cohort, cohort fp32; repeated) so the other jobs on a shared
 machine slow all alike:
 
-* ``reference``: the straightforward loop written below: eager fp32, one student at a time, per-step augmentation,
-  torch's default (single-tensor) optimiser on a CPU; the same protocol and hyper-parameters.
+* ``reference``: the straightforward loop written below: eager fp32, one student at a time, per-step augmentation
+  (the library's crop and DSA ops), torch's default (single-tensor) optimiser on a CPU; the same protocol and
+  hyper-parameters.
 * ``lone``: ``relabel.student.fit_student`` (autocast ``auto``: bf16 on CPUs with AMX) per student; ``lone fp32``
   the same with autocast off.
 * ``cohort``: ``relabel.cohort.fit_students`` (all students as one wide network); ``cohort fp32`` without autocast.
@@ -45,6 +46,7 @@ from distillset.core.data import ImageSet, Source
 from distillset.core.runtime import autocast_dtype
 from distillset.relabel.cohort import fit_students
 from distillset.relabel.student import StudentSpec, fit_student
+from distillset.squeeze.augment import affine_crop, sample_crops
 from distillset.squeeze.data import channel_stats, evaluate_model
 from distillset.squeeze.dsa import dsa_augment
 from distillset.squeeze.models import create_model
@@ -102,29 +104,17 @@ def reference_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int) 
                 group["lr"] = lr
             j = perm[k * spec.batch_size:(k + 1) * spec.batch_size]
             x = x_all[j]
-            x = random_resized_crop(x, g, spec.min_scale, spec.flip) if spec.protocol == "sre2l" else dsa_augment(x, g)
+            if spec.protocol == "sre2l":  # RandomResizedCrop (+ flip), the library's batched geometry
+                c = sample_crops(len(x), g, (spec.min_scale, 1.0), flip=spec.flip)
+                x = affine_crop(x, c["cx"], c["cy"], c["w"], c["h"], c["flip"])
+            else:
+                x = dsa_augment(x, g)
             loss = F.cross_entropy(model((x - m) / s), y_all[j])
             opt.zero_grad()
             loss.backward()
             opt.step()
             step += 1
     return model.eval()
-
-
-def random_resized_crop(x: torch.Tensor, g: torch.Generator, min_scale: float, flip: bool) -> torch.Tensor:
-    """Per-image RandomResizedCrop (+ flip) straight from affine_grid / grid_sample."""
-    n = x.shape[0]
-    area = torch.empty(n).uniform_(min_scale, 1.0, generator=g)
-    logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
-    w = torch.sqrt(area * torch.exp(logr)).clamp(max=1)
-    h = torch.sqrt(area / torch.exp(logr)).clamp(max=1)
-    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -222,8 +212,8 @@ def main() -> None:
                           f"lone, {pe} epoch(s)": profile_step(st, False, pe)}
     load1 = os.getloadavg()
     lines = ["# Student training throughput", "",
-             f"Command: `python benchmarks/students.py --settings {a.settings} --repeats {a.repeats} "
-             f"--epochs-digits {a.epochs_digits} --epochs-cifar {a.epochs_cifar}`", "",
+             (f"Command: `python benchmarks/students.py --settings {a.settings} --repeats {a.repeats} "
+              f"--epochs-digits {a.epochs_digits} --epochs-cifar {a.epochs_cifar}`"), "",
              (f"Machine: {os.cpu_count()} CPU cores shared with other jobs, {torch.get_num_threads()} intra-op "
               f"thread(s); 1-minute load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end. Matmul peak "
               f"measured here (2048^3, best of 5): fp32 {peak32:.0f}, bf16 {peak16:.0f} GFLOP/s; autocast auto = "
