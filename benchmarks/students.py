@@ -24,6 +24,10 @@ over the wall time) against the fp32 and bf16 matmul peaks measured here, and th
 accuracy is the condition of any speed-up). A torch.profiler table of one cohort step and one lone step follows.
 
     python benchmarks/students.py [--settings digits,cifar --repeats 3 --epochs-digits 100 --epochs-cifar 6]
+
+``--evaluate DISTILLED --before REV`` instead times the demo's ``evaluate`` stage (200 epochs, 3 students, crops
+0.5-1, no flip, as ``recipes/digits.yaml``) on a distilled set, interleaved: before = the student code of git
+revision REV (``relabel/student.py`` read with ``git show``), one student at a time; after = this tree (cohorts).
 """
 
 from __future__ import annotations
@@ -173,14 +177,68 @@ def profile_step(st: dict, cohort: bool, epochs: int, rows: int = 12) -> str:
     return "\n".join(line for line in table.splitlines() if line.strip())
 
 
+def evaluate_before_after(distilled: str, rev: str, repeats: int, out: str) -> None:
+    """The demo's evaluate stage with REV's students (one at a time) and with this tree's (cohorts), interleaved."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import tempfile
+
+    from distillset.relabel import evaluate as ev
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp())
+    old_path = tmp / "student_before.py"
+    old_path.write_text(subprocess.run(["git", "show", f"{rev}:relabel/student.py"], cwd=root, check=True,
+                                       capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location("student_before", old_path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["student_before"] = old  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(old)
+    now = ev.train_student
+    times, tables, loads = {"before": [], "after": []}, {}, [os.getloadavg()[0]]
+    for _ in range(repeats):
+        for name in times:
+            shutil.rmtree(tmp / "eval", ignore_errors=True)
+            ev.train_student = old.train_student if name == "before" else now
+            cfg = ev.EvaluateConfig(distilled=distilled, out=str(tmp / "eval"), epochs=200, students=3, min_scale=0.5,
+                                    flip=False, batch_students=1 if name == "before" else 0)
+            t = time.perf_counter()
+            tables[name] = ev.format_summary(ev.run(cfg))
+            times[name].append(time.perf_counter() - t)
+            loads.append(os.getloadavg()[0])
+            print(name, f"{times[name][-1]:.1f} s", flush=True)
+    ev.train_student = now
+    b, a = statistics.median(times["before"]), statistics.median(times["after"])
+    paired = statistics.median(x / y for x, y in zip(times["before"], times["after"]))
+    lines = ["# The demo's evaluate stage, before and after", "",
+             f"Command: `python benchmarks/students.py --evaluate {distilled} --before {rev} --repeats {repeats}`", "",
+             f"1-minute load average {min(loads):.1f}-{max(loads):.1f} over the run; interleaved, medians.", "",
+             "| | seconds (median) | per repeat |", "|---|---|---|",
+             f"| before ({rev}, one at a time) | {b:.1f} | {[round(v, 1) for v in times['before']]} |",
+             f"| after (cohorts) | {a:.1f} | {[round(v, 1) for v in times['after']]} |", "",
+             f"Speed-up: {b / a:.2f}x (ratio of medians), {paired:.2f}x (median of paired ratios).", ""]
+    for name, table in tables.items():
+        lines += [f"{name}:", "", "```", table, "```", ""]
+    Path(out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", default="digits,cifar")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs-digits", type=int, default=100)
     p.add_argument("--epochs-cifar", type=int, default=6)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "students.md"))
+    p.add_argument("--out", default="")
+    p.add_argument("--evaluate", default="", help="a distilled-set folder: time the demo's evaluate stage instead")
+    p.add_argument("--before", default="HEAD", help="with --evaluate: the git revision of the 'before' students")
     a = p.parse_args()
+    results_dir = Path(__file__).parent / "results"
+    if a.evaluate:
+        evaluate_before_after(a.evaluate, a.before, a.repeats, a.out or str(results_dir / "students_evaluate.md"))
+        return
+    a.out = a.out or str(results_dir / "students.md")
     t0, load0 = time.time(), os.getloadavg()
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     amp = autocast_dtype("auto", torch.device("cpu"))
