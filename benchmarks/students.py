@@ -198,16 +198,16 @@ def evaluate_before_after(distilled: str, rev: str, repeats: int, out: str) -> N
     now = ev.train_student
     times, tables, loads = {"before": [], "after": []}, {}, [os.getloadavg()[0]]
     for _ in range(repeats):
-        for name in times:
+        for name, spent in times.items():
             shutil.rmtree(tmp / "eval", ignore_errors=True)
             ev.train_student = old.train_student if name == "before" else now
             cfg = ev.EvaluateConfig(distilled=distilled, out=str(tmp / "eval"), epochs=200, students=3, min_scale=0.5,
                                     flip=False, batch_students=1 if name == "before" else 0)
             t = time.perf_counter()
             tables[name] = ev.format_summary(ev.run(cfg))
-            times[name].append(time.perf_counter() - t)
+            spent.append(time.perf_counter() - t)
             loads.append(os.getloadavg()[0])
-            print(name, f"{times[name][-1]:.1f} s", flush=True)
+            print(name, f"{spent[-1]:.1f} s", flush=True)
     ev.train_student = now
     b, a = statistics.median(times["before"]), statistics.median(times["after"])
     paired = statistics.median(x / y for x, y in zip(times["before"], times["after"]))
