@@ -28,7 +28,7 @@ from torch import nn
 from distillset.core.data import ImageSet
 from distillset.core.runtime import autocast_dtype
 from distillset.relabel.softlabels import SoftLabels
-from distillset.relabel.student import Feed, StudentSpec, check_spec, init_student, optimizer
+from distillset.relabel.student import Feed, StudentSpec, check_spec, compiled, init_student, optimizer
 from distillset.squeeze.augment import affine_crop
 from distillset.squeeze.dsa import SiameseAug, apply_family
 from distillset.squeeze.inputs import ZCA, InputTransform
@@ -178,6 +178,7 @@ def fit_students(sets: list[tuple[ImageSet, SoftLabels | None, torch.Tensor | No
     norm = InputTransform(mean, std, zca).to(device)
     k = len(feeds)
     wide.train()
+    forward = compiled(wide, spec)
     for epoch in range(spec.epochs):
         for f in feeds:
             f.start_epoch(epoch)
@@ -189,7 +190,7 @@ def fit_students(sets: list[tuple[ImageSet, SoftLabels | None, torch.Tensor | No
             x = norm(xs.flatten(0, 1)).view(k, b, *xs.shape[2:])
             x = x.transpose(0, 1).reshape(b, k * xs.shape[2], *xs.shape[3:])  # student i in channels [iC, (i+1)C)
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-                logits = wide(x).float()
+                logits = forward(x).float()
             # the students' parameters are disjoint: the gradient of the sum is each student's own gradient
             losses = [f.loss(z) for f, z in zip(feeds, logits)]
             opt.zero_grad(set_to_none=True)

@@ -70,6 +70,8 @@ class EvaluateConfig:
             and both sets of one architecture, each equal to training it alone up to float rounding): 0 = automatic
             (cohorts of up to 16 where it is faster: always on an accelerator, on a CPU for small students), 1 = one
             at a time, k = cohorts of at most k. A killed cohort is retrained whole; finished students are kept.
+        compile_students: run the students through ``torch.compile`` (pays off for long students of larger images:
+            the compilation takes tens of seconds once per process and architecture).
     """
 
     distilled: str = "output/recover"
@@ -90,6 +92,7 @@ class EvaluateConfig:
     seed: int = 0
     evaluators: list[str] = field(default_factory=lambda: ["diversity"])
     batch_students: int = 0
+    compile_students: bool = False
 
     def __post_init__(self):
         for name in self.evaluators:
@@ -276,7 +279,7 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
     # what changes a student's result (evaluators only measure the set: students recorded before they existed stay
     # valid; a cohort member equals its lone twin, so batch_students does not either)
     key = {"config": {k: v for k, v in to_dict(cfg).items()
-                      if k not in ("out", "students", "evaluators", "batch_students")},
+                      if k not in ("out", "students", "evaluators", "batch_students", "compile_students")},
            "set": manifest.get("fingerprint"), "num_images": len(distilled), "model_kwargs": kwargs,
            "soft": soft.meta if soft is not None else None}
     fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -351,7 +354,7 @@ def student_spec(p: Plan, cfg: EvaluateConfig, job: Job) -> StudentSpec:
     learned_lr = job.set == "distilled" and "lr" in p.learned
     lr = cfg.lr or (float(p.learned["lr"].reshape(-1)[0]) if learned_lr else None)
     return StudentSpec(job.arch, p.model_kwargs[job.arch], cfg.epochs, cfg.protocol, cfg.batch_size, lr,
-                       min_scale=cfg.min_scale, flip=cfg.flip)
+                       min_scale=cfg.min_scale, flip=cfg.flip, compile=cfg.compile_students)
 
 
 def job_labels(p: Plan, job: Job, labels: SoftLabels | None, device) -> tuple[SoftLabels | None, torch.Tensor | None]:

@@ -32,7 +32,12 @@ from distillset.squeeze.models import create_model
 
 @dataclass
 class StudentSpec:
-    """How to train one student."""
+    """How to train one student.
+
+    ``compile`` runs the forward and backward through ``torch.compile`` (inductor fuses the norm, activation and pool
+    passes that dominate a small CNN's step): once per process and architecture it costs a compilation (tens of
+    seconds on a CPU; later students of the same shapes reuse it), so it pays off for long students, not for the
+    demo's (benchmarks/results/students.md)."""
 
     arch: str
     model_kwargs: dict
@@ -44,6 +49,7 @@ class StudentSpec:
     min_scale: float = 0.08
     flip: bool = True
     autocast: str = "auto"
+    compile: bool = False
 
 
 PROTOCOLS = ("sre2l", "matching", "plain")
@@ -78,12 +84,13 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
     amp = autocast_dtype(spec.autocast, torch.device(device))
     norm = InputTransform(mean, std, zca).to(device)
     model.train()
+    forward = compiled(model, spec)
     for epoch in range(spec.epochs):
         feed.start_epoch(epoch)
         for k in range(feed.steps_per_epoch):
             x = feed.augment(*feed.batch(k))
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-                logits = model(norm(x)).float()
+                logits = forward(norm(x)).float()
             loss = feed.loss(logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,6 +100,11 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
             on_epoch()
     feed.check_finite(loss)
     return model.eval()
+
+
+def compiled(model: torch.nn.Module, spec: StudentSpec):
+    """``model`` itself, or its ``torch.compile`` form when the spec asks for it (the weights stay ``model``'s)."""
+    return torch.compile(model) if spec.compile else model
 
 
 def check_spec(spec: StudentSpec, soft: SoftLabels | None) -> None:
