@@ -37,8 +37,9 @@ from distillset.squeeze.models import VGG11, AlexNetSmall, ConvNet, LeNetSigmoid
 WIDE_ARCHS = (ConvNet, VGG11, AlexNetSmall, LeNetSigmoid)
 # layers that act on each channel alone (or not at all): the same module serves k students side by side
 CHANNELWISE = (nn.ReLU, nn.Sigmoid, nn.AvgPool2d, nn.MaxPool2d, nn.Identity)
-# above this many first-layer activations per student and step, a CPU student is already busy with arithmetic and a
-# grouped convolution is slower than k plain ones (benchmarks/results/students.md: 0.7x at ConvNet-3, 32 px, batch 64)
+# above this many first-layer activations per student and step, a CPU student is busy with memory-bound passes and a
+# cohort gains nothing (ConvNet-3, 32 px, batch 64: 8.4M, 0.76x-1.4x of one at a time over two runs of
+# benchmarks/students.py); the digits demo's students (41k) gain 4.3x
 CPU_WIDE_LIMIT = 1 << 20
 
 
