@@ -30,10 +30,12 @@ from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, load_tensors, require_folder, write_json
 from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime, progress
+from distillset.relabel.cohort import cohorts, fit_students, pays_off, widens
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.evaluators import EVALUATORS, register_evaluator
 from distillset.relabel.softlabels import SoftLabels, config_from_meta, generate, label_meta, load_soft_labels
 from distillset.relabel.student import PROTOCOLS, StudentSpec, train_student
+from distillset.squeeze.data import evaluate_model
 from distillset.squeeze.inputs import ZCA
 
 log = logging.getLogger("distillset.evaluate")
@@ -64,6 +66,12 @@ class EvaluateConfig:
             init-from-real run started from).
         evaluators: measurements taken beside the students' accuracy (``distillset methods`` lists the registered
             evaluators), stored in metrics.json under their names.
+        batch_students: students trained together as one wide network (:mod:`distillset.relabel.cohort`; the seeds
+            and both sets of one architecture, each equal to training it alone up to float rounding): 0 = automatic
+            (cohorts of up to 16 where it is faster: always on an accelerator, on a CPU for small students), 1 = one
+            at a time, k = cohorts of at most k. A killed cohort is retrained whole; finished students are kept.
+        compile_students: run the students through ``torch.compile`` (pays off for long students of larger images:
+            the compilation takes tens of seconds once per process and architecture).
     """
 
     distilled: str = "output/recover"
@@ -83,6 +91,8 @@ class EvaluateConfig:
     flip: bool = True
     seed: int = 0
     evaluators: list[str] = field(default_factory=lambda: ["diversity"])
+    batch_students: int = 0
+    compile_students: bool = False
 
     def __post_init__(self):
         for name in self.evaluators:
@@ -93,6 +103,9 @@ class EvaluateConfig:
             raise DistillError(f"unknown protocol '{self.protocol}'; use {', '.join(PROTOCOLS)}.")
         if self.students < 1 or self.epochs < 1 or self.batch_size < 1:
             raise DistillError("students, epochs and batch_size must be >= 1.")
+        if self.batch_students < 0:
+            raise DistillError(f"batch_students must be >= 0 (0 = automatic, 1 = one at a time), got "
+                               f"{self.batch_students}.")
         check_number(self.lr, "lr (0 = the protocol's)", high=1e4, allow_low=True)
         if not 0 < self.min_scale <= 1:
             raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
@@ -264,8 +277,9 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
                     continue
                 jobs += [Job(arch, name, mode, cfg.seed + 1000 * k) for k in range(cfg.students)]
     # what changes a student's result (evaluators only measure the set: students recorded before they existed stay
-    # valid)
-    key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("out", "students", "evaluators")},
+    # valid; a cohort member equals its lone twin, so batch_students does not either)
+    key = {"config": {k: v for k, v in to_dict(cfg).items()
+                      if k not in ("out", "students", "evaluators", "batch_students", "compile_students")},
            "set": manifest.get("fingerprint"), "num_images": len(distilled), "model_kwargs": kwargs,
            "soft": soft.meta if soft is not None else None}
     fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -335,21 +349,72 @@ def baseline(p: Plan, cfg: EvaluateConfig, rt, need_soft: bool) -> tuple[ImageSe
                             label_meta(rcfg, teachers, p.distilled.num_classes, len(rand)), tensors.get("scale"))
 
 
-def train_one(p: Plan, cfg: EvaluateConfig, job: Job, images: ImageSet, labels: SoftLabels | None, rt,
-              on_epoch=None) -> float:
-    """Train the student of ``job`` and record its top-1 at once (atomically), so a killed run keeps it."""
+def student_spec(p: Plan, cfg: EvaluateConfig, job: Job) -> StudentSpec:
+    """The recipe of ``job``'s student (the distilled set's learned lr, when MTT/DATM stored one)."""
     learned_lr = job.set == "distilled" and "lr" in p.learned
     lr = cfg.lr or (float(p.learned["lr"].reshape(-1)[0]) if learned_lr else None)
-    spec = StudentSpec(job.arch, p.model_kwargs[job.arch], cfg.epochs, cfg.protocol, cfg.batch_size, lr,
-                       min_scale=cfg.min_scale, flip=cfg.flip)
-    soft_targets = None
-    if job.labels == "soft" and labels is None:  # DATM-style learned soft labels (logits) of the distilled set
-        soft_targets = torch.softmax(p.learned["soft_labels"].float(), 1).to(rt.device)
-    acc = train_student(images, p.test, spec, p.mean, p.std, job.seed, rt.device,
-                        soft=labels if job.labels == "soft" else None, soft_targets=soft_targets, zca=p.zca,
-                        on_epoch=on_epoch)
+    return StudentSpec(job.arch, p.model_kwargs[job.arch], cfg.epochs, cfg.protocol, cfg.batch_size, lr,
+                       min_scale=cfg.min_scale, flip=cfg.flip, compile=cfg.compile_students)
+
+
+def job_labels(p: Plan, job: Job, labels: SoftLabels | None, device) -> tuple[SoftLabels | None, torch.Tensor | None]:
+    """``(stored soft labels, fixed soft targets)`` of ``job``: KD labels, DATM's learned labels, or neither."""
+    if job.labels != "soft":
+        return None, None
+    if labels is None:  # DATM-style learned soft labels (logits) of the distilled set
+        return None, torch.softmax(p.learned["soft_labels"].float(), 1).to(device)
+    return labels, None
+
+
+def record_student(p: Plan, job: Job, acc: float) -> None:
+    """A student's top-1, recorded at once (atomically), so a killed run keeps it."""
     write_json(student_path(p, job), {"fingerprint": p.fingerprint, **dataclasses.asdict(job), "top1": acc})
+
+
+def train_one(p: Plan, cfg: EvaluateConfig, job: Job, images: ImageSet, labels: SoftLabels | None, rt,
+              on_epoch=None) -> float:
+    """Train the student of ``job`` alone and record its top-1."""
+    soft, soft_targets = job_labels(p, job, labels, rt.device)
+    acc = train_student(images, p.test, student_spec(p, cfg, job), p.mean, p.std, job.seed, rt.device, soft=soft,
+                        soft_targets=soft_targets, zca=p.zca, on_epoch=on_epoch)
+    record_student(p, job, acc)
     return acc
+
+
+def train_cohort(p: Plan, cfg: EvaluateConfig, jobs: list[Job], sets: dict, rt, on_epoch=None) -> list[float]:
+    """Train the students of ``jobs`` (one recipe) together and record each one's top-1 as it comes."""
+    spec = student_spec(p, cfg, jobs[0])
+    members = [(sets[j.set][0], *job_labels(p, j, sets[j.set][1], rt.device)) for j in jobs]
+    models = fit_students(members, spec, p.mean, p.std, [j.seed for j in jobs], rt.device, zca=p.zca,
+                          on_epoch=on_epoch)
+    accs = []
+    for job, model in zip(jobs, models):
+        accs.append(evaluate_model(model, p.test, p.mean, p.std, rt.device, zca=p.zca))
+        record_student(p, job, accs[-1])
+    return accs
+
+
+def plan_cohorts(p: Plan, cfg: EvaluateConfig, pending: list[Job], sets: dict, device) -> list[list[Job]]:
+    """``pending`` in groups trained together: jobs of one recipe and set size, where a cohort pays off
+    (``batch_students``); every other job is a group of one."""
+    from distillset.squeeze.models import create_model
+
+    limit = cfg.batch_students or 16
+    by_recipe: dict[tuple, list[Job]] = {}
+    for job in pending:
+        by_recipe.setdefault((repr(student_spec(p, cfg, job)), len(sets[job.set][0])), []).append(job)
+    groups = []
+    for jobs in by_recipe.values():
+        probe = create_model(jobs[0].arch, p.distilled.num_classes, p.distilled.image_shape[0],
+                             p.distilled.image_shape[-1], **p.model_kwargs[jobs[0].arch])
+        n = len(sets[jobs[0].set][0])
+        wide = widens(probe) if cfg.batch_students else pays_off(probe, min(n, cfg.batch_size),
+                                                                 p.distilled.image_shape[-1], device)
+        if limit == 1 or len(jobs) == 1 or not wide:
+            groups += [[j] for j in jobs]
+        else:
+            groups += [[jobs[i] for i in part] for part in cohorts(len(jobs), limit)]
+    return groups
 
 
 def students(p: Plan, cfg: EvaluateConfig, rt) -> list[dict]:
@@ -366,14 +431,21 @@ def students(p: Plan, cfg: EvaluateConfig, rt) -> list[dict]:
     log.info("evaluate: training %d students (%d epochs each) on %d set(s)", len(pending), cfg.epochs,
              len({j.set for j in pending}))
     bar = progress(total=len(pending) * cfg.epochs, desc="evaluate: student epochs", enabled=rt.is_main)
-    for job in mine:
-        acc = done[job.key]
-        if acc is None:
+    for group in plan_cohorts(p, cfg, pending, sets, rt.device):
+        job = group[0]
+        if len(group) == 1:
             bar.set_postfix_str(f"{job.set} {job.labels} seed {job.seed}")
-            acc = train_one(p, cfg, job, *sets[job.set], rt, on_epoch=lambda: bar.update(1))
+            accs = [train_one(p, cfg, job, *sets[job.set], rt, on_epoch=lambda: bar.update(1))]
+        else:
+            bar.set_postfix_str(f"{len(group)} students together")
+            accs = train_cohort(p, cfg, group, sets, rt, on_epoch=bar.update)
+        for job, acc in zip(group, accs):
+            done[job.key] = acc
             log.info("evaluate: %s %s %s seed %d: top-1 %.4f", job.arch, job.set, job.labels, job.seed, acc)
             rt.log_metrics({f"evaluate/{job.arch}/{job.set}/{job.labels}": acc}, job.seed)
-        results.append({"arch": job.arch, "set": job.set, "labels": job.labels, "seed": job.seed, "top1": acc})
+    for job in mine:
+        results.append({"arch": job.arch, "set": job.set, "labels": job.labels, "seed": job.seed,
+                        "top1": done[job.key]})
     bar.close()
     return [r for part in rt.gather_object(results) for r in part]
 

@@ -32,13 +32,13 @@ def test_kwargs_belong_to_their_architecture(distilled, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ev, "train_student", lambda images, test, spec, *a, **k: calls.append(spec) or 0.5)
     m = ev.run(ev.EvaluateConfig(distilled=str(distilled), out=str(tmp_path / "e"), archs=["timm:resnet10t"],
-                                 epochs=1, students=1))
+                                 epochs=1, students=1, batch_students=1))
     assert {s.arch for s in calls} == {"timm:resnet10t"} and all(s.model_kwargs == {} for s in calls)
     assert {(s["set"], s["labels"]) for s in m["summary"]} == {("distilled", "hard"), ("distilled", "soft"),
                                                                ("random", "hard"), ("random", "soft")}
     calls.clear()
     ev.run(ev.EvaluateConfig(distilled=str(distilled), out=str(tmp_path / "f"), epochs=1, students=1,
-                             model_kwargs={}))
+                             model_kwargs={}, batch_students=1))
     assert all(s.arch == "convnet_bn" and s.model_kwargs == {} for s in calls)
 
 
@@ -59,8 +59,9 @@ def test_a_bad_plan_fails_before_any_work(distilled, tmp_path, monkeypatch):
 
 
 def test_a_killed_evaluation_trains_only_the_missing_students(distilled, tmp_path, monkeypatch):
+    # one student at a time (the spy counts train_student calls); the cohort's resume is tests/test_cohort.py's
     cfg = ev.EvaluateConfig(distilled=str(distilled), out=str(tmp_path / "e"), epochs=1, students=2, labels="hard",
-                            archs=["convnet"], model_kwargs={"width": 8})
+                            archs=["convnet"], model_kwargs={"width": 8}, batch_students=1)
     ref = ev.run(ev.EvaluateConfig(**{**cfg.__dict__, "out": str(tmp_path / "ref")}))
     real = ev.train_student
     trained = []

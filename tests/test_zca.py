@@ -84,7 +84,7 @@ def test_dm_with_zca_stores_the_whitening_and_evaluate_applies_it(tmp_path, digi
 
     monkeypatch.setattr(ev, "train_student", spy)
     metrics = ev.run(ev.EvaluateConfig(distilled=str(out), archs=["convnet"], model_kwargs={"width": 8}, epochs=2,
-                                       students=1, labels="hard", protocol="matching"))
+                                       students=1, labels="hard", protocol="matching", batch_students=1))
     assert metrics["zca"] is True and len(seen) == 2  # the distilled set and the random-real baseline
     assert all(z is not None and z.same_as(stored) for z in seen)
     exported = export(ExportConfig(distilled=str(out), out=str(tmp_path / "wds"), format="wds"))
