@@ -72,6 +72,9 @@ class EvaluateConfig:
             at a time, k = cohorts of at most k. A killed cohort is retrained whole; finished students are kept.
         compile_students: run the students through ``torch.compile`` (pays off for long students of larger images:
             the compilation takes tens of seconds once per process and architecture).
+        lr_zeta: EDC's smoothing learning-rate schedule (sre2l protocol): the students' cosine runs over zeta x
+            their steps, so it ends at (1 + cos(pi / zeta)) / 2 of the lr instead of 0 (2: half); 1 = plain cosine.
+            With EDC's small-batch evaluation, lower batch_size too.
     """
 
     distilled: str = "output/recover"
@@ -93,6 +96,7 @@ class EvaluateConfig:
     evaluators: list[str] = field(default_factory=lambda: ["diversity"])
     batch_students: int = 0
     compile_students: bool = False
+    lr_zeta: float = 1.0
 
     def __post_init__(self):
         for name in self.evaluators:
@@ -107,6 +111,12 @@ class EvaluateConfig:
             raise DistillError(f"batch_students must be >= 0 (0 = automatic, 1 = one at a time), got "
                                f"{self.batch_students}.")
         check_number(self.lr, "lr (0 = the protocol's)", high=1e4, allow_low=True)
+        if not 1 <= self.lr_zeta <= 100:
+            raise DistillError(f"lr_zeta must be in [1, 100] (1 = plain cosine, 2 = EDC's smoothing to half the lr), "
+                               f"got {self.lr_zeta}.")
+        if self.lr_zeta != 1 and self.protocol != "sre2l":
+            raise DistillError(f"lr_zeta stretches the sre2l protocol's cosine schedule; the {self.protocol} "
+                               "protocol steps its lr down at half: drop lr_zeta or use --protocol sre2l.")
         if not 0 < self.min_scale <= 1:
             raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
 
@@ -279,7 +289,8 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
     # what changes a student's result (evaluators only measure the set: students recorded before they existed stay
     # valid; a cohort member equals its lone twin, so batch_students does not either)
     key = {"config": {k: v for k, v in to_dict(cfg).items()
-                      if k not in ("out", "students", "evaluators", "batch_students", "compile_students")},
+                      if k not in ("out", "students", "evaluators", "batch_students", "compile_students")
+                      and not (k == "lr_zeta" and v == 1.0)},  # results recorded before the option stay valid
            "set": manifest.get("fingerprint"), "num_images": len(distilled), "model_kwargs": kwargs,
            "soft": soft.meta if soft is not None else None}
     fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -354,7 +365,7 @@ def student_spec(p: Plan, cfg: EvaluateConfig, job: Job) -> StudentSpec:
     learned_lr = job.set == "distilled" and "lr" in p.learned
     lr = cfg.lr or (float(p.learned["lr"].reshape(-1)[0]) if learned_lr else None)
     return StudentSpec(job.arch, p.model_kwargs[job.arch], cfg.epochs, cfg.protocol, cfg.batch_size, lr,
-                       min_scale=cfg.min_scale, flip=cfg.flip, compile=cfg.compile_students)
+                       min_scale=cfg.min_scale, flip=cfg.flip, compile=cfg.compile_students, lr_zeta=cfg.lr_zeta)
 
 
 def job_labels(p: Plan, job: Job, labels: SoftLabels | None, device) -> tuple[SoftLabels | None, torch.Tensor | None]:

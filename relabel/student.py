@@ -50,6 +50,7 @@ class StudentSpec:
     flip: bool = True
     autocast: str = "auto"
     compile: bool = False
+    lr_zeta: float = 1.0  # EDC's smoothing schedule: the sre2l cosine stretched over zeta x the steps
 
 
 PROTOCOLS = ("sre2l", "matching", "plain")
@@ -110,6 +111,9 @@ def compiled(model: torch.nn.Module, spec: StudentSpec):
 def check_spec(spec: StudentSpec, soft: SoftLabels | None) -> None:
     if spec.protocol not in PROTOCOLS:
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use {', '.join(PROTOCOLS)}.")
+    if spec.lr_zeta != 1.0 and spec.protocol != "sre2l":
+        raise DistillError(f"lr_zeta stretches the sre2l protocol's cosine schedule; the {spec.protocol} protocol "
+                           "steps its lr down at half: drop lr_zeta or use --protocol sre2l.")
     if soft is not None:
         soft.check_student_epochs(spec.epochs)
 
@@ -130,7 +134,7 @@ def optimizer(params, spec: StudentSpec, total: int, device):
     fast = {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {"foreach": True}
     if spec.protocol == "sre2l":
         opt = torch.optim.AdamW(params, lr=spec.lr or 1e-3, weight_decay=0.01, **fast)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, zeta=spec.lr_zeta))
     opt = torch.optim.SGD(params, lr=spec.lr or 0.01, momentum=0.9, weight_decay=5e-4, **fast)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < total // 2 else 0.1)
 

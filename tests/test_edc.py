@@ -96,3 +96,28 @@ def test_engine_runs_class_aware_recover_and_needs_data(digits_teacher, tmp_path
         run(RecoverConfig(out=str(tmp_path / "b"), **common))
     with pytest.raises(DistillError, match="weight in \\[0, 1\\]"):
         RecoverConfig(out=str(tmp_path / "c"), data="digits", **{**common, "options": {"class_aware": 2}})
+
+
+def test_smoothing_lr_schedule_stretches_the_students_cosine():
+    """EDC's smoothing schedule: the sre2l cosine over zeta x the steps ends at (1 + cos(pi / zeta)) / 2 of the lr."""
+    import math
+
+    from distillset.core.schedule import cosine
+    from distillset.relabel.evaluate import EvaluateConfig
+    from distillset.relabel.student import StudentSpec, check_spec, optimizer
+
+    assert cosine(0, 100, zeta=2) == 1.0 and cosine(100, 100) == 0.0
+    assert math.isclose(cosine(100, 100, zeta=2), 0.5) and math.isclose(cosine(50, 100, zeta=2), 0.5 * (1 + 2 ** -0.5))
+    for zeta, last in ((1.0, 0.0), (2.0, 0.5), (4.0, 0.5 * (1 + math.cos(math.pi / 4)))):
+        w = torch.nn.Parameter(torch.zeros(3))
+        opt, sched = optimizer([w], StudentSpec("convnet", {}, 10, lr=1e-3, lr_zeta=zeta), 40, "cpu")
+        for _ in range(40):
+            opt.step()
+            sched.step()
+        assert math.isclose(opt.param_groups[0]["lr"], 1e-3 * last, abs_tol=1e-12), zeta
+    with pytest.raises(DistillError, match="lr_zeta must be in"):
+        EvaluateConfig(lr_zeta=0.5)
+    with pytest.raises(DistillError, match="steps its lr down at half"):
+        EvaluateConfig(lr_zeta=2, protocol="matching")
+    with pytest.raises(DistillError, match="steps its lr down at half"):
+        check_spec(StudentSpec("convnet", {}, 10, protocol="plain", lr_zeta=2), None)
