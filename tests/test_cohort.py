@@ -62,7 +62,13 @@ def assert_twins(alone, together, test, zca=None):
         # the running mean's lag behind the drifting cancelled bias reaches eval-mode logits at the 1e-3 level
         la, lb = logits(a, test, zca), logits(b, test, zca)
         assert torch.allclose(la, lb, atol=5e-3, rtol=1e-3), (la - lb).abs().max()
-        assert evaluate_model(a, test, MEAN, STD, "cpu", zca=zca) == evaluate_model(b, test, MEAN, STD, "cpu", zca=zca)
+        # no exact accuracy check: these barely trained students' top-2 logits often tie within the tolerance above,
+        # and one flipped image of 300 (9.00 vs 9.33 %) came with 2 threads instead of 1; the predictions can differ
+        # only where the top-2 margin is below twice the logits' difference
+        d = (la - lb).abs().max()
+        top2 = la.topk(2, 1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * d
+        assert torch.equal(la.argmax(1)[clear], lb.argmax(1)[clear])
 
 
 @pytest.mark.parametrize("protocol,arch", [("sre2l", "convnet_bn"), ("matching", "convnet"), ("plain", "convnet_bn"),
