@@ -87,12 +87,15 @@ def sample_similarity(prior, latents: torch.Tensor, labels: torch.Tensor, per_cl
     representativeness raises) and ``max_gen_cos`` (mean over samples of the largest similarity to another sample of
     the class: what diversity lowers), both averaged over classes.
     """
+    classes = torch.unique(labels).tolist()
+    y = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
+    z_T = torch.randn(len(y), *latents.shape[1:], generator=generator).to(latents.device)
+    x0 = torch.cat([prior.denoise(z_T[s:s + 256], prior.conditioning(y[s:s + 256]), steps=steps, blend=0.0,
+                                  checkpointing=False) for s in range(0, len(y), 256)])
     reps, divs = [], []
-    for c in torch.unique(labels).tolist():
-        y = torch.full((per_class,), c, dtype=torch.long)
-        z_T = torch.randn(per_class, *latents.shape[1:], generator=generator).to(latents.device)
-        x0 = prior.denoise(z_T, prior.conditioning(y), steps=steps, blend=0.0, checkpointing=False)
-        reps.append(float(cosine_matrix(x0, latents[labels == c]).min(dim=1).values.mean()))
-        sim = cosine_matrix(x0, x0) - 2 * torch.eye(per_class, device=x0.device)  # not a sample with itself
+    for k, c in enumerate(classes):
+        xc = x0[k * per_class:(k + 1) * per_class]
+        reps.append(float(cosine_matrix(xc, latents[labels == c]).min(dim=1).values.mean()))
+        sim = cosine_matrix(xc, xc) - 2 * torch.eye(per_class, device=xc.device)  # not a sample with itself
         divs.append(float(sim.max(dim=1).values.mean()) if per_class > 1 else 0.0)
     return {"min_real_cos": sum(reps) / len(reps), "max_gen_cos": sum(divs) / len(divs)}

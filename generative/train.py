@@ -252,7 +252,8 @@ def run(cfg: PriorTrainConfig, rt=None) -> dict:
         prior, metrics = fn(cfg, train, test, DataParallel(rt))
     metrics["seconds"] = time.perf_counter() - t0
     if rt.is_main:
-        extra = {"fingerprint": fp, "metrics": metrics, "data": cfg.data, "train": {**to_dict(cfg), "processes": rt.world}}
+        extra = {"fingerprint": fp, "metrics": metrics, "data": cfg.data,
+                 "train": {**to_dict(cfg), "processes": rt.world}}
         if base is not None:
             extra["from_prior"] = str(base)
         prior.save_pretrained(out, extra)
