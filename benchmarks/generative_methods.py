@@ -99,11 +99,12 @@ def main() -> None:
                + " ".join(sys.argv[1:]))
     lines = render(table, a, wall, command)
     lines += ["", (f"Priors ({a.size} px; base: AutoencoderKL f4 width {a.width}, {a.ae_steps} steps + "
-              f"class-conditional UNet2DModel width {a.unet_width}, {a.unet_steps} steps; fine-tuning {a.finetune_steps} steps from it, "
-              f"memory {a.memory_size}; {a.ddim_steps} DDIM steps when sampling). Sample similarities: 8 DDIM samples "
-              "per class, cosine of clean latents; min to real = mean over samples of the least similarity to the "
-              "class's real latents (representativeness raises it), max to generated = mean over samples of the "
-              "largest similarity to another sample of the class (diversity lowers it)."), "",
+                   f"class-conditional UNet2DModel width {a.unet_width}, {a.unet_steps} steps; fine-tuning "
+                   f"{a.finetune_steps} steps from it, memory {a.memory_size}; {a.ddim_steps} DDIM steps when "
+                   "sampling). Sample similarities: 8 DDIM samples per class, cosine of clean latents; min to real = "
+                   "mean over samples of the least similarity to the class's real latents (representativeness raises "
+                   "it), max to generated = mean over samples of the largest similarity to another sample of the "
+                   "class (diversity lowers it)."), "",
               ("| prior | lambda repr, div | test AE MSE | test LD3M render MSE | train s | min cos to real (base) | "
                "max cos to generated (base) |"), "|---|---|---|---|---|---|---|"]
     for name, (_folder, m) in priors.items():
