@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--finetune", action="append", default=[],
                    help="NAME:LAMBDA_REPR,LAMBDA_DIV (default: ft_plain:0,0 minimax:0.002,0.008 minimax_x50:0.1,0.4)")
     p.add_argument("--d4m-strength", type=float, default=0.7)
+    p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -92,8 +93,9 @@ def main() -> None:
             ("sample_base", "minimax", {**common, "options": {"prior": priors["base"][0]}})]
     rows += [(name, "minimax", {**common, "options": {"prior": folder}})
              for name, (folder, _) in priors.items() if name != "base"]
+    keep = set(a.rows.split(",")) if a.rows else None
     table = [run_row(name, method, ov, a.data, root, teacher, a.ipc, a.epochs, a.students, rt)
-             for name, method, ov in rows]
+             for name, method, ov in rows if keep is None or name in keep]
     wall = time.time() - t_all
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/generative_methods.py "
                + " ".join(sys.argv[1:]))
