@@ -94,7 +94,8 @@ def main() -> None:
     rows += [(name, "minimax", {**common, "options": {"prior": folder}})
              for name, (folder, _) in priors.items() if name != "base"]
     keep = set(a.rows.split(",")) if a.rows else None
-    table = [run_row(name, method, ov, a.data, root, teacher, a.ipc, a.epochs, a.students, rt)
+    # the random row is the baseline (the same images evaluate would draw): its students are trained once
+    table = [run_row(name, method, ov, a.data, root, teacher, a.ipc, a.epochs, a.students, rt, baseline=False)
              for name, method, ov in rows if keep is None or name in keep]
     wall = time.time() - t_all
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/generative_methods.py "

@@ -87,8 +87,9 @@ def train_teacher(data: str, root: Path, width: int, epochs: int, image_size: in
 
 
 def run_row(name: str, method: str, overrides: dict, data: str, root: Path, teacher: Path, ipc: int, epochs: int,
-            students: int, rt) -> dict:
-    """One row: distil, relabel with the teacher, evaluate students beside random real images at the same IPC."""
+            students: int, rt, baseline: bool = True) -> dict:
+    """One row: distil, relabel with the teacher, evaluate students (beside random real images at the same IPC
+    unless ``baseline`` is off: a driver whose ``random`` row is the baseline trains its students once)."""
     folder = root / f"{name}_ipc{ipc}"
     base = {"out": str(folder), "data": data, "teachers": [str(teacher)], "method": method, "ipc": ipc,
             "classes_per_unit": 10}
@@ -97,7 +98,7 @@ def run_row(name: str, method: str, overrides: dict, data: str, root: Path, teac
     seconds = sum(max(r["seconds"] for r in run["ranks"]) for run in manifest["runs"])
     relabel_run(RelabelConfig(distilled=str(folder), epochs=epochs, topk=10, epochs_per_file=epochs), rt)
     m = evaluate_run(EvaluateConfig(distilled=str(folder), students=students, epochs=epochs, labels="both",
-                                    batch_size=50), rt)
+                                    batch_size=50, baseline=baseline), rt)
     by = {(s["set"], s["labels"]): s for s in m["summary"]}
     print(name, {k: round(100 * v["mean"], 2) for k, v in by.items()}, flush=True)
     return {"name": name, "method": method, "overrides": overrides, "by": by,
