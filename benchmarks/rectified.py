@@ -68,31 +68,42 @@ def main() -> None:
     t_all = time.time()
     tag = Path(a.data.split(":", 1)[-1]).stem
     root = Path(a.root) / tag
-    teacher = root / "teacher"
-    squeeze_run(SqueezeConfig(out=str(teacher), data=a.data, arch="convnet3_bn",
-                              model_kwargs={"width": a.teacher_width}, epochs=a.teacher_epochs, batch_size=128,
-                              lr=0.05), rt)
-    table = []
-    for name, method, overrides in rows:
-        folder = root / f"{name}_ipc{a.ipc}"
-        base = dict(out=str(folder), data=a.data, teachers=[str(teacher)], method=method, ipc=a.ipc,
-                    classes_per_unit=10)
-        manifest = recover_run(RecoverConfig(**{**base, **overrides}), rt)
-        # the method's own time: every run that wrote units of this set (a resumed benchmark adds its skips, ~0 s)
-        seconds = sum(max(r["seconds"] for r in run["ranks"]) for run in manifest["runs"])
-        relabel_run(RelabelConfig(distilled=str(folder), epochs=a.epochs, topk=10, epochs_per_file=a.epochs), rt)
-        m = evaluate_run(EvaluateConfig(distilled=str(folder), students=a.students, epochs=a.epochs, labels="both",
-                                        batch_size=50), rt)
-        by = {(s["set"], s["labels"]): s for s in m["summary"]}
-        table.append({"name": name, "method": method, "overrides": overrides, "by": by,
-                      "seconds_per_image": seconds / max(1, manifest["num_images"]), "diversity": m["diversity"],
-                      "full": m.get("full_data_top1")})
-        print(name, {k: round(100 * v["mean"], 2) for k, v in by.items()}, flush=True)
+    teacher = train_teacher(a.data, root, a.teacher_width, a.teacher_epochs, 0, rt)
+    table = [run_row(name, method, overrides, a.data, root, teacher, a.ipc, a.epochs, a.students, rt)
+             for name, method, overrides in rows]
     lines = render(table, a, time.time() - t_all)
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / f"rectified_{tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def train_teacher(data: str, root: Path, width: int, epochs: int, image_size: int, rt) -> Path:
+    """The one ConvNet-3 BN teacher every row distils from and is relabelled by (cached in ``root/teacher``)."""
+    teacher = root / "teacher"
+    squeeze_run(SqueezeConfig(out=str(teacher), data=data, arch="convnet3_bn", model_kwargs={"width": width},
+                              epochs=epochs, batch_size=128, lr=0.05, image_size=image_size), rt)
+    return teacher
+
+
+def run_row(name: str, method: str, overrides: dict, data: str, root: Path, teacher: Path, ipc: int, epochs: int,
+            students: int, rt, baseline: bool = True) -> dict:
+    """One row: distil, relabel with the teacher, evaluate students (beside random real images at the same IPC
+    unless ``baseline`` is off: a driver whose ``random`` row is the baseline trains its students once)."""
+    folder = root / f"{name}_ipc{ipc}"
+    base = {"out": str(folder), "data": data, "teachers": [str(teacher)], "method": method, "ipc": ipc,
+            "classes_per_unit": 10}
+    manifest = recover_run(RecoverConfig(**{**base, **overrides}), rt)
+    # the method's own time: every run that wrote units of this set (a resumed benchmark adds its skips, ~0 s)
+    seconds = sum(max(r["seconds"] for r in run["ranks"]) for run in manifest["runs"])
+    relabel_run(RelabelConfig(distilled=str(folder), epochs=epochs, topk=10, epochs_per_file=epochs), rt)
+    m = evaluate_run(EvaluateConfig(distilled=str(folder), students=students, epochs=epochs, labels="both",
+                                    batch_size=50, baseline=baseline), rt)
+    by = {(s["set"], s["labels"]): s for s in m["summary"]}
+    print(name, {k: round(100 * v["mean"], 2) for k, v in by.items()}, flush=True)
+    return {"name": name, "method": method, "overrides": overrides, "by": by,
+            "seconds_per_image": seconds / max(1, manifest["num_images"]), "diversity": m["diversity"],
+            "full": m.get("full_data_top1")}
 
 
 def _div(d: dict, key: str, digits: int) -> str:
@@ -102,26 +113,35 @@ def _div(d: dict, key: str, digits: int) -> str:
     return f"{one(d.get('distilled', {}))} ({one(d.get('random', {}))})"
 
 
-def render(table: list[dict], a, wall: float) -> list[str]:
+def render(table: list[dict], a, wall: float, command: str = "") -> list[str]:
+    """The table (markdown lines); ``command`` replaces the rectified.py command line (another driver's)."""
+    full = next((r["full"] for r in table if r["full"] is not None), None)
+    rows_arg = " ".join(f"--row '{r['name']}={r['method']}{json.dumps(r['overrides']) if r['overrides'] else ''}'"
+                        for r in table)
+    command = command or (f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/rectified.py --data {a.data} "
+                          f"--ipc {a.ipc} --teacher-epochs {a.teacher_epochs} --teacher-width {a.teacher_width} "
+                          f"--epochs {a.epochs} --students {a.students} {rows_arg}")
+    lines = [f"# Rectified benchmark ({a.data.split(':', 1)[-1].split('/')[-1]}, IPC {a.ipc})", "",
+             f"Command: `{command}` (wall time {wall:.0f} s).", "",
+             f"One ConvNet-3 BN teacher (width {a.teacher_width}, {a.teacher_epochs} epochs; test top-1 "
+             f"{100 * full:.2f}); " if full is not None else "One ConvNet-3 BN teacher; ",
+             (f"every set relabelled by it (top-10 soft labels, {a.epochs} epochs) and evaluated by the same ConvNet-3 "
+             f"students (SRe2L protocol: AdamW, cosine, {a.epochs} epochs, {a.students} seeds, batch 50), beside "
+             "random real images at the same IPC under the identical protocol. Diversity: mean pairwise distance "
+             "within a class (pixels / teacher features)."), "",
+             ("| method | distilled soft | random soft | distilled hard | random hard | s / image | diversity pixel "
+             "(random) | diversity feature (random) |"), "|---|---|---|---|---|---|---|---|"]
+    lines += table_lines(table)
+    return lines
+
+
+def table_lines(table: list[dict]) -> list[str]:
+    """The markdown rows of ``table`` (one per method)."""
     def cell(row, key):
         s = row["by"].get(key)
         return f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" if s else "-"
 
-    full = next((r["full"] for r in table if r["full"] is not None), None)
-    rows_arg = " ".join(f"--row '{r['name']}={r['method']}{json.dumps(r['overrides']) if r['overrides'] else ''}'"
-                        for r in table)
-    lines = [f"# Rectified benchmark ({a.data.split(':', 1)[-1].split('/')[-1]}, IPC {a.ipc})", "",
-             f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/rectified.py --data {a.data} "
-             f"--ipc {a.ipc} --teacher-epochs {a.teacher_epochs} --teacher-width {a.teacher_width} --epochs {a.epochs} "
-             f"--students {a.students} {rows_arg}` (wall time {wall:.0f} s).", "",
-             f"One ConvNet-3 BN teacher (width {a.teacher_width}, {a.teacher_epochs} epochs; test top-1 "
-             f"{100 * full:.2f}); " if full is not None else "One ConvNet-3 BN teacher; ",
-             f"every set relabelled by it (top-10 soft labels, {a.epochs} epochs) and evaluated by the same ConvNet-3 "
-             f"students (SRe2L protocol: AdamW, cosine, {a.epochs} epochs, {a.students} seeds, batch 50), beside "
-             "random real images at the same IPC under the identical protocol. Diversity: mean pairwise distance "
-             "within a class (pixels / teacher features).", "",
-             "| method | distilled soft | random soft | distilled hard | random hard | s / image | diversity pixel "
-             "(random) | diversity feature (random) |", "|---|---|---|---|---|---|---|---|"]
+    lines = []
     for r in table:
         d = r["diversity"]
         lines.append(f"| {r['name']} | {cell(r, ('distilled', 'soft'))} | {cell(r, ('random', 'soft'))} | "

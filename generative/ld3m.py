@@ -233,6 +233,20 @@ class LD3MPrior(Prior):
         return cls(vae, unet, sched, meta)
 
 
+def load_latent_diffusion(folder: str | Path, method: str, num_classes: int | None = None,
+                          image_shape: tuple[int, int, int] | None = None, device="cpu") -> LD3MPrior:
+    """The LD3M prior in ``folder`` for a method that samples or encodes through it (D4M, Minimax); a prior of
+    another kind (GLaD: a generator, no autoencoder) is a one-line error naming ``method``."""
+    from distillset.generative.prior import from_pretrained, read_prior_meta
+
+    meta = read_prior_meta(folder)
+    if meta["kind"] != "ld3m":
+        raise DistillError(f"{folder} holds a '{meta['kind']}' prior, which has no autoencoder and no diffusion "
+                           f"model; {method} needs a latent diffusion model (an LD3M prior folder from `distillset "
+                           "prior train --kind ld3m` or a diffusers class-conditional LDM folder).")
+    return from_pretrained(folder, num_classes=num_classes, image_shape=image_shape, device=device)
+
+
 def _load_parts(folder: Path, vae_dir: str):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 

@@ -18,9 +18,12 @@ config is not retrained.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +68,18 @@ class PriorTrainConfig:
         w_dim: glad style dimension.
         layer: default glad split layer (latent features after this synthesis layer).
         truncation: glad truncation towards the class-mean style for noise init.
+        finetune: "" trains a prior from scratch; minimax fine-tunes an ld3m prior with Minimax's
+            representativeness and diversity terms added to the diffusion loss (Gu et al., CVPR'24).
+        from_prior: the ld3m prior folder to fine-tune; empty with finetune: first train a base prior with this
+            config's settings into <out>/base (kept, so D4M or plain sampling can use it too).
+        finetune_steps: fine-tuning steps (UNet only; the autoencoder is kept).
+        finetune_lr: fine-tuning learning rate (AdamW, cosine).
+        finetune_params: all (every UNet weight) or difffit (biases, norms and the class table, as the public code).
+        minimax_lambda_repr: weight of representativeness (pull each predicted clean latent towards the least
+            similar real latent of its class in memory).
+        minimax_lambda_div: weight of diversity (push each predicted clean latent away from the most similar past
+            prediction of its class in memory).
+        memory_size: latents per class kept in each memory (real and generated).
     """
 
     out: str = "output/prior"
@@ -92,6 +107,14 @@ class PriorTrainConfig:
     w_dim: int = 128
     layer: int = 1
     truncation: float = 0.7
+    finetune: str = ""
+    from_prior: str = ""
+    finetune_steps: int = 500
+    finetune_lr: float = 1e-3
+    finetune_params: str = "all"
+    minimax_lambda_repr: float = 0.002
+    minimax_lambda_div: float = 0.008
+    memory_size: int = 64
 
     def __post_init__(self):
         if self.kind not in ("ld3m", "glad"):
@@ -103,6 +126,21 @@ class PriorTrainConfig:
         if min(self.ae_steps, self.unet_steps, self.gan_steps) < 0:
             raise DistillError("training steps must be >= 0.")
         check_number(self.lr, "lr", high=100.0)
+        if self.finetune not in ("", "minimax"):
+            raise DistillError(f"unknown finetune '{self.finetune}'; use minimax (or leave it empty to train from "
+                               "scratch).")
+        if self.from_prior and not self.finetune:
+            raise DistillError("from_prior is the prior to fine-tune; set --finetune minimax too (or drop "
+                               "--from-prior to train from scratch).")
+        if self.finetune and self.kind != "ld3m":
+            raise DistillError(f"minimax fine-tunes a diffusion prior but kind is '{self.kind}'; use --kind ld3m.")
+        if self.finetune_params not in ("all", "difffit"):
+            raise DistillError(f"unknown finetune_params '{self.finetune_params}'; use all or difffit.")
+        if self.finetune_steps < 1 or self.memory_size < 1:
+            raise DistillError("finetune_steps and memory_size must be >= 1.")
+        check_number(self.finetune_lr, "finetune_lr", high=100.0)
+        check_number(self.minimax_lambda_repr, "minimax_lambda_repr", high=1e6, allow_low=True)
+        check_number(self.minimax_lambda_div, "minimax_lambda_div", high=1e6, allow_low=True)
 
 
 NON_SEMANTIC = ("out",)
@@ -155,13 +193,48 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, n: int, g: torch.Generato
     return x, labels[idx].to(device)
 
 
+FINETUNE_FIELDS = ("finetune", "from_prior", "finetune_steps", "finetune_lr", "finetune_params",
+                   "minimax_lambda_repr", "minimax_lambda_div", "memory_size")
+
+
+def base_config(cfg: PriorTrainConfig) -> PriorTrainConfig:
+    """The config of the base prior a fine-tuning run without ``from_prior`` trains first (into ``<out>/base``):
+    this one with the fine-tuning fields at their defaults, so it is the prior a plain ``prior train`` makes."""
+    plain = PriorTrainConfig()
+    return dataclasses.replace(cfg, out=str(Path(cfg.out) / "base"),
+                               **{f: getattr(plain, f) for f in FINETUNE_FIELDS})
+
+
+def _base_prior(cfg: PriorTrainConfig, out: Path, rt) -> tuple[Path, str]:
+    """``(folder, fingerprint)`` of the prior a fine-tuning run starts from, training it first when it is ours."""
+    from distillset.generative.prior import read_prior_meta
+
+    if not cfg.from_prior:
+        run(base_config(cfg), rt)
+        base = out / "base"
+    else:
+        base = Path(cfg.from_prior)
+        if base.resolve() == out.resolve():
+            raise DistillError(f"--from-prior and --out are both {out}; write the fine-tuned prior to another "
+                               "folder (the prior it starts from is kept).")
+    meta = read_prior_meta(base)
+    if meta["kind"] != "ld3m":
+        raise DistillError(f"{base} holds a '{meta['kind']}' prior; minimax fine-tunes a latent diffusion prior: "
+                           "pass an ld3m prior folder (distillset prior train --kind ld3m) as --from-prior.")
+    return base, str(meta.get("fingerprint", base.resolve()))
+
+
 def run(cfg: PriorTrainConfig, rt=None) -> dict:
-    """Train (or find already trained) a prior; returns its metrics."""
+    """Train (or find already trained) a prior, or fine-tune one (``finetune``); returns its metrics."""
     from distillset.core.runtime import get_runtime
 
     rt = rt or get_runtime()
     out = require_folder(cfg.out)
+    base = None
     fp = fingerprint(cfg, NON_SEMANTIC)
+    if cfg.finetune:
+        base, base_fp = _base_prior(cfg, out, rt)
+        fp = hashlib.sha256(f"{fp}:{base_fp}".encode()).hexdigest()[:16]  # a re-trained base is a new fine-tuning
     done = finished_record(out / "prior.json", fp, "a prior")
     if done is not None:
         log.info("%s is already trained; nothing to do", out)
@@ -172,15 +245,21 @@ def run(cfg: PriorTrainConfig, rt=None) -> dict:
     train, test = _load(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    fn = _train_ld3m if cfg.kind == "ld3m" else _train_glad
-    prior, metrics = fn(cfg, train, test, DataParallel(rt))
+    if base is not None:
+        prior, metrics = _finetune_minimax(cfg, base, train, test, DataParallel(rt))
+    else:
+        fn = _train_ld3m if cfg.kind == "ld3m" else _train_glad
+        prior, metrics = fn(cfg, train, test, DataParallel(rt))
     metrics["seconds"] = time.perf_counter() - t0
     if rt.is_main:
-        prior.save_pretrained(out, {"fingerprint": fp, "metrics": metrics, "data": cfg.data,
-                                    "train": {**to_dict(cfg), "processes": rt.world}})
+        extra = {"fingerprint": fp, "metrics": metrics, "data": cfg.data,
+                 "train": {**to_dict(cfg), "processes": rt.world}}
+        if base is not None:
+            extra["from_prior"] = str(base)
+        prior.save_pretrained(out, extra)
         write_config(out, cfg)
-        log.info("prior %s trained in %.1fs on %d process(es): %s", cfg.kind, metrics["seconds"], rt.world,
-                 {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        log.info("prior %s %s in %.1fs on %d process(es): %s", cfg.kind, "fine-tuned" if base else "trained",
+                 metrics["seconds"], rt.world, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     rt.wait()
     return metrics if rt.is_main else read_json(out / "prior.json").get("metrics", {})
 
@@ -216,28 +295,16 @@ def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: Data
         if (step + 1) % 200 == 0:
             log.info("ld3m autoencoder step %d/%d loss %.4f", step + 1, cfg.ae_steps, float(loss))
     vae.eval()
-    # latents of every training image (and its mirror), computed once: the UNet then trains without the encoder
-    with torch.no_grad():
-        xs = train.images.float().div(255)
-        raw = torch.cat([prior._vae_encode(xs[i:i + 256].to(device)) for i in range(0, len(xs), 256)])
-        if cfg.flip:
-            raw = torch.cat([raw, torch.cat([prior._vae_encode(xs[i:i + 256].flip(-1).to(device))
-                                             for i in range(0, len(xs), 256)])])
-        sf = float(1.0 / raw.std().clamp_min(1e-6))
+    raw, lab = _latents(prior, train, cfg.flip, device)
+    sf = float(1.0 / raw.std().clamp_min(1e-6))
     vae.register_to_config(scaling_factor=sf)
     prior.scaling_factor = sf
     lat = raw * sf
-    lab = train.labels.repeat(2 if cfg.flip else 1).to(device)
     ac = prior.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     unet.train()
     for step in range(cfg.unet_steps):
-        idx = torch.randint(len(lat), (cfg.batch_size,), generator=g).to(device)
-        z0, y = lat[idx], lab[idx]
-        t = torch.randint(len(ac), (len(idx),), generator=g).to(device)
-        noise = torch.randn(z0.shape, generator=g).to(device)
-        a = ac[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        _z0, y, t, noise, zt = _noised(lat, lab, ac, cfg.batch_size, g, device)
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * cosine(step, cfg.unet_steps)
         loss = F.mse_loss(unet(dp.part(zt), dp.part(t), class_labels=dp.part(y)).sample, dp.part(noise)) * share
@@ -249,14 +316,107 @@ def _train_ld3m(cfg: PriorTrainConfig, train: ImageSet, test: ImageSet, dp: Data
             log.info("ld3m unet step %d/%d loss %.4f", step + 1, cfg.unet_steps, float(loss))
     unet.eval()
     prior.requires_grad_(False)
-    with torch.no_grad():
-        x = test.images[:64].float().div(255).to(device)
-        y = test.labels[:64].to(device)
-        z = prior.encode(x)["z_T"]
-        ae_mse = float(F.mse_loss(prior.decode(z), x))
-        ld3m_mse = float(F.mse_loss(prior.render({"z_T": z}, prior.conditioning(y)), x))
-    return prior, {"unet_loss": float(loss.detach()) / share if cfg.unet_steps else 0.0, "test_ae_mse": ae_mse,
-                   "test_ld3m_render_mse": ld3m_mse, "scaling_factor": sf}
+    return prior, {"unet_loss": float(loss.detach()) / share if cfg.unet_steps else 0.0, **_ld3m_test(prior, test),
+                   "scaling_factor": sf}
+
+
+@torch.no_grad()
+def _latents(prior, train: ImageSet, flip: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled autoencoder latents of every training image (and its mirror with ``flip``) with their labels,
+    computed once: the UNet then trains without the encoder."""
+    xs = train.images.float().div(255)
+    views = [xs, xs.flip(-1)] if flip else [xs]
+    raw = torch.cat([prior._vae_encode(v[i:i + 256].to(device)) for v in views for i in range(0, len(v), 256)])
+    return raw, train.labels.repeat(len(views)).to(device)
+
+
+def _noised(lat: torch.Tensor, lab: torch.Tensor, ac: torch.Tensor, n: int, g: torch.Generator, device):
+    """A DDPM training batch: ``(z0, labels, t, noise, z_t)`` of ``n`` latents drawn with ``g``."""
+    idx = torch.randint(len(lat), (n,), generator=g).to(device)
+    z0, y = lat[idx], lab[idx]
+    t = torch.randint(len(ac), (n,), generator=g).to(device)
+    noise = torch.randn(z0.shape, generator=g).to(device)
+    a = ac[t].view(-1, 1, 1, 1)
+    return z0, y, t, noise, a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+@torch.no_grad()
+def _ld3m_test(prior, test: ImageSet) -> dict[str, float]:
+    """Reconstruction error of the autoencoder and of LD3M's render (encode, DDIM with blending) on test images."""
+    x = test.images[:64].float().div(255).to(prior.device)
+    y = test.labels[:64].to(prior.device)
+    z = prior.encode(x)["z_T"]
+    return {"test_ae_mse": float(F.mse_loss(prior.decode(z), x)),
+            "test_ld3m_render_mse": float(F.mse_loss(prior.render({"z_T": z}, prior.conditioning(y)), x))}
+
+
+def _finetune_parameters(unet: nn.Module, which: str) -> list[nn.Parameter]:
+    """The UNet weights fine-tuning updates: all, or DiffFit's biases, norms and class table."""
+    if which == "all":
+        return list(unet.parameters())
+    return [p for n, p in unet.named_parameters() if n.endswith("bias") or "norm" in n or "class_embedding" in n]
+
+
+def _finetune_minimax(cfg: PriorTrainConfig, base: Path, train: ImageSet, test: ImageSet,
+                      dp: DataParallel) -> tuple:
+    """Minimax fine-tuning of an LD3M prior's UNet (see :mod:`generative.minimax`): diffusion loss +
+    ``lambda_repr x representativeness + lambda_div x diversity`` on the predicted clean latents.
+
+    The memories are this process's: under several processes each keeps the memories of its slice of the batch,
+    as the public code's per-rank memories do, so only the diffusion term is the single-process one exactly.
+    """
+    from distillset.generative.minimax import MinimaxTerms, sample_similarity
+    from distillset.generative.prior import from_pretrained
+
+    device = dp.device
+    prior = from_pretrained(base, kind="ld3m", num_classes=train.num_classes, image_shape=train.image_shape,
+                            device=device, cache=False)
+    g = torch.Generator().manual_seed(cfg.seed)
+    lat, lab = _latents(prior, train, cfg.flip, device)
+    lat = lat * prior.scaling_factor
+    per_class = 8
+
+    def measure() -> dict[str, float]:  # the same noise before and after
+        return sample_similarity(prior, lat, lab, per_class, torch.Generator().manual_seed(cfg.seed + 1))
+
+    before = measure()
+    unet = prior.unet
+    params = _finetune_parameters(unet, cfg.finetune_params)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.0)
+    terms = MinimaxTerms(cfg.memory_size)
+    ac = prior.alphas_cumprod.to(device)
+    share = dp.share(cfg.batch_size)
+    sums = {"diffusion": 0.0, "repr": 0.0, "div": 0.0}
+    unet.train()
+    for step in range(cfg.finetune_steps):
+        z0, y, t, noise, zt = (dp.part(v) for v in _noised(lat, lab, ac, cfg.batch_size, g, device))
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.finetune_lr * cosine(step, cfg.finetune_steps)
+        eps = unet(zt, t, class_labels=y).sample
+        a = ac[t].view(-1, 1, 1, 1)
+        x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+        mse = F.mse_loss(eps, noise)
+        rep, div = terms(x0, z0, y)
+        loss = (mse + cfg.minimax_lambda_repr * rep + cfg.minimax_lambda_div * div) * share
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dp.sync(params)
+        opt.step()
+        for k, v in (("diffusion", mse), ("repr", rep), ("div", div)):
+            sums[k] += float(v.detach())
+        if (step + 1) % 100 == 0:
+            log.info("minimax step %d/%d diffusion %.4f repr %.4f div %.4f", step + 1, cfg.finetune_steps,
+                     float(mse), float(rep), float(div))
+    unet.eval()
+    prior.requires_grad_(False)
+    after = measure()
+    n = cfg.finetune_steps
+    return prior, {"finetune_diffusion_loss": sums["diffusion"] / n, "finetune_repr": sums["repr"] / n,
+                   "finetune_div": sums["div"] / n, **_ld3m_test(prior, test),
+                   **{f"base_sample_{k}": v for k, v in before.items()}, **{f"sample_{k}": v for k, v in after.items()},
+                   "scaling_factor": prior.scaling_factor}
 
 
 # ------------------------------------------------------------------------------------------------------------ GLaD

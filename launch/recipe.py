@@ -6,7 +6,9 @@ A recipe is a mapping with an ``out`` root and one section per stage, in this or
 ``vl_evaluate``, ``vl_export``. Each section holds fields of that stage's config; what a section leaves empty is chained from the
 earlier stages: ``out`` -> ``<out>/<stage>``, ``data`` -> the squeeze data, ``teachers`` -> the squeeze folder,
 ``distilled`` -> the recover folder (the ``vl_distill`` folder for ``vl_evaluate``/``vl_export``, whose ``model`` is
-the ``vl_train`` folder). A ``grouped:{groups: ...}`` data spec without ``data`` regroups the chained
+the ``vl_train`` folder), an empty ``prior`` key in recover's ``options`` or ``param_options`` -> the prior_train
+folder (how ``recipes/minimax_tiny10.yaml`` samples the prior it fine-tunes). A ``grouped:{groups: ...}`` data spec
+without ``data`` regroups the chained
 data (the squeeze data), and such a section gets no chained teacher: the squeeze teacher knows the fine classes, not
 the groups (how ``recipes/explain_*.yaml`` distil by coarse labels). Every stage resumes, so re-running a recipe
 continues where it stopped.
@@ -68,6 +70,10 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
             data["distilled"] = chain["distilled"]
         if "teacher" in fields and not data.get("teacher") and "teachers" in chain:
             data["teacher"] = chain["teachers"][0]
+        if section == "recover" and "prior" in chain:
+            for key in ("options", "param_options"):
+                if isinstance(data.get(key), dict) and "prior" in data[key] and not data[key]["prior"]:
+                    data[key] = {**data[key], "prior": chain["prior"]}
         if "mia" in fields and not data.get("mia") and "mia" in chain:
             data["mia"] = chain["mia"]
         if section.startswith("vl_"):
@@ -76,6 +82,8 @@ def resolve(recipe: dict, out_root: str) -> list[tuple[str, object]]:
         if section == "squeeze":
             chain["teachers"] = [cfg.out]
             chain["data"] = cfg.data
+        if section == "prior_train":
+            chain["prior"] = cfg.out
         if section == "recover":
             chain["distilled"] = cfg.out
         if section == "privacy_mia":

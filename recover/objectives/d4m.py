@@ -109,18 +109,10 @@ class D4M(ComposingObjective):
         raise DistillError("'d4m' generates images from latent prototypes; it has no loss to optimise.")
 
     def setup(self, ctx: Context) -> None:
-        from distillset.generative.ld3m import LD3MPrior
-        from distillset.generative.prior import from_pretrained, read_prior_meta
+        from distillset.generative.ld3m import load_latent_diffusion
 
         if self._prior is None:
-            meta = read_prior_meta(self.cfg.prior)
-            prior = from_pretrained(self.cfg.prior, num_classes=ctx.num_classes, image_shape=ctx.image_shape,
-                                    device=ctx.device)
-            if not isinstance(prior, LD3MPrior):
-                raise DistillError(f"{self.cfg.prior} holds a '{meta['kind']}' prior, which has no autoencoder to "
-                                   "encode real images into; D4M needs a latent diffusion model (an LD3M prior "
-                                   "folder or a diffusers class-conditional LDM folder).")
-            self._prior = prior
+            self._prior = load_latent_diffusion(self.cfg.prior, "D4M", ctx.num_classes, ctx.image_shape, ctx.device)
 
     @torch.no_grad()
     def compose(self, c: int, ipc: int, ctx: Context) -> torch.Tensor:
