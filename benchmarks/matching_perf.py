@@ -24,6 +24,7 @@ images) plus the matching of the 10 classes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -49,9 +50,11 @@ from distillset.recover.real import RealData
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def make_ctx(real, classes: int, ipc: int, dtype, total_steps: int, seed: int = 0) -> Context:
-    cls = torch.arange(classes).repeat_interleave(ipc)
-    return Context(device=torch.device("cpu"), classes=cls, num_classes=10, image_shape=tuple(real.images.shape[1:]),
+def make_ctx(real, classes: int, ipc: int, dtype, total_steps: int, seed: int = 0,
+             device: torch.device | None = None) -> Context:
+    device = device or torch.device("cpu")
+    cls = torch.arange(classes).repeat_interleave(ipc).to(device)
+    return Context(device=device, classes=cls, num_classes=10, image_shape=tuple(real.images.shape[1:]),
                    generator=torch.Generator().manual_seed(seed), real=real, autocast_dtype=dtype, ipc=ipc,
                    total_steps=total_steps)
 
@@ -68,7 +71,7 @@ def dm_reference(obj, syn, ctx: Context) -> torch.Tensor:
     net = obj.source.sample(ctx)
     for p in net.parameters():
         p.requires_grad_(False)
-    norm, aug = Normalize(ctx), obj.augmenter.resolve(ctx)
+    norm, aug = Normalize(ctx).to(ctx.device), obj.augmenter.resolve(ctx)
     total = 0
     for c, pos in class_positions(syn.labels):
         real = ctx.real.sample(c, obj.batch_real, ctx.generator)
@@ -77,7 +80,7 @@ def dm_reference(obj, syn, ctx: Context) -> torch.Tensor:
         with torch.no_grad():
             mu_real = net.embed(norm(real)).mean(0)
         total = total + ((mu_real - net.embed(norm(x_syn)).mean(0)) ** 2).sum()
-    float(total)
+    float(total.detach())  # the per-step host sync the first versions had
     return total
 
 
@@ -86,7 +89,7 @@ def dc_reference(obj, syn, ctx: Context) -> torch.Tensor:
     network, then class-by-class gradient matching in fp32, one DSA call per batch, a host sync."""
     st = ctx.state
     outer, inner = obj.schedule.loops(ctx)
-    norm, aug = Normalize(ctx), obj.augmenter.resolve(ctx)
+    norm, aug = Normalize(ctx).to(ctx.device), obj.augmenter.resolve(ctx)
     if st.get("net") is None or st["k"] >= outer:
         st["net"], st["k"] = obj.source.sample(ctx), 0
     elif st["k"] > 0 and inner > 0:
@@ -97,7 +100,7 @@ def dc_reference(obj, syn, ctx: Context) -> torch.Tensor:
         opt = torch.optim.SGD(net.parameters(), lr=obj.cfg.lr_net)
         net.train()
         for _ in range(inner):
-            order = torch.randperm(len(x), generator=ctx.generator)
+            order = torch.randperm(len(x), generator=ctx.generator).to(x.device)
             for s in range(0, len(x), obj.cfg.batch_train):
                 idx = order[s:s + obj.cfg.batch_train]
                 xb = x[idx] if aug is None else aug.apply(x[idx], aug.sample(1, ctx), ctx)
@@ -117,13 +120,13 @@ def dc_reference(obj, syn, ctx: Context) -> torch.Tensor:
         if aug is not None:
             pa = aug.sample(1, ctx)
             real, x_syn = aug.apply(real, pa, ctx), aug.apply(x_syn, pa, ctx)
-        y = torch.full((len(real),), c)
+        y = torch.full((len(real),), c, device=real.device)
         g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(norm(real)), y), params)]
         g_syn = torch.autograd.grad(F.cross_entropy(net(norm(x_syn)), syn.labels[pos]), params, create_graph=True)
         total = total + gradient_distance(g_real, g_syn, obj.metric)
     for p in params:
         p.requires_grad_(False)
-    float(total)
+    float(total.detach())  # the per-step host sync the first versions had
     return total
 
 
@@ -150,9 +153,8 @@ class Variant:
         ctx = make_ctx(self.real, a.classes_of[self.method], a.ipc, self.dtype, total_steps=a.total_steps)
         obj.setup(ctx)
         syn = make_syn(ctx, a.classes_of[self.method], a.ipc)
-        for _ in range(self.warm_steps):  # DC: step 1 draws the network; step 2 (timed) trains it, then matches
-            self.fn(obj, syn, ctx).backward()
-            syn.zero_grad(set_to_none=True)
+        if self.warm_steps:  # DC: step 1 draws the network; step 2 (timed) trains it, then matches
+            obj.schedule.network(syn, ctx, Normalize(ctx))
         return obj, syn, ctx
 
     def step(self) -> float:
@@ -165,9 +167,9 @@ class Variant:
         return dt
 
 
-def profile_table(variant: Variant, rows: int) -> list[str]:
+def profile_table(variant: Variant, rows: int, flops: FlopCounterMode | None = None) -> list[str]:
     obj, syn, ctx = variant.fresh()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, (flops or contextlib.nullcontext()):
         variant.fn(obj, syn, ctx).backward()
     ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ev) or 1
@@ -194,9 +196,10 @@ def run_method(method: str, real, a, peaks: dict) -> tuple[list[str], list[str]]
         for v in variants:
             v.times.append(v.step())
     ref = variants[0]
-    obj, syn, ctx = ref.fresh()
-    with FlopCounterMode(display=False) as fc:
-        ref.fn(obj, syn, ctx).backward()
+    fc = FlopCounterMode(display=False)
+    prof = profile_table(ref, a.profile_rows, fc)  # the FLOPs of the reference step, counted while profiling it
+    for v in variants[1:]:
+        prof += profile_table(v, a.profile_rows)
     flops = fc.get_total_flops()
     t_ref = statistics.median(ref.times)
     unit = "class-step" if method == "dm" else "engine step"
@@ -214,9 +217,6 @@ def run_method(method: str, real, a, peaks: dict) -> tuple[list[str], list[str]]
                     f"{1000 * t:.0f} | {gf:.0f} | {100 * gf / pk:.0f} % | **{t_ref / t:.2f}x** | {v.loss:.4f} | "
                     f"{extra} |")
     rows.append(f"| {method} | (FLOPs per {unit}) | | | {flops / 1e9:.1f} GFLOP | | | | |")
-    prof = []
-    for v in variants:
-        prof += profile_table(v, a.profile_rows)
     return rows, prof
 
 
@@ -247,15 +247,16 @@ def main() -> None:
         rows += r
         prof += pr
     load1 = os.getloadavg()
-    lines = ["# Matching methods: step time against a plain reference (issue 17)", "",
-             f"Command: `OMP_NUM_THREADS={a.threads} python benchmarks/matching_perf.py --methods {a.methods} "
-             f"--ipc {a.ipc} --classes {a.classes} --batch-real {a.batch_real} --width {a.width} "
-             f"--repeats {a.repeats} --threads {a.threads} --compile {a.compile}`", "",
-             f"Machine: {os.cpu_count()}-core CPU, shared; torch {torch.__version__}; {a.threads} threads; matmul peak "
-             f"measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; load average "
-             f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end.", "",
-             "| method | variant | precision | ms / step (median) | GFLOP/s | of its matmul peak | vs reference | loss "
-             "| |", "|---|---|---|---|---|---|---|---|---|", *rows, "", *prof]
+    command = (f"Command: `OMP_NUM_THREADS={a.threads} python benchmarks/matching_perf.py --methods {a.methods} "
+               f"--ipc {a.ipc} --classes {a.classes} --batch-real {a.batch_real} --width {a.width} "
+               f"--repeats {a.repeats} --threads {a.threads} --compile {a.compile}`")
+    machine = (f"Machine: {os.cpu_count()}-core CPU, shared; torch {torch.__version__}; {a.threads} threads; matmul "
+               f"peak measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; load "
+               f"average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end.")
+    header = ("| method | variant | precision | ms / step (median) | GFLOP/s | of its matmul peak | vs reference "
+              "| loss | |")
+    lines = ["# Matching methods: step time against a plain reference (issue 17)", "", command, "", machine, "",
+             header, "|---|---|---|---|---|---|---|---|---|", *rows, "", *prof]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
