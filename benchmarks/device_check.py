@@ -227,18 +227,27 @@ def check_student(s: Sizes, device: torch.device) -> tuple:
     return ROWS[6], f"{s.student_epochs / sec:.2f} epochs/s", detail
 
 
-def run(tiny: bool, device: torch.device, compile_: bool | None = None) -> list[tuple]:
-    """All rows of the table: ``(check, result, details)``."""
+def run(tiny: bool, device: torch.device, compile_: bool | None = None, on_row=None) -> list[tuple]:
+    """All rows of the table: ``(check, result, details)``; ``on_row(row)`` is called as each is measured, so a
+    check cut short by its time limit still shows the rows it finished."""
     s = Sizes.tiny() if tiny else Sizes()
     compile_ = (device.type == "cuda") if compile_ is None else compile_
+    rows: list[tuple] = []
+
+    def add(*new: tuple) -> None:
+        for row in new:
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = check_recover(s, device, root, compile_)
-        rows.append(check_relabel(s, device, root))
-        rows.append(check_rded(s, device, root))
-        rows.append(check_matching(s, device, "dm", compile_))
-        rows.append(check_matching(s, device, "dc", compile_))
-        rows.append(check_student(s, device))
+        add(*check_recover(s, device, root, compile_))
+        add(check_relabel(s, device, root))
+        add(check_rded(s, device, root))
+        add(check_matching(s, device, "dm", compile_))
+        add(check_matching(s, device, "dc", compile_))
+        add(check_student(s, device))
     return rows
 
 
@@ -258,7 +267,8 @@ def main() -> None:
     a = p.parse_args()
     device = torch.device(a.device)
     t0 = time.time()
-    rows = run(a.tiny, device, None if a.compile < 0 else bool(a.compile))
+    rows = run(a.tiny, device, None if a.compile < 0 else bool(a.compile),
+               on_row=lambda r: print("measured: " + " | ".join(r), flush=True))
     lines = table(rows, a.tiny, device, time.time() - t0)
     print("\n".join(lines), flush=True)
     if a.out:

@@ -246,20 +246,24 @@ def main() -> None:
         r, pr = run_method(m, real, a, peaks)
         rows += r
         prof += pr
+        write(a, peaks, load0, rows, prof)  # after every method, so a long run cut short keeps what it measured
+
+
+def write(a, peaks: dict, load0: tuple, rows: list[str], prof: list[str]) -> None:
     load1 = os.getloadavg()
     command = (f"Command: `OMP_NUM_THREADS={a.threads} python benchmarks/matching_perf.py --methods {a.methods} "
                f"--ipc {a.ipc} --classes {a.classes} --batch-real {a.batch_real} --width {a.width} "
                f"--repeats {a.repeats} --threads {a.threads} --compile {a.compile}`")
     machine = (f"Machine: {os.cpu_count()}-core CPU, shared; torch {torch.__version__}; {a.threads} threads; matmul "
                f"peak measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; load "
-               f"average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end.")
+               f"average {load0[0]:.1f} at the start, {load1[0]:.1f} now.")
     header = ("| method | variant | precision | ms / step (median) | GFLOP/s | of its matmul peak | vs reference "
               "| loss | |")
     lines = ["# Matching methods: step time against a plain reference (issue 17)", "", command, "", machine, "",
              header, "|---|---|---|---|---|---|---|---|---|", *rows, "", *prof]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
