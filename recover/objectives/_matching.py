@@ -132,7 +132,10 @@ class _Method(nn.Module):
 
 
 def _signature(net: nn.Module) -> tuple:
-    return (type(net),) + tuple((k, tuple(v.shape), v.dtype) for k, v in net.state_dict().items())
+    """What a compiled graph depends on besides the weights' values: the architecture, the tensors' shapes and
+    dtypes, and train/eval mode (BatchNorm computes differently in each; the private copy keeps the mode it had)."""
+    return ((type(net), tuple(m.training for m in net.modules()))
+            + tuple((k, tuple(v.shape), v.dtype) for k, v in net.state_dict().items()))
 
 
 # (architecture, method, autocast, device type) -> (eager function, its compiled form). Module level, so the units of
