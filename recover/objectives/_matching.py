@@ -5,6 +5,8 @@ maps outer/inner loops onto the engine's one-loss-per-step loop.
 
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +17,8 @@ from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Objective, Parametrization, resolve_options
 from distillset.recover.objectives.model_aug import NetConfig
 from distillset.squeeze.inputs import InputTransform
+
+log = logging.getLogger(__name__)
 
 AUG_CHOICES = ("none", "dsa", "diffaugment", "engine")
 
@@ -61,17 +65,27 @@ class MatchingConfig(NetConfig):
         aug: augmentation applied Siamese to the real and the synthetic batch: dsa, diffaugment, none, or engine
             (the recipe's augmentation).
         aug_options: options of that augmentation (e.g. strategy, ratios).
+        compile_min_steps: torch.compile the networks' passes (weights as graph inputs, see :class:`CompiledNet`)
+            when a unit runs at least this many steps; 0 = never. Compiling costs ~30-70 s per graph on a 2-core
+            CPU and pays back after a few hundred steps (benchmarks/matching_perf.py), so short runs stay eager.
     """
 
     batch_real: int = 256
     aug: str = "dsa"
     aug_options: dict = field(default_factory=dict)
+    compile_min_steps: int = 2000
 
     def __post_init__(self):
         super().__post_init__()
         if self.batch_real < 1:
             raise DistillError(f"batch_real must be >= 1, got {self.batch_real}.")
+        if self.compile_min_steps < 0:
+            raise DistillError(f"compile_min_steps must be >= 0 (0 = never compile), got {self.compile_min_steps}.")
         matching_aug(self.aug, self.aug_options)
+
+    def compiles(self, ctx: Context) -> bool:
+        """Whether a unit of ``ctx.total_steps`` steps runs the compiled networks."""
+        return 0 < self.compile_min_steps <= ctx.total_steps
 
 
 class SiameseAugmenter:
@@ -95,13 +109,87 @@ class SiameseAugmenter:
         if aug is None:
             return real, syn
         params = aug.sample(1, ctx)
-        return aug.apply(real, params, ctx), aug.apply(syn, params, ctx)
+        # one draw for both, so one batched op over both: half the op launches, the same numbers
+        both = aug.apply(torch.cat([real, syn.to(real.dtype)]), params, ctx)
+        return both[:len(real)], both[len(real):]
 
     def single(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         aug = self.resolve(ctx)
         if aug is None:
             return x
         return aug.apply(x, aug.sample(1, ctx), ctx)
+
+
+class _Method(nn.Module):
+    """``net.embed`` or ``net.forward`` as a module's forward, so ``functional_call`` can swap the weights in."""
+
+    def __init__(self, net: nn.Module, method: str):
+        super().__init__()
+        self.net, self.method = net, method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x) if self.method == "embed" else self.net(x)
+
+
+def _signature(net: nn.Module) -> tuple:
+    """What a compiled graph depends on besides the weights' values: the architecture, the tensors' shapes and
+    dtypes, and train/eval mode (BatchNorm computes differently in each; the private copy keeps the mode it had)."""
+    return ((type(net), tuple(m.training for m in net.modules()))
+            + tuple((k, tuple(v.shape), v.dtype) for k, v in net.state_dict().items()))
+
+
+# (architecture, method, autocast, device type) -> (eager function, its compiled form). Module level, so the units of
+# a run (DM's are single classes) and every objective instance share one compilation instead of recompiling each.
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def _functions(net: nn.Module, method: str, autocast: torch.dtype | None, device_type: str) -> tuple:
+    key = (_signature(net), method, autocast, device_type)
+    if key not in _COMPILED:
+        wrapper = _Method(copy.deepcopy(net), method)
+
+        def run(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                return torch.func.functional_call(wrapper, state, (x,))
+
+        _COMPILED[key] = (run, torch.compile(run, dynamic=False))
+    return _COMPILED[key]
+
+
+class CompiledNet:
+    """A network's ``embed`` or ``forward`` as one torch.compile'd function of (weights, images).
+
+    The matching methods draw a fresh network every step (DM) or every outer loop (DC). Compiling a module bakes
+    in that instance; here its weights are inputs of the graph (``torch.func.functional_call`` on a private copy
+    of the architecture), so every network of the same architecture and batch shape reuses one compilation, across
+    units and objective instances. Inductor fuses what eager runs as separate memory-bound passes (instance norm,
+    ReLU, pooling and their backwards), which is most of a ConvNet step on a CPU (benchmarks/matching_perf.py).
+    Autograd runs through the compiled graph, first order only: DC's ``create_graph`` pass on the synthetic images
+    stays eager. Should compiling fail (e.g. no C++ compiler), it warns once and runs eager from then on.
+
+    Args:
+        method: ``embed`` (the flattened last feature map) or ``forward`` (logits).
+        autocast: dtype of the forward under autocast (``None``: full precision); part of the compiled graph.
+        device_type: the autocast device type.
+    """
+
+    def __init__(self, method: str = "embed", autocast: torch.dtype | None = None, device_type: str = "cpu"):
+        if method not in ("embed", "forward"):
+            raise DistillError(f"CompiledNet runs embed or forward, not '{method}'.")
+        self.method, self.autocast, self.device_type = method, autocast, device_type
+        self.eager = False  # set when compiling failed
+
+    def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        run, compiled = _functions(net, self.method, self.autocast, self.device_type)
+        state = {f"net.{k}": v for k, v in [*net.named_parameters(), *net.named_buffers()]}
+        if self.eager:
+            return run(state, x)
+        try:
+            return compiled(state, x)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same thing
+            log.warning("torch.compile failed (%s: %s); running the networks eager.", type(e).__name__, e)
+            self.eager = True
+            return run(state, x)
 
 
 def block_features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -119,8 +207,12 @@ def block_features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def train_network(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
-                  norm: Normalize, ctx: Context, augmenter: SiameseAugmenter | None = None, batch: int = 256) -> None:
-    """``steps`` epochs of SGD on the (detached) synthetic set, as DC's inner loop (one batch per epoch when small)."""
+                  norm: Normalize, ctx: Context, augmenter: SiameseAugmenter | None = None, batch: int = 256,
+                  compiled: CompiledNet | None = None) -> None:
+    """``steps`` epochs of SGD on the (detached) synthetic set, as DC's inner loop (one batch per epoch when small).
+
+    ``compiled`` runs the forward (and so its backward) as one compiled graph of the network's weights; otherwise
+    the forward runs eager under the run's autocast."""
     net.train()
     n = x.shape[0]
     for _ in range(steps):
@@ -130,7 +222,12 @@ def train_network(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
             xb = x[idx]
             if augmenter is not None:
                 xb = augmenter.single(xb, ctx)
-            loss = F.cross_entropy(net(norm(xb)), y[idx])
+            if compiled is not None:
+                out = compiled(net, norm(xb))
+            else:
+                with ctx.autocast():
+                    out = net(norm(xb))
+            loss = F.cross_entropy(out.float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -149,6 +246,7 @@ class NetSchedule:
         self.source, self.outer_loop, self.inner_loop = source, outer_loop, inner_loop
         self.lr_net, self.augmenter, self.batch_train = lr_net, augmenter, batch_train
         self._state: dict | None = None
+        self.compiled: CompiledNet | None = None  # the inner updates' forward, when the objective compiles
 
     def loops(self, ctx: Context) -> tuple[int, int]:
         d = dc_loops(ctx.ipc)
@@ -167,7 +265,8 @@ class NetSchedule:
             for p in st["net"].parameters():
                 p.requires_grad_(True)
             opt = torch.optim.SGD(st["net"].parameters(), lr=self.lr_net)
-            train_network(st["net"], x, syn.labels, inner, opt, norm, ctx, self.augmenter, self.batch_train)
+            train_network(st["net"], x, syn.labels, inner, opt, norm, ctx, self.augmenter, self.batch_train,
+                          self.compiled)
         st["k"] += 1
         return st["net"]
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Parametrization, register_objective
 from distillset.recover.objectives._matching import (
+    CompiledNet,
     MatchingConfig,
     NetSchedule,
     ScheduledNetObjective,
@@ -100,7 +101,21 @@ class GradientMatching(ScheduledNetObjective):
         self.augmenter = SiameseAugmenter(c.aug or self.default_aug, c.aug_options)
         self.source = c.net_source()
         self.schedule = NetSchedule(self.source, c.outer_loop, c.inner_loop, c.lr_net, self.augmenter, c.batch_train)
-        self._logs: dict[str, float] = {}
+        self._logs: dict[str, torch.Tensor] = {}
+        self._compiled: CompiledNet | None = None
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        # the real gradients and the inner updates are first order, so they can run as one compiled graph of the
+        # network's weights; the synthetic pass needs create_graph (double backward) and stays eager
+        self._compiled = CompiledNet("forward", ctx.autocast_dtype, ctx.device.type) if self.cfg.compiles(ctx) else None
+        self.schedule.compiled = self._compiled
+
+    def _forward(self, net: torch.nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self._compiled is not None:
+            return self._compiled(net, x)
+        with ctx.autocast():
+            return net(x)
 
     def loss(self, syn: Parametrization, ctx: Context) -> torch.Tensor:
         net = self.schedule.network(syn, ctx, self.norm)
@@ -112,8 +127,7 @@ class GradientMatching(ScheduledNetObjective):
             real = ctx.real.sample(c, self.batch_real, ctx.generator)
             x_syn = syn.render(pos)
             real, x_syn = self.augmenter.pair(real, x_syn, ctx)
-            with ctx.autocast():
-                out_real = net(self.norm(real))
+            out_real = self._forward(net, self.norm(real), ctx)
             y_real = torch.full((real.shape[0],), c, device=real.device)
             g_real = torch.autograd.grad(F.cross_entropy(out_real.float(), y_real), params)
             g_real = [g.detach() for g in g_real]
@@ -125,8 +139,11 @@ class GradientMatching(ScheduledNetObjective):
             total = d if total is None else total + d
         for p in params:  # the engine's backward must reach only the images
             p.requires_grad_(False)
-        self._logs = {"match": float(total.detach())}
+        self._logs = {"match": total.detach()}  # read (a host sync on GPUs) only when the engine logs
         return total
+
+    def logs(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._logs.items()}
 
 
 

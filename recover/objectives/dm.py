@@ -14,7 +14,13 @@ import torch
 
 from distillset.core.errors import DistillError
 from distillset.recover.base import Context, Objective, Parametrization, register_objective
-from distillset.recover.objectives._matching import MatchingConfig, Normalize, SiameseAugmenter, class_positions
+from distillset.recover.objectives._matching import (
+    CompiledNet,
+    MatchingConfig,
+    Normalize,
+    SiameseAugmenter,
+    class_positions,
+)
 
 
 def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +67,18 @@ class DistributionMatching(Objective):
         self.batch_real = self.cfg.batch_real
         self.augmenter = SiameseAugmenter(self.cfg.aug, self.cfg.aug_options)
         self.source = self.cfg.net_source()
-        self._logs: dict[str, float] = {}
+        self._logs: dict[str, torch.Tensor] = {}
+        self._compiled: CompiledNet | None = None
 
     def setup(self, ctx: Context) -> None:
         self.norm = Normalize(ctx).to(ctx.device)
+        # one compiled graph per grad mode (real: no autograd, synthetic: with), reused by every drawn network
+        self._compiled = CompiledNet("embed", ctx.autocast_dtype, ctx.device.type) if self.cfg.compiles(ctx) else None
+
+    def _embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None and hasattr(net, "embed"):
+            return self._compiled(net, x)
+        return embed(net, x)
 
     def class_gaps(self, syn: Parametrization, ctx: Context, net: torch.nn.Module,
                    batched: bool | None = None) -> list[torch.Tensor]:
@@ -98,9 +112,9 @@ class DistributionMatching(Objective):
     def _gap(self, net, reals: list[torch.Tensor], syns: list[torch.Tensor], ctx: Context) -> list[torch.Tensor]:
         """The per-class gaps of the given batches, through one real and one synthetic forward."""
         with ctx.autocast():
-            with torch.no_grad():
-                emb_real = embed(net, self.norm(torch.cat(reals))).float()
-            emb_syn = embed(net, self.norm(torch.cat(syns))).float()
+            with torch.no_grad():  # the real side needs no graph: no activations kept, no backward
+                emb_real = self._embed(net, self.norm(torch.cat(reals))).float()
+            emb_syn = self._embed(net, self.norm(torch.cat(syns))).float()
         mu_real = [self._real_mean(e, ctx) for e in emb_real.split([len(r) for r in reals])]
         mu_syn = [e.mean(0) for e in emb_syn.split([len(s) for s in syns])]
         return [((a - b) ** 2).sum() for a, b in zip(mu_real, mu_syn)]
@@ -119,8 +133,8 @@ class DistributionMatching(Objective):
         for p in net.parameters():
             p.requires_grad_(False)
         total = torch.stack(self.class_gaps(syn, ctx, net)).sum()
-        self._logs = {"gap": float(total.detach())}
+        self._logs = {"gap": total.detach()}  # read (a host sync on GPUs) only when the engine logs
         return total
 
     def logs(self) -> dict[str, float]:
-        return dict(self._logs)
+        return {k: float(v) for k, v in self._logs.items()}
