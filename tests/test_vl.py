@@ -189,7 +189,7 @@ def _distill_in_process(out: str, model: str) -> None:
     from distillset.core import runtime
     from distillset.launch.vl import VLDistillConfig, run_distill
 
-    # a forked child inherits the parent's 1-process runtime and accelerate state; it must build its own
+    # a process of the launcher starts its own runtime and accelerate state
     runtime._RUNTIME = None
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
@@ -207,22 +207,29 @@ def test_two_processes_distil_the_single_process_pairs(trained, tmp_path):
 
     from distillset.launch.vl import load_distilled_pairs
 
-    with socket.socket() as s:  # a free port: other test runs on this host may hold accelerate's default
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # accelerate.debug_launcher with our own port (its own is fixed at 29500); this venv has no accelerate executable
-    with tempfile.NamedTemporaryFile() as rdv, patch_environment(
-            world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_mixed_precision="no",
-            accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes", gloo_socket_ifname="lo"):
-        start_processes(PrepareForLaunch(_distill_in_process, debug=True), args=(str(tmp_path / "two"), str(trained)),
-                        nprocs=2, start_method="fork")
-    _distill_in_process(str(tmp_path / "one"), str(trained))
+    def launch(n: int, out: str) -> None:
+        with socket.socket() as s:  # a free port: other test runs on this host may hold accelerate's default
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # accelerate.debug_launcher with our own port (its own is fixed at 29500); this venv may lack an accelerate
+        # executable. Spawned, not forked: a fork of a process that ran torch's thread pools can deadlock, and the
+        # 1-process reference runs in a fresh process too, so both sides start from the same library state.
+        with tempfile.NamedTemporaryFile() as rdv, patch_environment(
+                world_size=n, master_addr="127.0.0.1", master_port=str(port), accelerate_mixed_precision="no",
+                accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes", gloo_socket_ifname="lo"):
+            start_processes(PrepareForLaunch(_distill_in_process, debug=True), args=(out, str(trained)), nprocs=n,
+                            start_method="spawn")
+
+    launch(2, str(tmp_path / "two"))
+    launch(1, str(tmp_path / "one"))
     a, ma = load_distilled_pairs(tmp_path / "one")
     b, mb = load_distilled_pairs(tmp_path / "two")
     assert ma["world"] == 1 and mb["world"] == 2
-    assert torch.allclose(a["pixels"], b["pixels"], atol=1e-5) and torch.allclose(a["text"], b["text"], atol=1e-5)
+    # pixels: the two halves' summed gradient rounds differently from the whole batch's and lr_image 10 scales it
+    # (7.5e-4 measured, while the pixels move by up to ~1); a wrong split (each rank the whole sum) would be ~0.5 off
+    assert torch.allclose(a["pixels"], b["pixels"], atol=2e-3) and torch.allclose(a["text"], b["text"], atol=1e-5)
     assert torch.allclose(a["lr"], b["lr"], atol=1e-6)
-    assert (a["pixels"] - load_pairs(FLICKR, "train").images[a["init_index"]].float() / 255).abs().max() > 1e-3
+    assert (a["pixels"] - load_pairs(FLICKR, "train").images[a["init_index"]].float() / 255).abs().max() > 0.1
 
 
 def test_text_embeddings_of_another_width_are_refused(trained):
