@@ -23,7 +23,7 @@ from distillset.core.distilled import load_distilled, sample_key, save_grid, sha
 from distillset.core.errors import DistillError
 from distillset.core.io import clean_temp, content_sha256, is_temp, read_json, require_folder, save_tensors, write_json
 from distillset.core.locks import Lock, hold, owner, try_lock
-from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank
+from distillset.core.partition import Unit, mix_seed, plan_units, units_for_rank  # the last two re-exported
 from distillset.core.runtime import Runtime, autocast_dtype, get_runtime, progress
 from distillset.core.schedule import cosine
 from distillset.recover import base
@@ -135,9 +135,7 @@ class Engine:
         if train.image_shape != self.image_shape:
             from distillset.core.data import resize_uint8
 
-            if train.image_shape[0] != self.image_shape[0]:
-                raise DistillError(f"data images have {train.image_shape[0]} channels but the teacher takes "
-                                   f"{self.image_shape[0]}.")
+            self._check_channels(train.image_shape)
             train = ImageSet(resize_uint8(train.images, self.image_shape[-1]), train.labels, train.class_names)
         keep = torch.nonzero(train.labels < self.num_classes).flatten()  # max_classes: the first N classes
         train = ImageSet(train.images[keep], train.labels[keep], train.class_names[: self.num_classes])
@@ -147,6 +145,11 @@ class Engine:
 
             self.mean, self.std = channel_stats(train.images)
         return RealData(train, self.device)
+
+    def _check_channels(self, data_shape) -> None:
+        if data_shape[0] != self.image_shape[0]:
+            raise DistillError(f"data images have {data_shape[0]} channels but the teacher takes "
+                               f"{self.image_shape[0]}.")
 
     def _streamed_real(self) -> StreamedRealData | None:
         shards = getattr(self.source, "shards", None)
@@ -161,9 +164,8 @@ class Engine:
         from distillset.core.data import require_counts
 
         index = ClassIndex(shards, "train")
-        if shards.image_shape and shards.image_shape[0] != self.image_shape[0]:
-            raise DistillError(f"data images have {shards.image_shape[0]} channels but the teacher takes "
-                               f"{self.image_shape[0]}.")
+        if shards.image_shape:
+            self._check_channels(shards.image_shape)
         counts = index.counts()[: self.num_classes]
         require_counts(counts, shards.class_names, self.objective.real_per_class(self.cfg.ipc),
                        f"method '{self.cfg.method}' at ipc {self.cfg.ipc}")

@@ -134,10 +134,14 @@ class StreamedRealData(RealData):
         if c in self._classes:
             self._classes[c] = self._classes.pop(c)  # most recently used last
         else:
-            self._classes[c] = self._decode(self.index[c])
-            while len(self._classes) > self._max:
-                self._classes.pop(next(iter(self._classes)))
+            self._hold({c: self._decode(self.index[c])})
         return self._classes[c]
+
+    def _hold(self, decoded: dict[int, torch.Tensor]) -> None:
+        """Keep newly decoded classes, dropping the least recently used beyond ``cached_classes``."""
+        self._classes.update(decoded)
+        while len(self._classes) > self._max:
+            self._classes.pop(next(iter(self._classes)))
 
     def prefetch(self, classes) -> None:
         """Decode the classes of a unit in one pass over the shards (each shard opened once, not once per class)."""
@@ -146,10 +150,7 @@ class StreamedRealData(RealData):
             return
         parts = [self.index[c] for c in todo]
         block = self._decode(torch.cat(parts))
-        for c, rows in zip(todo, torch.split(block, [len(p) for p in parts])):
-            self._classes[c] = rows
-        while len(self._classes) > self._max:
-            self._classes.pop(next(iter(self._classes)))
+        self._hold(dict(zip(todo, torch.split(block, [len(p) for p in parts]))))
 
     @property
     def labels(self) -> torch.Tensor:
@@ -168,9 +169,6 @@ class StreamedRealData(RealData):
     @images.setter
     def images(self, value: torch.Tensor) -> None:  # make_writable's copy
         self._all = value
-
-    def count(self, c: int) -> int:
-        return int(self.index[c].numel())
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
         return self.to_float(self.uint8(index))
