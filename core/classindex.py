@@ -144,21 +144,17 @@ class ClassIndex:
 def write_index(shards, split: str) -> dict:
     """Stream ``split`` once; write its labels (``_classes-{split}.npy``, atomically) and a wids descriptor, and
     return the split's ``_info.json`` entries (``class_index``, ``mean``, ``std``). Memory: one image at a time."""
-    from distillset.core.data import decode_sample, read_tar_samples
+    from distillset.core.data import ChannelMoments, decode_sample, read_tar_samples
     from distillset.core.io import atomic_path, write_json
 
     urls = shards.urls(split)
     labels, lengths = [], []
-    total = sq = None
-    pixels = 0
+    moments = ChannelMoments()
     for url in urls:
         n = 0
         for sample in read_tar_samples(url):
             image, label = decode_sample(sample, len(shards.class_names))
-            x = image.to(torch.float64).div_(255).flatten(1)
-            total = x.sum(1) if total is None else total + x.sum(1)
-            sq = x.square().sum(1) if sq is None else sq + x.square().sum(1)
-            pixels += x.shape[1]
+            moments.add(image[None])
             labels.append(label)
             n += 1
         lengths.append(n)
@@ -171,8 +167,7 @@ def write_index(shards, split: str) -> dict:
     write_json(folder / f"{split}.wids.json", {
         "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{folder.name}-{split}",
         "shardlist": [{"url": u, "nsamples": n} for u, n in zip(names, lengths)]})
-    mean = total / pixels
-    std = ((sq - pixels * mean.square()) / max(1, pixels - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+    mean, std = moments.result()
     log.info("class index: %s %s (%d samples, %d shards)", folder, split, len(labels), len(urls))
     return {"class_index": index_name(split), "index_format": INDEX_FORMAT, "shard_lengths": lengths,
-            "num_samples": len(labels), "mean": mean.tolist(), "std": std.tolist()}
+            "num_samples": len(labels), "mean": mean, "std": std}

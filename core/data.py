@@ -763,6 +763,31 @@ class WdsShards:
         return ImageSet(torch.from_numpy(_stack(xs, str(self.folder))), torch.tensor(ys), self.class_names)
 
 
+class ChannelMoments:
+    """Running per-channel sums of uint8 images in ``[0, 1]`` units (float64): their mean and unbiased std, from
+    batches of any size (the whole split in memory, or a stream one image at a time)."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None
+        self.pixels = 0  # per channel
+
+    def add(self, images: torch.Tensor) -> None:
+        """Add uint8 images ``(N, C, H, W)``."""
+        x = images.to("cpu", torch.float64).div_(255)
+        total, sq = x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
+        self.total = total if self.total is None else self.total + total
+        self.sq = sq if self.sq is None else self.sq + sq
+        self.pixels += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """``(mean, std)`` per channel; the std is floored at 1e-3 (a constant channel must not divide by 0)."""
+        n = self.pixels
+        mean = self.total / n
+        var = (self.sq - n * mean.square()) / max(1, n - 1)
+        return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
+
+
 def encode_png(image: torch.Tensor) -> bytes:
     """Lossless PNG bytes of a uint8 ``(C, H, W)`` image."""
     from PIL import Image

@@ -8,23 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from distillset.core.data import ImageSet
+from distillset.core.data import ChannelMoments, ImageSet
 from distillset.core.runtime import Runtime
 from distillset.squeeze.inputs import ZCA, InputTransform
 
 
 def channel_stats(images: torch.Tensor, batch: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and (unbiased) std of uint8 images in [0, 1] units, in batches (no float copy of the set)."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    sq = torch.zeros_like(total)
+    moments = ChannelMoments()
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].to("cpu", torch.float64).div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        sq += x.square().sum(dim=(0, 2, 3))
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    var = (sq - n * mean.square()) / max(1, n - 1)
-    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
+        moments.add(images[i:i + batch])
+    return moments.result()
 
 
 @dataclass
