@@ -135,16 +135,18 @@ def run(cfg: ShardsConfig, rt=None) -> dict:
         write_json(out / "_info.json", info)
         log.info("shards: wrote %s", {s: v["num_samples"] for s, v in info["splits"].items()})
         if cfg.index:
-            _index(out, list(info["splits"]))
+            from distillset.core.data import WdsShards
+
+            _index(WdsShards(str(out)), list(info["splits"]))
     rt.wait()
     return read_json(out / "_info.json")
 
 
-def _index(folder: Path, splits: list[str]) -> dict:
+def _index(shards, splits: list[str]) -> dict:
+    """Write the class index of ``splits`` of a :class:`~distillset.core.data.WdsShards` folder; record it."""
     from distillset.core.classindex import write_index
-    from distillset.core.data import WdsShards
 
-    shards = WdsShards(str(folder))
+    folder = shards.folder
     info = dict(shards.info)
     for split in splits:
         if split not in info.get("splits", {}):
@@ -165,7 +167,7 @@ def run_index(cfg: ShardsIndexConfig, rt=None) -> dict:
         raise DistillError(f"give the shards' folder (wds:{shards.folder}), not a pattern: the index covers a split's "
                            "shards as _info.json lists them.")
     splits = cfg.splits or list(shards.info.get("splits", {}))
-    info = _index(shards.folder, splits) if rt.is_main else None
+    info = _index(shards, splits) if rt.is_main else None
     rt.wait()
     return info or read_json(shards.folder / "_info.json")
 
