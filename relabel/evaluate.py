@@ -34,7 +34,7 @@ from distillset.relabel.cohort import cohorts, fit_students, pays_off, widens
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.evaluators import EVALUATORS, register_evaluator
 from distillset.relabel.softlabels import SoftLabels, config_from_meta, generate, label_meta, load_soft_labels
-from distillset.relabel.student import PROTOCOLS, StudentSpec, train_student
+from distillset.relabel.student import PROTOCOLS, StudentSpec, check_lr_zeta, train_student
 from distillset.squeeze.data import evaluate_model
 from distillset.squeeze.inputs import ZCA
 
@@ -111,12 +111,7 @@ class EvaluateConfig:
             raise DistillError(f"batch_students must be >= 0 (0 = automatic, 1 = one at a time), got "
                                f"{self.batch_students}.")
         check_number(self.lr, "lr (0 = the protocol's)", high=1e4, allow_low=True)
-        if not 1 <= self.lr_zeta <= 100:
-            raise DistillError(f"lr_zeta must be in [1, 100] (1 = plain cosine, 2 = EDC's smoothing to half the lr), "
-                               f"got {self.lr_zeta}.")
-        if self.lr_zeta != 1 and self.protocol != "sre2l":
-            raise DistillError(f"lr_zeta stretches the sre2l protocol's cosine schedule; the {self.protocol} "
-                               "protocol steps its lr down at half: drop lr_zeta or use --protocol sre2l.")
+        check_lr_zeta(self.lr_zeta, self.protocol)
         if not 0 < self.min_scale <= 1:
             raise DistillError(f"min_scale must be in (0, 1], got {self.min_scale}.")
 

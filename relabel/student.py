@@ -111,11 +111,19 @@ def compiled(model: torch.nn.Module, spec: StudentSpec):
 def check_spec(spec: StudentSpec, soft: SoftLabels | None) -> None:
     if spec.protocol not in PROTOCOLS:
         raise DistillError(f"unknown evaluation protocol '{spec.protocol}'; use {', '.join(PROTOCOLS)}.")
-    if spec.lr_zeta != 1.0 and spec.protocol != "sre2l":
-        raise DistillError(f"lr_zeta stretches the sre2l protocol's cosine schedule; the {spec.protocol} protocol "
-                           "steps its lr down at half: drop lr_zeta or use --protocol sre2l.")
+    check_lr_zeta(spec.lr_zeta, spec.protocol)
     if soft is not None:
         soft.check_student_epochs(spec.epochs)
+
+
+def check_lr_zeta(zeta: float, protocol: str) -> None:
+    """EDC's smoothing schedule stretches the sre2l cosine; the step-schedule protocols have none to stretch."""
+    if not 1 <= zeta <= 100:
+        raise DistillError(f"lr_zeta must be in [1, 100] (1 = plain cosine, 2 = EDC's smoothing to half the lr), "
+                           f"got {zeta}.")
+    if zeta != 1 and protocol != "sre2l":
+        raise DistillError(f"lr_zeta stretches the sre2l protocol's cosine schedule; the {protocol} protocol "
+                           "steps its lr down at half: drop lr_zeta or use --protocol sre2l.")
 
 
 def init_student(train: ImageSet, spec: StudentSpec, seed: int, device) -> torch.nn.Module:
