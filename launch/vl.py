@@ -486,9 +486,13 @@ class VLEvaluateConfig:
             raise DistillError("seeds must name at least one seed.")
         if any(int(n) < 2 for n in self.pairs):
             raise DistillError("every pair count must be >= 2.")
+        self.head_training()  # its checks, before any work
+
+    def head_training(self):
+        """How every set's fresh heads are trained (checked by :class:`~distillset.relabel.retrieval.HeadTraining`)."""
         from distillset.relabel.retrieval import HeadTraining
 
-        HeadTraining(self.steps, self.batch_size, self.lr, self.temperature, self.rank)
+        return HeadTraining(self.steps, self.batch_size, self.lr, self.temperature, self.rank)
 
 
 def joint_embedding(model, feats: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -527,7 +531,7 @@ def select_pairs(kind: str, n: int, seed: int, model, feats: dict) -> tuple[torc
 
 
 def run_evaluate(cfg: VLEvaluateConfig, rt: Runtime | None = None) -> dict:
-    from distillset.relabel.retrieval import HeadTraining, evaluate_pairs, summarise
+    from distillset.relabel.retrieval import evaluate_pairs, summarise
     from distillset.squeeze.clip import check_text_width
 
     rt = rt or get_runtime()
@@ -536,7 +540,7 @@ def run_evaluate(cfg: VLEvaluateConfig, rt: Runtime | None = None) -> dict:
         rt.wait()
         return {}
     model, _, feats, _ = load_trained(cfg.model)
-    train = HeadTraining(cfg.steps, cfg.batch_size, cfg.lr, cfg.temperature, cfg.rank)
+    train = cfg.head_training()
     dims = {"image_dim": model.visual.dim, "text_dim": model.spec.text_width, "embed_dim": model.spec.embed_dim}
     base = model.heads if cfg.rank else None
     test = (feats["test_image"], feats["test_text_flat"], feats["test_owner"])
