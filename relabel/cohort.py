@@ -30,7 +30,7 @@ from distillset.core.runtime import autocast_dtype
 from distillset.relabel.softlabels import SoftLabels
 from distillset.relabel.student import Feed, StudentSpec, check_spec, compiled, init_student, optimizer
 from distillset.squeeze.augment import affine_crop
-from distillset.squeeze.dsa import SiameseAug, apply_family
+from distillset.squeeze.dsa import SiameseAug, apply_family, family_params
 from distillset.squeeze.inputs import ZCA, InputTransform
 from distillset.squeeze.models import VGG11, AlexNetSmall, ConvNet, LeNetSigmoid
 
@@ -140,9 +140,8 @@ def dsa_together(xs: torch.Tensor, params: list[dict], dsa: SiameseAug) -> torch
         members = [s for s, c in enumerate(chosen) if tuple(c) == family]
         x = xs[members].flatten(0, 1)
         for i in family:
-            prefix = f"{i}."
-            p = {key[len(prefix):]: torch.cat([params[s][key] for s in members])
-                 for key in params[members[0]] if key.startswith(prefix)}
+            drawn = [family_params(params[s], i) for s in members]
+            p = {key: torch.cat([d[key] for d in drawn]) for key in drawn[0]}
             x = apply_family(x, ops[i], p, dsa.ratios)
         out[members] = x.view(len(members), *xs.shape[1:])
     return out

@@ -147,6 +147,12 @@ def parse_strategy(strategy: str) -> list[str]:
     return ops
 
 
+def family_params(params: dict, i: int) -> dict:
+    """The draws of op family ``i`` in a :meth:`SiameseAug.sample` result, without their ``"{i}."`` prefix."""
+    prefix = f"{i}."
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
 class SiameseAug:
     """Draw/apply logic shared by the registered augmentations and :func:`dsa_augment` (no recover Context needed)."""
 
@@ -170,9 +176,7 @@ class SiameseAug:
 
     def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         for i in params["ops"].tolist():
-            prefix = f"{i}."
-            p = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-            x = apply_family(x, self.ops[i], p, self.ratios)
+            x = apply_family(x, self.ops[i], family_params(params, i), self.ratios)
         return x
 
 
