@@ -14,6 +14,7 @@ optimisation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -158,7 +159,7 @@ def teacher_shape(teacher):
     return (c.in_chans, c.img_size, c.img_size)
 
 
-def bench(arch: str, n_images: int, iters: int, repeats: int, root: Path) -> dict:
+def bench(arch: str, n_images: int, iters: int, repeats: int, root: Path, compile_: bool = False) -> dict:
     path = make_teacher(root / arch, arch)
     rt = Runtime(None, 0, 1, torch.device("cpu"))
     classes = 10
@@ -167,26 +168,36 @@ def bench(arch: str, n_images: int, iters: int, repeats: int, root: Path) -> dic
                         classes_per_unit=0, log_every=max(iters, 1), options={"r_bn": R_BN, "first_bn_mult": FIRST_BN},
                         aug_options={"milestone": 0.0})
     engine = Engine(cfg, rt)
+    variants = {"distillset": engine}
+    first = {}
+    if compile_:  # a second engine whose teacher is torch.compile'd; its first run (the compilation) is timed apart
+        variants["compiled"] = Engine(dataclasses.replace(cfg, compile=True), rt)
     unit = plan_units(classes, ipc, 0, 0)[0]
     cls, idx = unit.classes_and_indices()
     init = engine.param_cls(engine.param_cfg, cls, idx, engine.image_shape, cfg.seed, engine.context(unit)).data.detach().clone()
     ref_teacher = load_teacher(path)  # a separate, untouched copy: contiguous fp32 eager
     fl = flops_per_iter(ref_teacher, n_images)
-    rows = {"reference": [], "distillset": []}
+    for name, eng in variants.items():  # warm-up: one run of each, so no variant's first-call costs are timed
+        t = time.perf_counter()
+        eng.optimise(unit)
+        first[name] = time.perf_counter() - t
+    rows = {"reference": [], **{name: [] for name in variants}}
     losses = {}
     for r in range(repeats):
         imgs, sec = reference(ref_teacher, init, cls, iters)
         rows["reference"].append(n_images * iters / sec)
         losses.setdefault("reference", []).append(final_loss(ref_teacher, imgs, cls))
-        syn, logs = engine.optimise(unit)
-        rows["distillset"].append(n_images * iters / logs["seconds"])
-        losses.setdefault("distillset", []).append(final_loss(ref_teacher, syn.render().detach(), cls))
+        for name, eng in variants.items():
+            syn, logs = eng.optimise(unit)
+            rows[name].append(n_images * iters / logs["seconds"])
+            losses.setdefault(name, []).append(final_loss(ref_teacher, syn.render().detach(), cls))
     out = {"arch": arch, "images": n_images, "iters": iters, "repeats": repeats, "gflop_per_iter": fl / 1e9,
-           "autocast": str(autocast_dtype(cfg.autocast, torch.device("cpu")))}
+           "autocast": str(autocast_dtype(cfg.autocast, torch.device("cpu"))), "first": first}
     for k, vals in rows.items():
         med = statistics.median(vals)
         out[k] = {"ips": med, "all": vals, "gflops": med / n_images * fl / 1e9, "loss": statistics.median(losses[k])}
-    out["ratio"] = out["distillset"]["ips"] / out["reference"]["ips"]
+    if compile_:  # the compilation's cost: the first run's time beyond what the compiled steps themselves took
+        out["compile_s"] = first["compiled"] - n_images * iters / out["compiled"]["ips"]
     return out
 
 
@@ -197,6 +208,9 @@ def main() -> None:
     p.add_argument("--archs", default="resnet18_cifar:50,convnet3_bn:200")
     p.add_argument("--threads", default="", help="comma-separated intra-op thread counts to measure in turn "
                    "(default: the current setting, OMP_NUM_THREADS)")
+    p.add_argument("--compile", action="store_true", help="also time distillset with its teacher torch.compile'd "
+                   "(compile_min_steps decides this in a run); the inductor cache starts empty, so the compile time "
+                   "reported is a cold one")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "recover_throughput.md"))
     a = p.parse_args()
     thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]
@@ -204,6 +218,8 @@ def main() -> None:
     t0 = time.time()
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
+        if a.compile:  # a cold inductor cache: the compile time reported is what a fresh machine pays
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         for threads in thread_counts:
             torch.set_num_threads(threads)
             peaks[threads] = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
@@ -211,17 +227,20 @@ def main() -> None:
                   f"{peaks[threads][1]:.0f} GFLOP/s", flush=True)
             for spec in a.archs.split(","):
                 arch, n = spec.split(":")
-                res = bench(arch, int(n), a.iters, a.repeats, Path(tmp) / f"t{threads}")
+                res = bench(arch, int(n), a.iters, a.repeats, Path(tmp) / f"t{threads}", a.compile)
                 res["threads"] = threads
-                res["paired"] = statistics.median(d / r for d, r in zip(res["distillset"]["all"],
-                                                                         res["reference"]["all"]))
+                for name in ("distillset", "compiled") if a.compile else ("distillset",):
+                    res[name]["paired"] = statistics.median(d / r for d, r in zip(res[name]["all"],
+                                                                                  res["reference"]["all"]))
+                    res[name]["peak"] = res[name]["gflops"] / peaks[threads][1]
                 results.append(res)
                 print(res, flush=True)
     load1 = os.getloadavg()
     lines = [
         "# Recover throughput (SRe2L hot loop)", "",
         (f"Command: `python benchmarks/recover_throughput.py --iters {a.iters} --repeats {a.repeats} "
-         f"--archs {a.archs}" + (f" --threads {a.threads}" if a.threads else "") + "`"), "",
+         f"--archs {a.archs}" + (f" --threads {a.threads}" if a.threads else "")
+         + (" --compile" if a.compile else "") + "`"), "",
         (f"Machine: {os.cpu_count()} CPU cores (Sapphire Rapids, AMX bf16) shared with other users: 1-minute load "
          f"average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end, so absolute numbers are noisy and "
          "only the ratios mean much. Matmul peak measured here (2048^3, best of 5): "
@@ -233,18 +252,28 @@ def main() -> None:
          "(autocast auto, channels-last). Final loss: CE + BN (rms-normalised, first BN x10) of the final images, "
          "fp32, no augmentation, evaluated identically for both. Ratio: of the medians; paired: median of the "
          "per-repeat ratios (each repeat runs both loops back to back)."), "",
-        ("| threads | backbone | images/batch | iters | GFLOP/iter | reference img*it/s | distillset img*it/s | ratio | "
-         "paired ratio | reference GFLOP/s | distillset GFLOP/s (autocast) | final loss ref | final loss distillset |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("compiled: the same engine with `compile: true` (its teacher through torch.compile, as a run of at least "
+         "`compile_min_steps` steps does); its compile time is the first run's time beyond its steps, from an empty "
+         "inductor cache." if a.compile else ""), "",
+        ("| threads | backbone | images/batch | iters | GFLOP/iter | variant | img*it/s | vs reference | paired | "
+         "GFLOP/s | of the bf16 peak | final loss |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['threads']} | {r['arch']} | {r['images']} | {r['iters']} | {r['gflop_per_iter']:.1f} | "
-                     f"{r['reference']['ips']:.1f} | {r['distillset']['ips']:.1f} | {r['ratio']:.2f}x | "
-                     f"{r['paired']:.2f}x | {r['reference']['gflops']:.0f} | {r['distillset']['gflops']:.0f} "
-                     f"({r['autocast']}) | {r['reference']['loss']:.4f} | {r['distillset']['loss']:.4f} |")
+        head = f"| {r['threads']} | {r['arch']} | {r['images']} | {r['iters']} | {r['gflop_per_iter']:.1f} | "
+        lines.append(head + f"reference (fp32) | {r['reference']['ips']:.1f} | 1.00x | | "
+                     f"{r['reference']['gflops']:.0f} | {r['reference']['gflops'] / peaks[r['threads']][1]:.0%} | "
+                     f"{r['reference']['loss']:.4f} |")
+        for name in ("distillset", "compiled") if a.compile else ("distillset",):
+            v = r[name]
+            note = f", compile {r['compile_s']:.0f} s" if name == "compiled" else ""
+            lines.append(head + f"{name} ({r['autocast'].replace('torch.', '')}{note}) | {v['ips']:.1f} | "
+                         f"**{v['ips'] / r['reference']['ips']:.2f}x** | {v['paired']:.2f}x | {v['gflops']:.0f} | "
+                         f"{v['peak']:.0%} | {v['loss']:.4f} |")
     lines += ["", "Per-repeat img*it/s: " + "; ".join(
-        f"{r['threads']} thr {r['arch']} ref {[round(v, 1) for v in r['reference']['all']]} distillset "
-        f"{[round(v, 1) for v in r['distillset']['all']]}" for r in results), ""]
+        f"{r['threads']} thr {r['arch']} " + ", ".join(
+            f"{k} {[round(v, 1) for v in r[k]['all']]}" for k in ("reference", "distillset", "compiled") if k in r)
+        for r in results), ""]
     publish(a.out, lines)
 
 

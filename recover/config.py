@@ -43,7 +43,12 @@ class RecoverConfig:
         image_size: synthetic image size (default: the teacher's, else the data's).
         autocast: auto (bf16 where the hardware is fast at it), bf16, fp16 or none.
         channels_last: use channels-last memory format for teachers and images.
-        compile: torch.compile the teachers (GPU; slow to start).
+        compile: always torch.compile the teachers (otherwise see ``compile_min_steps``).
+        compile_min_steps: torch.compile the teachers when this process's share of the run holds at least this many
+            optimisation steps (iterations x its units); 0 = only with ``compile``. Compiling fuses the BN-statistics
+            hooks, normalisation and activations around the convolutions (ResNet-18 at batch 100 on a CPU: ~2x per
+            step) and costs about a minute once per process, so the published recipes compile and smoke runs do not
+            (benchmarks/recover_throughput.py). A compile failure warns once and runs eager.
         stream_real: read real images class by class when the source's shards carry a class index (`distillset
             shards` writes one), so memory follows the classes of a unit, not the dataset; false loads the whole
             training split (the same images are picked either way).
@@ -81,6 +86,7 @@ class RecoverConfig:
     autocast: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    compile_min_steps: int = 2000
     stream_real: bool = True
     checkpoint_every: int = 0
     log_every: int = 50
@@ -94,6 +100,9 @@ class RecoverConfig:
             raise DistillError(f"ipc must be >= 1, got {self.ipc}.")
         if self.iterations < 0:
             raise DistillError(f"iterations must be >= 0, got {self.iterations}.")
+        if self.compile_min_steps < 0:
+            raise DistillError(f"compile_min_steps must be >= 0 (0 = compile only with --compile true), got "
+                               f"{self.compile_min_steps}.")
         if self.optimizer not in ("adam", "sgd", "lbfgs"):
             raise DistillError(f"unknown optimizer '{self.optimizer}'; use adam, sgd or lbfgs.")
         if self.schedule not in ("cosine", "constant"):
@@ -170,4 +179,4 @@ def check_plugin_name(kind: str, name: str) -> None:
 
 
 # options that do not change the result: a re-run with other values continues the same run
-NON_SEMANTIC = ("out", "log_every", "checkpoint_every", "compile", "stream_real")
+NON_SEMANTIC = ("out", "log_every", "checkpoint_every", "compile", "compile_min_steps", "stream_real")

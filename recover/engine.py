@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from distillset.core.compiling import FallbackCompiled
 from distillset.core.config import config_diff, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
@@ -180,12 +181,26 @@ class Engine:
         return StreamedRealData(index, self.num_classes, size, self.device, cached_classes=cached)
 
     def _prepare_teachers(self) -> None:
+        compile_ = self.compiles_teachers()
         for t in self.teachers:
             if self.cfg.channels_last:
                 t.model.to(memory_format=torch.channels_last)
                 t.channels_last = True
-            if self.cfg.compile:
-                t.model = torch.compile(t.model)
+            if compile_:
+                t.model = FallbackCompiled(t.model)
+        if compile_ and self.teachers:
+            log.info("teachers: torch.compile (the first step of each input shape compiles)")
+
+    def compiles_teachers(self) -> bool:
+        """``compile``, or an optimising run whose share for this process has at least ``compile_min_steps`` steps."""
+        cfg = self.cfg
+        if cfg.compile:
+            return True
+        if not cfg.compile_min_steps or self.objective_cls.selects or not self.teachers:
+            return False
+        per_unit = 0 if self.objective_cls.joint_classes else cfg.classes_per_unit  # as run() plans them
+        units = len(plan_units(self.num_classes, cfg.ipc, per_unit, cfg.ipc_per_unit))
+        return cfg.iterations * -(-units // self.rt.world) >= cfg.compile_min_steps
 
     def _ema_decay(self) -> float:
         """The engine's image EMA: ``ema_decay``, or the decay the method asks for by its own options (MTT's ema)."""

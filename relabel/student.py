@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distillset.core.compiling import FallbackCompiled
 from distillset.core.data import ImageSet
 from distillset.core.errors import DistillError
 from distillset.core.runtime import autocast_dtype
@@ -105,7 +106,7 @@ def fit_student(train: ImageSet, spec: StudentSpec, mean, std, seed: int, device
 
 def compiled(model: torch.nn.Module, spec: StudentSpec):
     """``model`` itself, or its ``torch.compile`` form when the spec asks for it (the weights stay ``model``'s)."""
-    return torch.compile(model) if spec.compile else model
+    return FallbackCompiled(model) if spec.compile else model
 
 
 def check_spec(spec: StudentSpec, soft: SoftLabels | None) -> None:

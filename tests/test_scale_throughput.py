@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
+from distillset.core.errors import DistillError
 from distillset.recover.objectives.bn_inversion import channel_moments
 from distillset.squeeze.checkpoint import BackboneConfig, Teacher
 from distillset.squeeze.models import create_model
@@ -65,3 +69,79 @@ def test_channel_moments_of_bf16_match_fp32_var_mean_both_layouts():
         v2, m2 = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
         g2, = torch.autograd.grad(m2.sum() + v2.sum(), xf)
         torch.testing.assert_close(g.float(), g2, rtol=2e-2, atol=2e-3)
+
+
+def test_fallback_compiled_runs_eager_when_the_compiler_fails(monkeypatch, caplog):
+    """A compiler failure (here inductor's, as when there is no C++ compiler) warns once and runs eager from then
+    on; an error of the model's own code is not swallowed."""
+    import torch._dynamo.exc
+
+    from distillset.core.compiling import FallbackCompiled
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"), None)
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: broken)
+    net = torch.nn.Linear(4, 2)
+    wrapped = FallbackCompiled(net)
+    x = torch.randn(3, 4)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(wrapped(x), net(x)) and torch.equal(wrapped(x), net(x))
+    assert calls == [1] and not wrapped.compiled
+    assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
+    assert list(wrapped.state_dict()) == ["_orig_mod.weight", "_orig_mod.bias"]  # as torch.compile'd modules
+
+    def model_error(*args, **kwargs):
+        raise ValueError("shapes do not match")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: model_error)
+    wrapped = FallbackCompiled(net)
+    with pytest.raises(ValueError, match="shapes"):
+        wrapped(x)
+    assert wrapped.compiled
+
+
+def test_recover_compiles_teachers_only_for_runs_long_enough_to_repay_it(digits_teacher, tmp_path):
+    from distillset.core.compiling import FallbackCompiled
+    from distillset.core.runtime import Runtime
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.engine import Engine
+
+    def compiled(**kw):
+        cfg = RecoverConfig(out=str(tmp_path / "out"), teachers=[str(digits_teacher)], method="sre2l", ipc=2,
+                            **{"classes_per_unit": 5, **kw})  # 2 units of 5 classes
+        engine = Engine(cfg, Runtime(None, 0, 1, torch.device("cpu")))
+        return engine.compiles_teachers(), isinstance(engine.teachers[0].model, FallbackCompiled)
+
+    assert compiled(iterations=999, compile_min_steps=2000) == (False, False)
+    assert compiled(iterations=1000, compile_min_steps=2000) == (True, True)  # 2 units x 1000 steps
+    assert compiled(iterations=1000, compile_min_steps=2000, classes_per_unit=0) == (False, False)  # one unit
+    assert compiled(iterations=5000, compile_min_steps=0) == (False, False)
+    assert compiled(iterations=10, compile=True) == (True, True)
+    with pytest.raises(DistillError, match="compile_min_steps"):
+        RecoverConfig(out=str(tmp_path), teachers=[str(digits_teacher)], compile_min_steps=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DISTILLSET_COMPILE_TESTS") != "1",
+                    reason="compiles with inductor: ~30-100 s on a shared 2-core CPU; DISTILLSET_COMPILE_TESTS=1 runs it")
+def test_compiled_teacher_recovers_the_same_images(digits_teacher, tmp_path):
+    """The real compiled path: SRe2L with the teacher compiled (BN hooks inside the graph) gives the eager loss
+    and images up to bf16 rounding."""
+    from distillset.core.runtime import Runtime
+    from distillset.recover.config import RecoverConfig
+    from distillset.recover.engine import Engine, plan_units
+
+    out = {}
+    for flag in (False, True):
+        cfg = RecoverConfig(out=str(tmp_path / str(flag)), teachers=[str(digits_teacher)], method="sre2l", ipc=2,
+                            iterations=20, classes_per_unit=0, compile=flag, log_every=20)
+        engine = Engine(cfg, Runtime(None, 0, 1, torch.device("cpu")))
+        syn, logs = engine.optimise(plan_units(10, 2, 0, 0)[0])
+        out[flag] = syn.render().detach(), logs["loss"]
+        assert engine.teachers[0].model.compiled if flag else True
+    assert abs(out[True][1] - out[False][1]) <= 0.02 * abs(out[False][1])
+    assert (out[True][0] - out[False][0]).abs().mean() < 0.02
