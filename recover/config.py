@@ -46,9 +46,10 @@ class RecoverConfig:
         compile: always torch.compile the teachers (otherwise see ``compile_min_steps``).
         compile_min_steps: torch.compile the teachers when this process's share of the run holds at least this many
             optimisation steps (iterations x its units); 0 = only with ``compile``. Compiling fuses the BN-statistics
-            hooks, normalisation and activations around the convolutions (ResNet-18 at batch 100 on a CPU: ~2x per
-            step) and costs about a minute once per process, so the published recipes compile and smoke runs do not
-            (benchmarks/recover_throughput.py). A compile failure warns once and runs eager.
+            hooks, normalisation and activations around the convolutions: ResNet-18 (CIFAR stem, batch 100) runs
+            ~1.8x faster per step on a 2-core CPU, ConvNet-3 ~3x, for ~1 min of compiling once per process and
+            teacher (benchmarks/recover_throughput.py --compile), repaid after ~200 steps. So long runs (ImageNet's
+            4000 iterations, G-VBSM's 1000) compile and smoke runs do not. A compile failure warns once and runs eager.
         stream_real: read real images class by class when the source's shards carry a class index (`distillset
             shards` writes one), so memory follows the classes of a unit, not the dataset; false loads the whole
             training split (the same images are picked either way).
@@ -86,7 +87,7 @@ class RecoverConfig:
     autocast: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    compile_min_steps: int = 2000
+    compile_min_steps: int = 1000
     stream_real: bool = True
     checkpoint_every: int = 0
     log_every: int = 50
