@@ -26,6 +26,7 @@ from distillset.launch.fed_parts import (
     payload_bytes,
 )
 from distillset.launch.federated import FederatedConfig, prepare, round_records
+from tests.procs import free_port
 
 flwr = pytest.importorskip("flwr", reason="the federated extra (flwr) is not installed")
 
@@ -273,12 +274,6 @@ def test_simulation_two_rounds_three_clients_writes_metrics_and_reruns_skip(tmp_
     assert again["accuracy"] == res["accuracy"] and time.perf_counter() - t1 < 0.25 * (t1 - t0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _flower_cli(module: str, fn: str, name: str, *args) -> list[str]:
     """Flower's console scripts run by this interpreter (the one that imports this worktree's distillset)."""
     return [sys.executable, "-c", f"import sys; from {module} import {fn}; sys.argv[0] = {name!r}; sys.exit({fn}())",
@@ -299,7 +294,7 @@ def test_deployment_superlink_and_supernodes_on_localhost(tmp_path):
         (bin_dir / name).write_text(f"#!{sys.executable}\nimport sys\nfrom {mod} import {fn}\nsys.argv[0] = "
                                     f"{name!r}\nsys.exit({fn}())\n")
         (bin_dir / name).chmod(0o755)
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr_home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
@@ -320,7 +315,7 @@ def test_deployment_superlink_and_supernodes_on_localhost(tmp_path):
         for k in range(2):
             start(f"supernode{k}", _flower_cli("flwr.supernode.cli", "flower_supernode", "flower-supernode",
                                                "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
-                                               str(_free_port()), "--node-config",
+                                               str(free_port()), "--node-config",
                                                f"partition-id={k} num-partitions=2"))
         deadline = time.time() + 60
         while True:  # the CLI does not retry: wait until the SuperLink listens

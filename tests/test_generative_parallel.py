@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from distillset.generative.train import PriorTrainConfig
 from distillset.generative.train import run as train_prior
+from tests.procs import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "npz:" + str(ROOT / "tests" / "assets" / "tiny10_small.npz")
@@ -43,9 +43,7 @@ def test_two_processes_train_the_single_process_prior(kind, tmp_path):
            "PYTHONPATH": str(ROOT)}
     flags = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()]
     two = tmp_path / "two"
-    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                           "--dynamo_backend", "no", "-m", "distillset.launch.cli", "prior", "train", "--kind", kind,
+    proc = subprocess.run([*accelerate_launch(2), "-m", "distillset.launch.cli", "prior", "train", "--kind", kind,
                            "--data", DATA, "--out", str(two), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import run
 from distillset.recover.objectives.rded import cell_bounds, stitch
 from distillset.recover.real import RealData
+from tests.procs import accelerate_launch
 
 
 class Brightness(nn.Module):
@@ -120,9 +121,7 @@ def test_two_gloo_processes_select_the_single_process_images(digits_teacher, tmp
     single = subprocess.run([sys.executable, "-m", "distillset.launch.cli", *args, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-                            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                            "--dynamo_backend", "no", "-m", "distillset.launch.cli", *args,
+    multi = subprocess.run([*accelerate_launch(2), "-m", "distillset.launch.cli", *args,
                             "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     a, b = load_distilled(tmp_path / "one")[0], load_distilled(tmp_path / "two")[0]

@@ -14,6 +14,7 @@ from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError
 from distillset.recover.config import RecoverConfig
 from distillset.recover.engine import Engine, plan_units, run, units_for_rank
+from tests.procs import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,13 +166,10 @@ def test_two_gloo_processes_produce_the_single_process_images(digits_teacher, tm
            "PYTHONPATH": str(ROOT)}
     args = ["recover", "--teachers", str(digits_teacher), "--ipc", "2", "--iterations", "20", "--lr", "0.1",
             "--classes-per-unit", "3", "--autocast", "none", "--aug-options", "{final_scale: 0.5, flip: false}"]
-    bindir = Path(sys.executable).parent
     single = subprocess.run([sys.executable, "-m", "distillset.launch.cli", *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                            "-m", "distillset.launch.cli", *args, "--out", str(tmp_path / "two")],
+    multi = subprocess.run([*accelerate_launch(2), "-m", "distillset.launch.cli", *args, "--out", str(tmp_path / "two")],
                            env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     import json

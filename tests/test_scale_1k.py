@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tarfile
 from pathlib import Path
 
@@ -17,15 +16,10 @@ from distillset.core.data import Source
 from distillset.core.distilled import load_distilled
 from distillset.core.errors import DistillError
 from distillset.core.runtime import Runtime
+from tests.procs import free_port
 from tests.test_scale_stats import make_teacher
 
 CPU = Runtime(None, 0, 1, torch.device("cpu"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, data: str, teacher: str, out: str) -> None:
@@ -78,7 +72,7 @@ def test_1k_classes_two_processes_stats_recover_relabel_evaluate(syn1k):
 
     data, teacher, root = syn1k
     out = root / "run"
-    start_processes(_worker, args=(2, _free_port(), data, teacher, str(out)), nprocs=2, start_method="spawn")
+    start_processes(_worker, args=(2, free_port(), data, teacher, str(out)), nprocs=2, start_method="spawn")
 
     # statistics gathered from two processes' halves of the stream == one process over the whole stream
     t = load_teacher(teacher)

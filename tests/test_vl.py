@@ -14,6 +14,7 @@ import torch
 
 from distillset.core.errors import DistillError
 from distillset.core.pairs import load_pairs
+from tests.procs import free_port
 
 FLICKR = f"npz:{Path(__file__).parent / 'assets' / 'flickr_small.npz'}"
 SMALL = {"vocab_size": 300, "context_length": 24, "model_kwargs": {"width": 16}, "text_width": 32, "text_heads": 2,
@@ -199,7 +200,6 @@ def _distill_in_process(out: str, model: str) -> None:
 
 
 def test_two_processes_distil_the_single_process_pairs(trained, tmp_path):
-    import socket
     import tempfile
 
     from accelerate.utils import PrepareForLaunch, patch_environment
@@ -208,9 +208,7 @@ def test_two_processes_distil_the_single_process_pairs(trained, tmp_path):
     from distillset.launch.vl import load_distilled_pairs
 
     def launch(n: int, out: str) -> None:
-        with socket.socket() as s:  # a free port: other test runs on this host may hold accelerate's default
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()  # other test runs on this host may hold accelerate's default
         # accelerate.debug_launcher with our own port (its own is fixed at 29500); this venv may lack an accelerate
         # executable. Spawned, not forked: a fork of a process that ran torch's thread pools can deadlock, and the
         # 1-process reference runs in a fresh process too, so both sides start from the same library state.
