@@ -5,8 +5,7 @@ commands end to end on digits."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,9 +100,13 @@ def test_nearest_finds_a_planted_copy():
     assert s["synthetic"]["share_closer_than_reference_5pct"] == pytest.approx(0.25)  # the copy, not the noise
 
 
-def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "distillset.launch.cli", *argv], capture_output=True, text=True,
-                          timeout=300, check=False)
+def _cli(capsys, *argv):
+    """The CLI in this process (as test_bad_input does): its exit code and what it printed."""
+    from distillset.launch.cli import main
+
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=cap.out, stderr=cap.err)
 
 
 def test_mia_end_to_end_and_resume(tmp_path):
@@ -160,19 +163,19 @@ def test_nearest_command(tmp_path):
     (["--members-per-class", "500"], "lower members_per_class"),
     (["--shadows", "1"], "shadows = 1"),
 ])
-def test_mia_bad_input(tmp_path, args, message):
+def test_mia_bad_input(tmp_path, args, message, capsys):
     (tmp_path / "SPLIT_OVERLAP").write_text(json.dumps({"members": [1, 2, 3], "non_members": [3, 4, 5]}))
     (tmp_path / "SPLIT_SIZES").write_text(json.dumps({"members": [1, 2, 3], "non_members": [4, 5]}))
     args = [str(tmp_path / a) if a.startswith("SPLIT") else a for a in args]
-    r = _cli("privacy", "mia", "--out", str(tmp_path / "o"), *args)
+    r = _cli(capsys, "privacy", "mia", "--out", str(tmp_path / "o"), *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_nearest_bad_input(tmp_path):
-    r = _cli("privacy", "nearest", "--out", str(tmp_path / "o"))
+def test_nearest_bad_input(tmp_path, capsys):
+    r = _cli(capsys, "privacy", "nearest", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "at least one distilled set" in r.stderr
-    r = _cli("privacy", "nearest", "--distilled", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    r = _cli(capsys, "privacy", "nearest", "--distilled", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
