@@ -20,8 +20,11 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/distillset run recipes/digits.yaml
 
+# the suite runs in one pytest-xdist worker per core (at most 4: each holds its own torch); JOBS=1 runs it serially
+JOBS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)))")
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tests --timeout 600 --durations=10
+	$(BIN)/python -m pytest tests -n $(JOBS) --dist worksteal --timeout 600 --durations=10
 
 clean:
 	rm -rf output .pytest_cache

@@ -14,7 +14,10 @@ TINY = f"npz:{ASSETS / 'tiny10_small.npz'}"
 MNIST = f"npz:{ASSETS / 'mnist_small.npz'}"
 
 os.environ.setdefault("DISTILLSET_PROGRESS", "0")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs the suite in pytest-xdist workers, one per core: each worker takes its share of the cores, so
+# the workers do not oversubscribe them (a plain `pytest` run keeps up to 2 threads)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
