@@ -224,7 +224,7 @@ class Variant:
             loss = self.fn(obj, syn, ctx)
             loss.backward()
         dt = time.perf_counter() - t
-        self.loss = float(loss)
+        self.loss = float(loss.detach())
         if meter is not None:
             self.saved_peak = meter.peak
         return dt
