@@ -1,4 +1,4 @@
-"""The matching methods' step speed: DM, DC, DSA (and MTT) against a plain reference, interleaved in one run.
+"""The matching methods' step speed: DM, DC, DSA and MTT (with TESLA) against a plain reference, interleaved in one run.
 
 Per method, one step at the recipes' settings (ConvNet-3 width 128 on the CIFAR-10 subset, IPC 10, batch_real 256):
 
@@ -17,6 +17,18 @@ reference step) against the fp32 and bf16 matmul peaks measured in the same run,
 loss, and a per-op profile (torch.profiler) of one step of each variant. DM's step is one class-step (its recipe's
 units are single classes); DC's is one engine step: the inner loop (50 epochs of the network on the 100 synthetic
 images) plus the matching of the 10 classes.
+
+MTT's step is one loss evaluation of ``recipes/mtt_cifar10.yaml`` scaled to the benchmark (IPC 10, all 100 images per
+student step, ``expert_epochs`` 2, ``--syn-steps`` student steps, DSA) plus its backward, against one expert
+trajectory of ConvNet-3 (width ``--width``) recorded here on the first ``--mtt-max-train`` training images and cached
+under ``--work`` (a rerun with the same settings reuses it). Its variants: ``reference`` (the published code's loop:
+the student as a network of one flat parameter vector, SGD steps with ``create_graph=True``, the normalised
+distance, a host sync), ``eager`` (the ``mtt`` objective's unrolled path) and ``tesla`` (the objective with
+``tesla: true``: the same gradient by an adjoint pass, one step's graph at a time). All three are fp32 (the objective
+does not autocast). There is no compiled MTT variant: the unroll differentiates through the student's gradients
+(double backward), which torch.compile's graphs do not support. TESLA recomputes every student step, so its GFLOP/s
+(the reference's FLOPs over its time) is the useful rate, not the executed one; in exchange its last column's peak of
+the tensors autograd saves for backward (measured in the warm-up step) does not grow with the student steps.
 
     OMP_NUM_THREADS=2 python benchmarks/matching_perf.py [--methods dm,dc,dsa,mtt --repeats 5 --threads 2]
 """
@@ -39,24 +51,29 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recover_throughput import matmul_peak
+from distillset.core.config import fingerprint
 from distillset.core.data import Source
-from distillset.core.runtime import autocast_dtype
+from distillset.core.runtime import autocast_dtype, get_runtime
+from distillset.generative.prior import SavedTensorMeter
 from distillset.recover.base import Context, get
 from distillset.recover.objectives._matching import Normalize, class_positions, dc_loops
 from distillset.recover.objectives.dc import gradient_distance
 from distillset.recover.params import PixelSet
 from distillset.recover.real import RealData
+from distillset.squeeze.trajectories import NON_SEMANTIC, TrajectoryConfig
+from distillset.squeeze.trajectories import run as record_experts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def make_ctx(real, classes: int, ipc: int, dtype, total_steps: int, seed: int = 0,
-             device: torch.device | None = None) -> Context:
+             device: torch.device | None = None, **extra) -> Context:
+    """A unit's context; ``extra`` are further Context fields (MTT's: the experts' mean/std, the augmentation)."""
     device = device or torch.device("cpu")
     cls = torch.arange(classes).repeat_interleave(ipc).to(device)
     return Context(device=device, classes=cls, num_classes=10, image_shape=tuple(real.images.shape[1:]),
                    generator=torch.Generator().manual_seed(seed), real=real, autocast_dtype=dtype, ipc=ipc,
-                   total_steps=total_steps)
+                   total_steps=total_steps, **extra)
 
 
 def make_syn(ctx: Context, classes: int, ipc: int) -> PixelSet:
@@ -130,6 +147,39 @@ def dc_reference(obj, syn, ctx: Context) -> torch.Tensor:
     return total
 
 
+def mtt_reference(obj, syn, ctx: Context) -> torch.Tensor:
+    """MTT's loss as the published loop writes it: the student starts at the expert's epoch ``t``, takes
+    ``syn_steps`` SGD steps (step size the learnable ``syn_lr``) on batches of the DSA-augmented synthetic images,
+    each gradient taken with ``create_graph=True`` so the whole unroll stays differentiable, then the distance to the
+    expert ``expert_epochs`` later over the distance the expert travelled; fp32, a host sync.
+
+    It draws from ``ctx.generator`` in the objective's order (expert, start epoch, then per step: a permutation when
+    the previous one is used up, the DSA parameters), so it replays the objective's seeds. The network of a flat
+    parameter vector, the experts' input transform and the start window are the objective's (set up by it).
+    """
+    ex = obj.experts
+    e = int(torch.randint(len(ex.trajectories), (1,), generator=ctx.generator))
+    lo, hi = obj.start_window(ctx)
+    start = int(torch.randint(lo, hi, (1,), generator=ctx.generator))
+    theta0 = ex.trajectories[e][start].to(ctx.device)
+    target = ex.trajectories[e][start + obj.expert_epochs].to(ctx.device)
+    x_all = syn.render()
+    n = len(x_all)
+    student = theta0.clone().requires_grad_(True)
+    order: list[torch.Tensor] = []
+    for _ in range(obj.syn_steps):
+        if not order:
+            order = list(torch.randperm(n, generator=ctx.generator).split(obj.batch_syn or n))
+        idx = order.pop(0).to(ctx.device)
+        x = ctx.augment.apply(x_all[idx], ctx.augment.sample(len(idx), ctx), ctx)
+        ce = F.cross_entropy(obj.net(student, obj.norm(x)), syn.labels[idx])
+        grad = torch.autograd.grad(ce, student, create_graph=True)[0]
+        student = student - obj.syn_lr * grad
+    loss = ((student - target) ** 2).sum() / ((theta0 - target) ** 2).sum()
+    float(loss.detach())  # the published loop logs the loss every iteration
+    return loss
+
+
 def objective_step(obj, syn, ctx: Context) -> torch.Tensor:
     return obj.loss(syn, ctx)
 
@@ -138,32 +188,45 @@ def objective_step(obj, syn, ctx: Context) -> torch.Tensor:
 
 
 class Variant:
-    """One way to run a method's step: a fresh context (same seeds every time), its objective, the step function."""
+    """One way to run a method's step: a fresh context (same seeds every time), its objective, the step function.
 
-    def __init__(self, name: str, method: str, options: dict, fn, real, a, dtype, warm_steps: int):
+    ``ctx_extra`` are further Context fields; ``meter`` measures the peak of autograd's saved tensors in the warm-up
+    step (MTT: the memory TESLA trades time for; the hooks would slow the timed steps and break compiled graphs).
+    """
+
+    def __init__(self, name: str, method: str, options: dict, fn, real, a, dtype, warm_steps: int,
+                 ctx_extra: dict | None = None, meter: bool = False):
         self.name, self.method, self.options, self.fn = name, method, options, fn
         self.real, self.a, self.dtype, self.warm_steps = real, a, dtype, warm_steps
+        self.ctx_extra, self.meter = ctx_extra or {}, meter
+        self.precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat", "bf")
         self.times: list[float] = []
         self.loss = float("nan")
         self.compile_s = 0.0
+        self.saved_peak = 0
 
     def fresh(self):
         a = self.a
         obj = get("objective", self.method).from_options(**self.options)
-        ctx = make_ctx(self.real, a.classes_of[self.method], a.ipc, self.dtype, total_steps=a.total_steps)
+        ctx = make_ctx(self.real, a.classes_of[self.method], a.ipc, self.dtype, total_steps=a.total_steps,
+                       **self.ctx_extra)
         obj.setup(ctx)
         syn = make_syn(ctx, a.classes_of[self.method], a.ipc)
         if self.warm_steps:  # DC: step 1 draws the network; step 2 (timed) trains it, then matches
             obj.schedule.network(syn, ctx, Normalize(ctx))
         return obj, syn, ctx
 
-    def step(self) -> float:
+    def step(self, warm_up: bool = False) -> float:
         obj, syn, ctx = self.fresh()
+        meter = SavedTensorMeter() if warm_up and self.meter else None
         t = time.perf_counter()
-        loss = self.fn(obj, syn, ctx)
-        loss.backward()
+        with meter or contextlib.nullcontext():
+            loss = self.fn(obj, syn, ctx)
+            loss.backward()
         dt = time.perf_counter() - t
-        self.loss = float(loss)
+        self.loss = float(loss.detach())
+        if meter is not None:
+            self.saved_peak = meter.peak
         return dt
 
 
@@ -179,7 +242,8 @@ def profile_table(variant: Variant, rows: int, flops: FlopCounterMode | None = N
             "| op | self CPU ms | share | calls |", "|---|---|---|---|", *out, ""]
 
 
-def run_method(method: str, real, a, peaks: dict) -> tuple[list[str], list[str]]:
+def matching_variants(method: str, real, a) -> list[Variant]:
+    """DM, DC, DSA: the plain reference, the objective eager (bf16 where the CPU has AMX) and compiled."""
     dtype = autocast_dtype("auto", torch.device("cpu"))
     base = {"batch_real": a.batch_real, "width": a.width, "compile_min_steps": 0}
     ref_fn, warm = {"dm": (dm_reference, 0), "dc": (dc_reference, 1), "dsa": (dc_reference, 1)}[method]
@@ -188,9 +252,42 @@ def run_method(method: str, real, a, peaks: dict) -> tuple[list[str], list[str]]
     if a.compile:
         variants.append(Variant("compiled", method, {**base, "compile_min_steps": 1}, objective_step, real, a, dtype,
                                 warm))
-    for v in variants:  # warm-up (the compiled variant's first calls compile)
+    return variants
+
+
+def mtt_experts(a) -> str:
+    """Record the benchmark's expert trajectory (once: a folder per setting, which the recorder resumes/skips)."""
+    cfg = TrajectoryConfig(data=a.data, arch="convnet3", model_kwargs={"width": a.width}, num_experts=1,
+                           epochs=a.mtt_epochs, max_train=a.mtt_max_train, augment="dsa", eval_test=False)
+    # the recorder refuses a folder written with another config: name the folder by the config's fingerprint
+    cfg.out = str(Path(a.work) / f"experts_convnet3_w{a.width}_{fingerprint(cfg, NON_SEMANTIC)[:12]}")
+    t = time.perf_counter()
+    summary = record_experts(cfg, get_runtime())
+    a.mtt_note = (f"MTT expert: 1 x ConvNet-3 (width {a.width}, instance norm), {a.mtt_epochs} epochs of SGD (lr 0.01, "
+                  f"batch 256, DSA) on the first {a.mtt_max_train} training images, in {cfg.out} ("
+                  + (f"recorded in {time.perf_counter() - t:.0f} s" if summary["trained"] else
+                     "recorded by an earlier run, reused") + ").")
+    return cfg.out
+
+
+def mtt_variants(real, a) -> list[Variant]:
+    """MTT: the plain unroll, the objective's unrolled path and TESLA's adjoint path, all fp32 (see the docstring)."""
+    base = {"buffer": mtt_experts(a), "expert_epochs": 2, "syn_steps": a.syn_steps, "max_start_epoch": 20,
+            "batch_syn": a.batch_syn, "lr_teacher": 0.01, "lr_lr": 1e-5}
+    probe = get("objective", "mtt").from_options(**base)
+    ref = probe.input_reference()  # the engine's choice: synthetic pixels in the experts' input space
+    extra = {"mean": ref["mean"], "std": ref["std"], "augment": get("augmentation", "dsa").from_options()}
+    kw = {"real": real, "a": a, "dtype": None, "warm_steps": 0, "ctx_extra": extra, "meter": True}
+    return [Variant("reference", "mtt", base, mtt_reference, **kw),
+            Variant("eager", "mtt", base, objective_step, **kw),
+            Variant("tesla", "mtt", {**base, "tesla": True}, objective_step, **kw)]
+
+
+def run_method(method: str, real, a, peaks: dict) -> tuple[list[str], list[str]]:
+    variants = mtt_variants(real, a) if method == "mtt" else matching_variants(method, real, a)
+    for v in variants:  # warm-up (the compiled variant's first calls compile; MTT's meter its saved tensors)
         t = time.perf_counter()
-        v.step()
+        v.step(warm_up=True)
         v.compile_s = time.perf_counter() - t
     for _ in range(a.repeats):  # interleaved: every variant sees the same machine load
         for v in variants:
@@ -202,20 +299,22 @@ def run_method(method: str, real, a, peaks: dict) -> tuple[list[str], list[str]]
         prof += profile_table(v, a.profile_rows)
     flops = fc.get_total_flops()
     t_ref = statistics.median(ref.times)
-    unit = "class-step" if method == "dm" else "engine step"
+    unit = {"dm": "class-step", "mtt": f"MTT step: {a.syn_steps} student steps + the backward"}.get(method,
+                                                                                                     "engine step")
     rows = []
     for v in variants:
         t = statistics.median(v.times)
         gf = flops / t / 1e9
-        pk = peaks["bf16"] if v.name != "reference" and dtype is not None else peaks["fp32"]
+        pk = peaks["fp32"] if v.dtype is None else peaks["bf16"]
         extra = ""
         if v.name == "compiled":
             eager_t = statistics.median(variants[1].times)
             pay = v.compile_s / max(1e-9, eager_t - t) if eager_t > t else float("inf")
             extra = f"compile {v.compile_s:.0f} s, paid back after {pay:.0f} steps"
-        rows.append(f"| {method} | {v.name} | {'fp32' if v.name == 'reference' or dtype is None else 'bf16'} | "
-                    f"{1000 * t:.0f} | {gf:.0f} | {100 * gf / pk:.0f} % | **{t_ref / t:.2f}x** | {v.loss:.4f} | "
-                    f"{extra} |")
+        if v.meter:
+            extra = f"autograd saved tensors peak {v.saved_peak / 2 ** 20:.0f} MiB"
+        rows.append(f"| {method} | {v.name} | {v.precision} | {1000 * t:.0f} | {gf:.0f} | {100 * gf / pk:.0f} % | "
+                    f"**{t_ref / t:.2f}x** | {v.loss:.4f} | {extra} |")
     rows.append(f"| {method} | (FLOPs per {unit}) | | | {flops / 1e9:.1f} GFLOP | | | | |")
     return rows, prof
 
@@ -232,10 +331,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--compile", type=int, default=1, help="1: also time the compiled variant")
     p.add_argument("--profile-rows", type=int, default=8)
+    p.add_argument("--syn-steps", type=int, default=20, help="MTT: student steps per loss evaluation")
+    p.add_argument("--batch-syn", type=int, default=0, help="MTT: images per student step (0 = all, the recipe's)")
+    p.add_argument("--mtt-max-train", type=int, default=2000, help="MTT: the expert trains on the first N images")
+    p.add_argument("--mtt-epochs", type=int, default=3,
+                   help="MTT: expert epochs recorded (expert_epochs 2 needs at least 3 for two start epochs)")
+    p.add_argument("--work", default="/tmp/distillset_bench/matching_perf", help="MTT: where the expert is cached")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "matching_perf.md"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    a.classes_of = {"dm": 1, "dc": a.classes, "dsa": a.classes}
+    a.classes_of = {"dm": 1, "dc": a.classes, "dsa": a.classes, "mtt": 10}  # MTT's unit is the whole set
+    a.mtt_note = ""
     outer, _ = dc_loops(a.ipc)
     a.total_steps = 10 * outer  # not a multiple-of-outer boundary at step 2, so DC's timed step trains the network
     real = RealData(Source(a.data).load("train"))
@@ -253,14 +359,17 @@ def write(a, peaks: dict, load0: tuple, rows: list[str], prof: list[str]) -> Non
     load1 = os.getloadavg()
     command = (f"Command: `OMP_NUM_THREADS={a.threads} python benchmarks/matching_perf.py --methods {a.methods} "
                f"--ipc {a.ipc} --classes {a.classes} --batch-real {a.batch_real} --width {a.width} "
-               f"--repeats {a.repeats} --threads {a.threads} --compile {a.compile}`")
+               f"--repeats {a.repeats} --threads {a.threads} --compile {a.compile}"
+               + (f" --syn-steps {a.syn_steps} --batch-syn {a.batch_syn} --mtt-max-train {a.mtt_max_train} "
+                  f"--mtt-epochs {a.mtt_epochs}" if "mtt" in a.methods.split(",") else "") + "`")
     machine = (f"Machine: {os.cpu_count()}-core CPU, shared; torch {torch.__version__}; {a.threads} threads; matmul "
                f"peak measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; load "
                f"average {load0[0]:.1f} at the start, {load1[0]:.1f} now.")
     header = ("| method | variant | precision | ms / step (median) | GFLOP/s | of its matmul peak | vs reference "
               "| loss | |")
     lines = ["# Matching methods: step time against a plain reference (issue 17)", "", command, "", machine, "",
-             header, "|---|---|---|---|---|---|---|---|---|", *rows, "", *prof]
+             *([a.mtt_note, ""] if a.mtt_note else []), header, "|---|---|---|---|---|---|---|---|---|", *rows, "",
+             *prof]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
