@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from distillset.core.compiling import FallbackCompiled
 from distillset.core.config import config_diff, fingerprint, to_dict, write_config
 from distillset.core.data import ImageSet, Source, write_shard
 from distillset.core.distilled import load_distilled, sample_key, save_grid, shard_path, unit_record
@@ -187,7 +186,7 @@ class Engine:
                 t.model.to(memory_format=torch.channels_last)
                 t.channels_last = True
             if compile_:
-                t.model = FallbackCompiled(t.model)
+                t.compile()
         if compile_ and self.teachers:
             log.info("teachers: torch.compile (the first step of each input shape compiles)")
 

@@ -67,10 +67,29 @@ class Teacher(nn.Module):
 
     channels_last: bool = False
 
+    def compile(self) -> None:
+        """Run the network through ``torch.compile`` from now on (eager again should compiling fail).
+
+        ``model`` stays the raw network: its module names (statistics files, G-VBSM's layers) and the hooks on its
+        layers are the compiled forward's too (dynamo traces them).
+        """
+        from distillset.core.compiling import FallbackCompiled
+
+        self.__dict__["_compiled"] = FallbackCompiled(self.model)  # not a submodule: no second name for the weights
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the forward runs compiled (False also once compiling failed)."""
+        c = self.__dict__.get("_compiled")
+        return c is not None and c.compiled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:  # the compiler handles the dtypes (no cached bf16 weights)
+            return compiled(x)
         low = _autocast_low_dtype(x.device.type)
         if low is not None:
             weights = self._low_precision_weights(low)
