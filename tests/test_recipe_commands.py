@@ -85,7 +85,8 @@ def test_commands_were_found():
     assert any(c.startswith("distillset shards --data folder:/data/imagenet") for c in cmds)
     hints = {p.stem: recipe_comment_overrides(p) for p in RECIPES}
     assert ["recover.iterations=200", "recover.options.batch_real=64"] in hints["dm_cifar10"]
-    assert ["recover.iterations=100", "recover.options.batch_real=64"] in hints["dc_cifar10"]
+    assert ["recover.iterations=100", "recover.options.batch_real=64", "recover.options.compile_min_steps=1"] in hints[
+            "dc_cifar10"]
 
 
 @pytest.mark.parametrize("source,cmd", QUOTED, ids=[f"{s}:{c[:60]}" for s, c in QUOTED])
