@@ -29,15 +29,19 @@ from distillset.recover.base import Context, Objective, Parametrization, registe
 class _ChannelMoments(torch.autograd.Function):
     """Per-channel mean and population variance over every dim but 1, in fp32, with a closed-form backward.
 
-    Autograd through ``torch.var_mean`` costs several full-size temporaries; here the forward is two reductions of
-    ``x - shift`` (a per-channel shift near the mean keeps E[d^2] - E[d]^2 accurate) and the backward is one fused
-    ``a + b * x`` per element. A channels-last 4-D input is reduced as the (N*H*W, C) matrix it already is.
+    Autograd through ``torch.var_mean`` costs several full-size temporaries; here the forward is BatchNorm's own
+    statistics kernel where it gives fp32 results (:func:`_fused_moments`), else two reductions of ``x - shift`` (a
+    per-channel shift near the mean keeps E[d^2] - E[d]^2 accurate; a channels-last 4-D input is reduced as the
+    (N*H*W, C) matrix it already is), and the backward is one fused ``a + b * x`` per element.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shift: torch.Tensor):
+        fast = _fused_moments(x)
+        if fast is not None:
+            mean, var = fast
         # a bf16/fp16 x minus the fp32 shift is promoted and computed in fp32 in one pass (no separate upcast copy)
-        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        elif x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
             flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view, no copy
             d = torch.sub(flat, shift)
             mean_d, sq = d.mean(0), d.square().mean(0)
@@ -46,8 +50,9 @@ class _ChannelMoments(torch.autograd.Function):
             view = [1, -1] + [1] * (x.ndim - 2)
             d = torch.sub(x, shift.view(view))
             mean_d, sq = d.mean(dims), d.square().mean(dims)
-        var = (sq - mean_d.square()).clamp_min(0)
-        mean = mean_d + shift
+        if fast is None:
+            var = (sq - mean_d.square()).clamp_min(0)
+            mean = mean_d + shift
         ctx.save_for_backward(x, mean)
         ctx.count = x.numel() // x.shape[1]
         return mean, var
@@ -59,6 +64,30 @@ class _ChannelMoments(torch.autograd.Function):
         bias = grad_mean / ctx.count - scale * mean
         view = [1, -1] + [1] * (x.ndim - 2)
         return torch.addcmul(bias.to(x.dtype).view(view), x, scale.to(x.dtype).view(view)), None
+
+
+def _fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 ``(mean, population var)`` per channel from BatchNorm's own statistics kernel, or None where it is not
+    available.
+
+    ``torch.batch_norm_update_stats`` (the kernel behind BatchNorm's training statistics) takes a pass for the mean
+    and one for the centred squares, without the full-size fp32 temporaries of the reduction written in Python:
+    ~3-4x faster on a CPU (fp32 or bf16, either layout). Given fp32 running buffers it returns fp32 statistics for a
+    bf16 input too (without them it would round them to bf16); momentum 0 leaves those throwaway buffers as they
+    are. Under torch.compile the explicit path is kept: inductor fuses it with its neighbours, which an opaque
+    kernel would prevent.
+    """
+    c = x.shape[1] if x.ndim >= 2 else 0
+    if torch.compiler.is_compiling() or not c or x.numel() < 2 * c:  # the kernel needs 2+ values per channel
+        return None
+    buffers = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+    try:
+        mean, var = torch.batch_norm_update_stats(x, *buffers, 0.0)
+    except (RuntimeError, NotImplementedError):  # a backend without the kernel
+        return None
+    if mean.dtype != torch.float32 or var.dtype != torch.float32:
+        return None
+    return mean, var
 
 
 def channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
