@@ -57,9 +57,17 @@ def pays_off(model: nn.Module, batch: int, image_size: int, device) -> bool:
         return False
     if torch.device(device).type != "cpu":
         return True
-    conv = next(m for m in model.features if isinstance(m, nn.Conv2d))
+    return first_layer_activations(model, batch, image_size) <= CPU_WIDE_LIMIT
+
+
+def first_layer_activations(model: nn.Module, batch: int, image_size: int) -> int:
+    """Output elements of ``model``'s first convolution for one step of ``batch`` images: how large a student is
+    where it counts on a CPU (small ones are bound by per-op overhead, large ones by memory-bound passes)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return 0
     side = (image_size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-    return batch * conv.out_channels * side * side <= CPU_WIDE_LIMIT
+    return batch * conv.out_channels * side * side
 
 
 class WideNet(nn.Module):

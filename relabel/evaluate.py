@@ -30,7 +30,7 @@ from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, load_tensors, require_folder, write_json
 from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime, progress
-from distillset.relabel.cohort import cohorts, fit_students, pays_off, widens
+from distillset.relabel.cohort import CPU_WIDE_LIMIT, cohorts, first_layer_activations, fit_students, pays_off, widens
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.evaluators import EVALUATORS, register_evaluator
 from distillset.relabel.softlabels import SoftLabels, config_from_meta, generate, label_meta, load_soft_labels
@@ -70,8 +70,14 @@ class EvaluateConfig:
             and both sets of one architecture, each equal to training it alone up to float rounding): 0 = automatic
             (cohorts of up to 16 where it is faster: always on an accelerator, on a CPU for small students), 1 = one
             at a time, k = cohorts of at most k. A killed cohort is retrained whole; finished students are kept.
-        compile_students: run the students through ``torch.compile`` (pays off for long students of larger images:
-            the compilation takes tens of seconds once per process and architecture).
+        compile_students: always run the students through ``torch.compile`` (otherwise see
+            ``compile_min_steps``).
+        compile_min_steps: compile the students of an architecture when the evaluation trains them for at least
+            this many optimiser steps in all (students x epochs x batches per epoch) and they are large enough to
+            gain: always on an accelerator, on a CPU when a step's first layer has more than 2^20 activations (the
+            32 px ConvNet-3 at batch 100: 2.8x per step for ~35 s of compiling on a 2-core CPU; the digits' small
+            students would not gain); 0 = only with ``compile_students``. A compile failure warns once and runs
+            eager.
         lr_zeta: EDC's smoothing learning-rate schedule (sre2l protocol): the students' cosine runs over zeta x
             their steps, so it ends at (1 + cos(pi / zeta)) / 2 of the lr instead of 0 (2: half); 1 = plain cosine.
             With EDC's small-batch evaluation, lower batch_size too.
@@ -96,6 +102,7 @@ class EvaluateConfig:
     evaluators: list[str] = field(default_factory=lambda: ["diversity"])
     batch_students: int = 0
     compile_students: bool = False
+    compile_min_steps: int = 2000
     lr_zeta: float = 1.0
 
     def __post_init__(self):
@@ -107,6 +114,9 @@ class EvaluateConfig:
             raise DistillError(f"unknown protocol '{self.protocol}'; use {', '.join(PROTOCOLS)}.")
         if self.students < 1 or self.epochs < 1 or self.batch_size < 1:
             raise DistillError("students, epochs and batch_size must be >= 1.")
+        if self.compile_min_steps < 0:
+            raise DistillError(f"compile_min_steps must be >= 0 (0 = only with --compile-students true), got "
+                               f"{self.compile_min_steps}.")
         if self.batch_students < 0:
             raise DistillError(f"batch_students must be >= 0 (0 = automatic, 1 = one at a time), got "
                                f"{self.batch_students}.")
@@ -199,6 +209,7 @@ class Plan:
     jobs: list[Job]
     fingerprint: str
     teacher: object = None  # the set's first teacher (diversity in its feature space), when it has one
+    compiled_archs: frozenset = frozenset()  # architectures whose students run compiled (set by students())
     random: ImageSet | None = None  # the random-real baseline, drawn once (students and evaluators share it)
 
     def fit(self, s: ImageSet) -> ImageSet:
@@ -284,7 +295,8 @@ def plan(cfg: EvaluateConfig, rt) -> Plan:
     # what changes a student's result (evaluators only measure the set: students recorded before they existed stay
     # valid; a cohort member equals its lone twin, so batch_students does not either)
     key = {"config": {k: v for k, v in to_dict(cfg).items()
-                      if k not in ("out", "students", "evaluators", "batch_students", "compile_students")
+                      if k not in ("out", "students", "evaluators", "batch_students", "compile_students",
+                                   "compile_min_steps")
                       and not (k == "lr_zeta" and v == 1.0)},  # results recorded before the option stay valid
            "set": manifest.get("fingerprint"), "num_images": len(distilled), "model_kwargs": kwargs,
            "soft": soft.meta if soft is not None else None}
@@ -360,7 +372,31 @@ def student_spec(p: Plan, cfg: EvaluateConfig, job: Job) -> StudentSpec:
     learned_lr = job.set == "distilled" and "lr" in p.learned
     lr = cfg.lr or (float(p.learned["lr"].reshape(-1)[0]) if learned_lr else None)
     return StudentSpec(job.arch, p.model_kwargs[job.arch], cfg.epochs, cfg.protocol, cfg.batch_size, lr,
-                       min_scale=cfg.min_scale, flip=cfg.flip, compile=cfg.compile_students, lr_zeta=cfg.lr_zeta)
+                       min_scale=cfg.min_scale, flip=cfg.flip,
+                       compile=cfg.compile_students or job.arch in p.compiled_archs, lr_zeta=cfg.lr_zeta)
+
+
+def compiled_archs(p: Plan, cfg: EvaluateConfig, jobs: list[Job], device) -> frozenset:
+    """The architectures whose students compile by ``compile_min_steps`` (see :class:`EvaluateConfig`)."""
+    from distillset.squeeze.models import create_model
+
+    if not cfg.compile_min_steps:
+        return frozenset()
+    n = len(p.distilled)
+    per_student = cfg.epochs * math.ceil(n / cfg.batch_size)
+    out = set()
+    for arch in {j.arch for j in jobs}:
+        if sum(j.arch == arch for j in jobs) * per_student < cfg.compile_min_steps:
+            continue
+        probe = create_model(arch, p.distilled.num_classes, p.distilled.image_shape[0], p.distilled.image_shape[-1],
+                             **p.model_kwargs[arch])
+        size = first_layer_activations(probe, min(n, cfg.batch_size), p.distilled.image_shape[-1])
+        if torch.device(device).type != "cpu" or size > CPU_WIDE_LIMIT:
+            out.add(arch)
+    if out:
+        log.info("evaluate: students of %s run through torch.compile (compile_min_steps %d)", ", ".join(sorted(out)),
+                 cfg.compile_min_steps)
+    return frozenset(out)
 
 
 def job_labels(p: Plan, job: Job, labels: SoftLabels | None, device) -> tuple[SoftLabels | None, torch.Tensor | None]:
@@ -433,6 +469,7 @@ def students(p: Plan, cfg: EvaluateConfig, rt) -> list[dict]:
     sets: dict[str, tuple[ImageSet, SoftLabels | None]] = {"distilled": (p.distilled, p.soft)}
     if any(job.set == "random" for job in pending):
         sets["random"] = baseline(p, cfg, rt, any(j.set == "random" and j.labels == "soft" for j in pending))
+    p.compiled_archs = compiled_archs(p, cfg, pending, rt.device)
     results = []
     log.info("evaluate: training %d students (%d epochs each) on %d set(s)", len(pending), cfg.epochs,
              len({j.set for j in pending}))

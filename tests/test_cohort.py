@@ -193,3 +193,31 @@ def test_compile_runs_the_students_through_torch_compile(digits, monkeypatch):
     together = cohort.fit_students([(a, None, None), (b, None, None)], spec, MEAN, STD, [0, 0], "cpu")
     assert wrapped == ["ConvNet", "WideNet"]
     assert_twins([alone], together[:1], test)
+
+
+def test_long_evaluations_of_large_students_compile_them():
+    """compile_min_steps: an architecture compiles when its students train long enough in all and are large enough to
+    gain (32 px ConvNet-3 at batch 100 on a CPU), never for the digits' small students, always on an accelerator."""
+    from types import SimpleNamespace
+
+    from distillset.relabel.evaluate import EvaluateConfig, Job, compiled_archs, student_spec
+
+    def plan(shape, n):  # the fields of a Plan the rule reads: n distilled images of this shape
+        images = type("Set", (), {"num_classes": 10, "image_shape": shape, "__len__": lambda self: n})()
+        return SimpleNamespace(distilled=images, model_kwargs={"convnet3": {}, "convnet": {"width": 64}},
+                               compiled_archs=frozenset(), learned={})
+
+    jobs = [Job(a, s, "hard", k) for a in ("convnet3", "convnet") for s in ("distilled", "random") for k in range(5)]
+    cifar = plan((3, 32, 32), 100)  # 10 students x 300 epochs x 1 batch = 3,000 steps per architecture
+    cfg = EvaluateConfig(distilled="x", epochs=300, batch_size=256, archs=["convnet3", "convnet"])
+    assert compiled_archs(cifar, cfg, jobs, "cpu") == {"convnet3", "convnet"}
+    short = EvaluateConfig(distilled="x", epochs=100, batch_size=256)  # 1,000 steps per architecture
+    assert compiled_archs(cifar, short, jobs, "cpu") == frozenset()
+    assert compiled_archs(cifar, EvaluateConfig(distilled="x", epochs=300, compile_min_steps=0), jobs, "cpu") == set()
+    digits = plan((1, 8, 8), 10)  # the demo's students: 10 x 64 x 8 x 8 activations, overhead-bound
+    assert compiled_archs(digits, EvaluateConfig(distilled="x", epochs=300), jobs, "cpu") == frozenset()
+    assert compiled_archs(digits, EvaluateConfig(distilled="x", epochs=300), jobs, "cuda") == {"convnet3", "convnet"}
+    cifar.compiled_archs = frozenset({"convnet3"})
+    assert student_spec(cifar, cfg, jobs[0]).compile and not student_spec(cifar, cfg, jobs[-1]).compile
+    with pytest.raises(Exception, match="compile_min_steps"):
+        EvaluateConfig(distilled="x", compile_min_steps=-1)
