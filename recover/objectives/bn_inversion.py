@@ -37,22 +37,7 @@ class _ChannelMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shift: torch.Tensor):
-        fast = _fused_moments(x)
-        if fast is not None:
-            mean, var = fast
-        # a bf16/fp16 x minus the fp32 shift is promoted and computed in fp32 in one pass (no separate upcast copy)
-        elif x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view, no copy
-            d = torch.sub(flat, shift)
-            mean_d, sq = d.mean(0), d.square().mean(0)
-        else:
-            dims = [0] + list(range(2, x.ndim))
-            view = [1, -1] + [1] * (x.ndim - 2)
-            d = torch.sub(x, shift.view(view))
-            mean_d, sq = d.mean(dims), d.square().mean(dims)
-        if fast is None:
-            var = (sq - mean_d.square()).clamp_min(0)
-            mean = mean_d + shift
+        mean, var = _fused_moments(x) or _shifted_moments(x, shift)
         ctx.save_for_backward(x, mean)
         ctx.count = x.numel() // x.shape[1]
         return mean, var
@@ -64,6 +49,19 @@ class _ChannelMoments(torch.autograd.Function):
         bias = grad_mean / ctx.count - scale * mean
         view = [1, -1] + [1] * (x.ndim - 2)
         return torch.addcmul(bias.to(x.dtype).view(view), x, scale.to(x.dtype).view(view)), None
+
+
+def _shifted_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(mean, population var)`` per channel as two reductions of ``x - shift`` (the explicit path)."""
+    # a bf16/fp16 x minus the fp32 shift is promoted and computed in fp32 in one pass (no separate upcast copy)
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        d = torch.sub(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), shift)  # the (N*H*W, C) view, no copy
+        mean_d, sq = d.mean(0), d.square().mean(0)
+    else:
+        dims = [0] + list(range(2, x.ndim))
+        d = torch.sub(x, shift.view([1, -1] + [1] * (x.ndim - 2)))
+        mean_d, sq = d.mean(dims), d.square().mean(dims)
+    return mean_d + shift, (sq - mean_d.square()).clamp_min(0)
 
 
 def _fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
