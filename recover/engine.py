@@ -60,6 +60,8 @@ class Engine:
         if needs_real and self.source is None:
             raise DistillError(f"method '{cfg.method}' (or init from real) needs real data; pass --data SPEC.")
         self._settle_task(self.source.info() if self.source else None)
+        if self.objective_cls.joint_classes and cfg.classes_per_unit not in (0, self.num_classes):
+            self.cfg = dataclasses.replace(cfg, classes_per_unit=0)  # the loss couples all classes: one unit
         self.real = self._load_real() if needs_real else None
         self.zca = self._input_space()
         self.autocast = autocast_dtype(cfg.autocast, self.device)
@@ -197,8 +199,7 @@ class Engine:
             return True
         if not cfg.compile_min_steps or self.objective_cls.selects or not self.teachers:
             return False
-        per_unit = 0 if self.objective_cls.joint_classes else cfg.classes_per_unit  # as run() plans them
-        units = len(plan_units(self.num_classes, cfg.ipc, per_unit, cfg.ipc_per_unit))
+        units = len(plan_units(self.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit))
         return cfg.iterations * -(-units // self.rt.world) >= cfg.compile_min_steps
 
     def _ema_decay(self) -> float:
@@ -577,9 +578,7 @@ def run(cfg: RecoverConfig, rt: Runtime | None = None, hooks: tuple[base.StepHoo
     rt = rt or get_runtime()
     out = require_folder(cfg.out)
     engine = Engine(cfg, rt, hooks)
-    if engine.objective_cls.joint_classes and cfg.classes_per_unit not in (0, engine.num_classes):
-        cfg = dataclasses.replace(cfg, classes_per_unit=0)
-        engine.cfg = cfg
+    cfg = engine.cfg  # as the engine settled it (a joint-classes method runs all classes as one unit)
     units = plan_units(engine.num_classes, cfg.ipc, cfg.classes_per_unit, cfg.ipc_per_unit)
     check_unit_memory(units, engine.image_shape, cfg, rt.device, engine.objective_cls.selects)
     run_lock = _enter(out, rt)
