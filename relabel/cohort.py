@@ -55,19 +55,18 @@ def pays_off(model: nn.Module, batch: int, image_size: int, device) -> bool:
     accelerator (k small students fill it), on a CPU only while per-op overhead dominates a step."""
     if not widens(model):
         return False
-    if torch.device(device).type != "cpu":
-        return True
-    return first_layer_activations(model, batch, image_size) <= CPU_WIDE_LIMIT
+    return torch.device(device).type != "cpu" or small_student(model, batch, image_size)
 
 
-def first_layer_activations(model: nn.Module, batch: int, image_size: int) -> int:
-    """Output elements of ``model``'s first convolution for one step of ``batch`` images: how large a student is
-    where it counts on a CPU (small ones are bound by per-op overhead, large ones by memory-bound passes)."""
+def small_student(model: nn.Module, batch: int, image_size: int) -> bool:
+    """Whether a step of ``batch`` images is small enough that per-op overhead, not memory-bound passes, dominates it
+    on a CPU: at most ``CPU_WIDE_LIMIT`` outputs of the first convolution. Such students gain from cohorts and not
+    from compiling; larger ones the other way round."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
-        return 0
+        return True
     side = (image_size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-    return batch * conv.out_channels * side * side
+    return batch * conv.out_channels * side * side <= CPU_WIDE_LIMIT
 
 
 class WideNet(nn.Module):

@@ -30,7 +30,7 @@ from distillset.core.errors import DistillError
 from distillset.core.io import atomic_path, load_tensors, require_folder, write_json
 from distillset.core.partition import init_order
 from distillset.core.runtime import get_runtime, progress
-from distillset.relabel.cohort import CPU_WIDE_LIMIT, cohorts, first_layer_activations, fit_students, pays_off, widens
+from distillset.relabel.cohort import cohorts, fit_students, pays_off, small_student, widens
 from distillset.relabel.diversity import within_class_diversity
 from distillset.relabel.evaluators import EVALUATORS, register_evaluator
 from distillset.relabel.softlabels import SoftLabels, config_from_meta, generate, label_meta, load_soft_labels
@@ -390,8 +390,8 @@ def compiled_archs(p: Plan, cfg: EvaluateConfig, jobs: list[Job], device) -> fro
             continue
         probe = create_model(arch, p.distilled.num_classes, p.distilled.image_shape[0], p.distilled.image_shape[-1],
                              **p.model_kwargs[arch])
-        size = first_layer_activations(probe, min(n, cfg.batch_size), p.distilled.image_shape[-1])
-        if torch.device(device).type != "cpu" or size > CPU_WIDE_LIMIT:
+        if torch.device(device).type != "cpu" or not small_student(probe, min(n, cfg.batch_size),
+                                                                   p.distilled.image_shape[-1]):
             out.add(arch)
     if out:
         log.info("evaluate: students of %s run through torch.compile (compile_min_steps %d)", ", ".join(sorted(out)),
