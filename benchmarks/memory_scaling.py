@@ -9,8 +9,6 @@ stage, so imports and the model are counted the same way at both sizes.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import publish
+from benchmarks import publish, run_child
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -102,9 +100,7 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(folder / "labels")
-            out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), stage, f"wds:{shards}",
-                                  teacher, str(folder)], capture_output=True, text=True, check=True)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res = run_child(CHILD.format(root=str(ROOT)), stage, f"wds:{shards}", teacher, str(folder))
             rows.append({"stage": stage, "images": 1000 * per, **res})
             print(rows[-1], flush=True)
     lines = ["# Peak memory vs dataset size", "",

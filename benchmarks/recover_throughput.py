@@ -192,7 +192,8 @@ def bench(arch: str, n_images: int, iters: int, repeats: int, root: Path, compil
             rows[name].append(n_images * iters / logs["seconds"])
             losses.setdefault(name, []).append(final_loss(ref_teacher, syn.render().detach(), cls))
     out = {"arch": arch, "images": n_images, "iters": iters, "repeats": repeats, "gflop_per_iter": fl / 1e9,
-           "autocast": str(autocast_dtype(cfg.autocast, torch.device("cpu"))), "first": first}
+           "autocast": str(autocast_dtype(cfg.autocast, torch.device("cpu"))), "first": first,
+           "variants": list(variants)}
     for k, vals in rows.items():
         med = statistics.median(vals)
         out[k] = {"ips": med, "all": vals, "gflops": med / n_images * fl / 1e9, "loss": statistics.median(losses[k])}
@@ -229,7 +230,7 @@ def main() -> None:
                 arch, n = spec.split(":")
                 res = bench(arch, int(n), a.iters, a.repeats, Path(tmp) / f"t{threads}", a.compile)
                 res["threads"] = threads
-                for name in ("distillset", "compiled") if a.compile else ("distillset",):
+                for name in res["variants"]:
                     res[name]["paired"] = statistics.median(d / r for d, r in zip(res[name]["all"],
                                                                                   res["reference"]["all"]))
                     res[name]["peak"] = res[name]["gflops"] / peaks[threads][1]
@@ -264,7 +265,7 @@ def main() -> None:
         lines.append(head + f"reference (fp32) | {r['reference']['ips']:.1f} | 1.00x | | "
                      f"{r['reference']['gflops']:.0f} | {r['reference']['gflops'] / peaks[r['threads']][1]:.0%} | "
                      f"{r['reference']['loss']:.4f} |")
-        for name in ("distillset", "compiled") if a.compile else ("distillset",):
+        for name in r["variants"]:
             v = r[name]
             note = f", compile {r['compile_s']:.0f} s" if name == "compiled" else ""
             lines.append(head + f"{name} ({r['autocast'].replace('torch.', '')}{note}) | {v['ips']:.1f} | "
@@ -272,7 +273,7 @@ def main() -> None:
                          f"{v['peak']:.0%} | {v['loss']:.4f} |")
     lines += ["", "Per-repeat img*it/s: " + "; ".join(
         f"{r['threads']} thr {r['arch']} " + ", ".join(
-            f"{k} {[round(v, 1) for v in r[k]['all']]}" for k in ("reference", "distillset", "compiled") if k in r)
+            f"{k} {[round(v, 1) for v in r[k]['all']]}" for k in ("reference", *r["variants"]))
         for r in results), ""]
     publish(a.out, lines)
 

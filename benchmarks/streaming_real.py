@@ -11,9 +11,7 @@ user distilling a class range of ImageNet-1K on one machine would run it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import publish
+from benchmarks import publish, run_child
 
 CHILD = r"""
 import json, resource, sys, time, torch
@@ -69,12 +67,8 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(out)
-            res = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), f"wds:{shards}", str(out),
-                                  str(stream), str(a.classes)], capture_output=True, text=True, check=False,
-                                 env={**os.environ, "DISTILLSET_PROGRESS": "0"})
-            if res.returncode:
-                raise SystemExit(res.stderr[-2000:])
-            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r = run_child(CHILD.format(root=str(ROOT)), f"wds:{shards}", str(out), str(stream), str(a.classes),
+                          env={"DISTILLSET_PROGRESS": "0"})
             rows.append({"mode": "class by class (index)" if stream else "whole split", "images": 1000 * per, **r})
             print(rows[-1], flush=True)
     lines = ["# recover: real images class by class vs the whole split", "",
