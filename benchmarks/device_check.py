@@ -2,9 +2,10 @@
 
 Rows (each timed after a warm-up, so compilation is reported apart and never inside a throughput):
 
-- recover: SRe2L on a torchvision ResNet-18 (224 px, batch 100): a plain eager fp32 loop written here (CE + BN
-  hooks, Adam, one random crop + flip per step) against distillset's ``Engine.optimise`` (bf16 autocast,
-  channels-last, torch.compile on a GPU); images x iterations per second and the ratio;
+- recover: SRe2L on a torchvision ResNet-18 (224 px, batch 100): the plain eager fp32 loop of
+  ``benchmarks/recover_throughput.py`` (CE + BN hooks, Adam, per-image random crops + flips) against distillset's
+  ``Engine.optimise`` (bf16 autocast, channels-last, torch.compile on a GPU); images x iterations per second and the
+  ratio;
 - relabel: soft labels (``relabel.softlabels.generate``), crops labelled per second;
 - RDED selection: distilled images per second (``Engine.optimise`` with method rded);
 - DM and DC: ms per step at the recipes' settings (ConvNet-3, IPC 10, batch_real 256), the plain reference of
@@ -20,7 +21,6 @@ shrinks every size so the whole table runs on a CPU in seconds (the test suite r
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -31,12 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.matching_perf import dc_reference, dm_reference, make_ctx, make_syn, objective_step
-from benchmarks.recover_throughput import RefHooks, make_teacher
+from benchmarks.recover_throughput import make_teacher, reference
 from distillset.core.data import ImageSet
 from distillset.core.runtime import Runtime, autocast_dtype
 from distillset.recover.base import get
@@ -100,33 +99,6 @@ def random_set(n_per_class: int, size: int, classes: int = 10, seed: int = 0) ->
     return ImageSet(x, torch.arange(classes).repeat_interleave(n_per_class), [str(c) for c in range(classes)])
 
 
-def plain_recover(teacher, labels: torch.Tensor, iters: int, device: torch.device, lr: float = 0.25) -> None:
-    """Plain eager fp32 SRe2L: Adam (0.5, 0.9), cosine lr, one random crop + flip per step, CE + BN hooks."""
-    model = teacher.model
-    mean = torch.as_tensor(teacher.mean, device=device).view(1, -1, 1, 1)
-    std = torch.as_tensor(teacher.std, device=device).view(1, -1, 1, 1)
-    size = teacher.config.img_size
-    data = torch.randn(len(labels), 3, size, size, device=device, requires_grad=True)
-    opt = torch.optim.Adam([data], lr=lr, betas=(0.5, 0.9))
-    hooks = RefHooks(model)
-    g = torch.Generator().manual_seed(0)
-    for step in range(iters):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / iters))
-        side = int(size * math.sqrt(float(torch.empty(1).uniform_(0.08, 1.0, generator=g))))
-        i, j = (int(torch.randint(0, size - side + 1, (1,), generator=g)) for _ in range(2))
-        x = F.interpolate(data[:, :, i:i + side, j:j + side], size=(size, size), mode="bilinear", align_corners=False)
-        if float(torch.rand(1, generator=g)) < 0.5:
-            x = x.flip(3)
-        loss = F.cross_entropy(model(x), labels) + hooks.bn()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            data.copy_(torch.max(torch.min(data, (1 - mean) / std), -mean / std))
-    hooks.remove()
-
-
 def check_recover(s: Sizes, device: torch.device, root: Path, compile_: bool) -> list[tuple]:
     path = make_teacher(root / "teacher", s.arch, 10, s.size)
     ref_teacher = load_teacher(path, device=device)
@@ -140,10 +112,11 @@ def check_recover(s: Sizes, device: torch.device, root: Path, compile_: bool) ->
     t = time.perf_counter()
     engine.optimise(unit)  # warm-up: compiles under compile_
     warm = time.perf_counter() - t
-    plain_recover(ref_teacher, labels, 1, device)
+    init = torch.randn(len(labels), 3, s.size, s.size, device=device)
+    reference(ref_teacher, init, labels, 1)
     ref, ours = [], []
     for _ in range(s.repeats):  # interleaved
-        ref += timed(lambda: plain_recover(ref_teacher, labels, s.iters, device), device, 1)
+        ref += timed(lambda: reference(ref_teacher, init, labels, s.iters), device, 1)
         sync(device)
         ours.append(engine.optimise(unit)[1]["seconds"])
     ips_ref, ips = s.batch * s.iters / statistics.median(ref), s.batch * s.iters / statistics.median(ours)

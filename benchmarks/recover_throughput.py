@@ -92,7 +92,8 @@ class RefHooks:
 
 
 def random_resized_crop(x, g, min_scale):
-    """Per-image RandomResizedCrop + flip written directly with affine_grid/grid_sample."""
+    """Per-image RandomResizedCrop + flip written directly with affine_grid/grid_sample (drawn on the CPU generator
+    ``g``, applied on ``x``'s device)."""
     n = x.shape[0]
     area = torch.empty(n).uniform_(min_scale, 1.0, generator=g)
     logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
@@ -103,7 +104,7 @@ def random_resized_crop(x, g, min_scale):
     flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
